@@ -1,0 +1,31 @@
+"""A ~1.1B Llama-style Korean model (d 2048, 18 layers, GQA 16/4) for a GPU host or TPU slice, FSDP by default.
+
+    kslm train --config configs/ko_1b.py --workdir runs/ko_1b --config.data.sources='corpus/*.jsonl.gz'
+"""
+from kslm_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.tokenizer.vocab_size = 32000
+    c.model.d_model = 2048
+    c.model.n_layers = 18
+    c.model.n_heads = 16
+    c.model.n_kv_heads = 4
+    c.model.d_ff = 5632
+    c.model.dtype = "bfloat16"
+    c.model.attention = "cudnn"
+    c.model.remat = "dots"
+    c.data.seq_len = 2048
+    c.data.workers = 8
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 2000
+    c.train.steps = 100_000
+    c.train.batch_size = 256
+    c.train.log_every = 20
+    c.train.eval_every = 2000
+    c.train.eval_batches = 50
+    c.checkpoint.every_steps = 1000
+    return c

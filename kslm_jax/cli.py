@@ -1,0 +1,108 @@
+"""`kslm <command>`: parse arguments, then call the library. Errors a user can cause print one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kslm_jax.errors import KslmError
+
+COMMON = """
+common options:
+  --config FILE          a recipe such as configs/tiny_ko.py (default: the workdir's config.json)
+  --config.S.K=VALUE     override one key, e.g. --config.model.n_layers=8 (values are literals, never code)
+  --workdir DIR          the run's folder: config.json, data/, tokenizer/, checkpoints/, tensorboard/, eval/
+  --force                let a changed config overwrite the workdir's config.json
+"""
+
+COMMANDS = {
+    "prepare": ("Clean, filter and deduplicate raw text into train/val shards.",
+                "reads:  data.sources (txt, jsonl, jsonl.gz; 'demo' = the bundled corpus)\n"
+                "writes: WORKDIR/data/clean/{train,val}-NNNNN.jsonl and report.json"),
+    "tokenizer": ("Train a SentencePiece tokenizer (BPE, byte fallback) and report its fertility.",
+                  "reads:  WORKDIR/data/clean/train-*.jsonl (fertility on val-*.jsonl)\n"
+                  "writes: WORKDIR/tokenizer/spm.model, spm.vocab, report.json"),
+    "tokenize": ("Encode the clean shards into token-id ArrayRecord shards.",
+                 "reads:  WORKDIR/data/clean, WORKDIR/tokenizer/spm.model\n"
+                 "writes: WORKDIR/data/tokens/{train,val}-NNNNN.arrayrecord (+ .lengths.npy), manifest.json"),
+    "train": ("Train (or resume) the model; SIGTERM/SIGINT save a checkpoint and exit 0.",
+              "reads:  WORKDIR/data/tokens, WORKDIR/checkpoints (resumes from the newest)\n"
+              "writes: WORKDIR/checkpoints/<step>/, tensorboard/, metrics.jsonl, eval/lm.json"),
+    "eval": ("Held-out loss, perplexity and bits per character/byte, beside a unigram baseline.",
+             "reads:  WORKDIR/checkpoints (newest), WORKDIR/data/tokens/val-*\n"
+             "writes: WORKDIR/eval/lm.json"),
+    "generate": ("Sample text from the newest checkpoint (KV cache; temperature, top-k, top-p).",
+                 "reads:  WORKDIR/checkpoints (newest), WORKDIR/tokenizer/spm.model\n"
+                 "writes: nothing; prints the samples"),
+    "demo": ("Run every stage on the bundled Korean corpus: prepare, tokenizer, tokenize, train, eval, generate.",
+             "reads:  the constitution and bill texts inside the KoNLPy wheel (configs/tiny_ko.py)\n"
+             "writes: everything above under WORKDIR (default runs/demo)"),
+}
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    summary, io = COMMANDS[command]
+    p = argparse.ArgumentParser(prog=f"kslm {command}", description=f"{summary}\n\n{io}", epilog=COMMON,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="recipe file (a Python file with get_config())")
+    p.add_argument("--workdir", required=command != "demo", default="runs/demo" if command == "demo" else None,
+                   help="the run's folder")
+    p.add_argument("--force", action="store_true", help="overwrite a differing config.json in the workdir")
+    if command == "generate":
+        p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    return p
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    rest, overrides = [], []
+    it = iter(argv)
+    for a in it:
+        if a.startswith("--config."):
+            item = a[len("--config."):]
+            if "=" not in item:
+                item = f"{item}={next(it, '')}"
+            overrides.append(item)
+        else:
+            rest.append(a)
+    return rest, overrides
+
+
+def _setup_logging():
+    logging.basicConfig(level=logging.INFO, format="kslm: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {summary}" for name, (summary, _) in COMMANDS.items()]
+        print("usage: kslm <command> [--config FILE] [--config.S.K=V ...] --workdir DIR\n\ncommands:\n"
+              + "\n".join(lines) + "\n\n`kslm <command> --help` says what each reads and writes.")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"kslm: error: unknown command {argv[0]!r}", file=sys.stderr)
+            sys.exit(2)
+        return
+    command = argv[0]
+    rest, overrides = _split_overrides(argv[1:])
+    args = _parser(command).parse_args(rest)
+    _setup_logging()
+    try:
+        from kslm_jax import commands
+        code = getattr(commands, command)(args, overrides)
+    except KslmError as e:
+        print(f"kslm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""One function per `kslm` command; each also works from Python (tests, notebooks): f(args, overrides) -> exit code."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from kslm_jax import workdir as workdir_lib
+
+log = logging.getLogger("kslm")
+
+DEMO_PROMPTS = ("대한민국의 주권은", "국회는", "이 법은")
+
+
+def _cfg(args, overrides):
+    return workdir_lib.config_for(args.workdir, args.config, overrides, getattr(args, "force", False))
+
+
+def prepare(args, overrides) -> int:
+    from kslm_jax.data import prepare as prepare_lib
+    cfg = _cfg(args, overrides)
+    report = prepare_lib.prepare(cfg, workdir_lib.paths(args.workdir)["clean"])
+    print(prepare_lib.format_report(report))
+    return 0
+
+
+def tokenizer(args, overrides) -> int:
+    from kslm_jax.data import prepare as prepare_lib
+    from kslm_jax.data import tokenizer as tok_lib
+    cfg = _cfg(args, overrides)
+    p = workdir_lib.paths(args.workdir)
+    sp = tok_lib.train(prepare_lib.read_clean(p["clean"], "train"), p["tokenizer"], cfg.tokenizer, cfg.data.seed)
+    report = tok_lib.fertility(sp, prepare_lib.read_clean(p["clean"], "val")) if list(p["clean"].glob("val-*")) else {}
+    workdir_lib.atomic_write_text(p["tokenizer"].parent / "report.json", json.dumps(report, indent=2) + "\n")
+    print(f"tokenizer: {sp.GetPieceSize()} pieces -> {p['tokenizer']}")
+    if report:
+        print("held-out fertility: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "tokens"))
+    return 0
+
+
+def tokenize(args, overrides) -> int:
+    from kslm_jax.data import shards
+    from kslm_jax.train import loop
+    cfg = _cfg(args, overrides)
+    p = workdir_lib.paths(args.workdir)
+    sp = loop.check_tokenizer(cfg, Path(args.workdir))
+    manifest = shards.tokenize(p["clean"], sp, p["tokens"], cfg.data.shard_docs)
+    for split in ("train", "val"):
+        m = manifest[split]
+        print(f"{split}: {m['docs']:,} documents, {m['tokens']:,} tokens, {m['chars']:,} characters")
+    return 0
+
+
+def _print_eval(step, result, seconds):
+    print(f"eval at step {step}: loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}  "
+          f"bits/char {result['bits_per_char']:.3f}  ({seconds:.1f}s)")
+
+
+def train(args, overrides) -> int:
+    from kslm_jax.train import loop
+    cfg = _cfg(args, overrides)
+    loop.check_tokenizer(cfg, Path(args.workdir))
+    trainer = loop.Trainer(cfg, args.workdir)
+    summary = trainer.fit(on_eval=_print_eval)
+    if summary.get("eval"):
+        _write_eval(args.workdir, {"model": summary["eval"], "step": summary["step"]})
+    return 0
+
+
+def _write_eval(workdir, result: dict) -> None:
+    path = workdir_lib.paths(workdir)["eval"] / "lm.json"
+    workdir_lib.atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+
+
+def _restored_trainer(args, overrides):
+    from kslm_jax import checkpoint
+    from kslm_jax.train import loop
+    cfg = _cfg(args, overrides)
+    trainer = loop.Trainer(cfg, args.workdir)
+    import jax
+    with jax.set_mesh(trainer.mesh):
+        step, trainer.state = checkpoint.restore_params(trainer.paths["checkpoints"], trainer.abstract)
+    return cfg, trainer, step
+
+
+def eval(args, overrides) -> int:  # noqa: A001 - the command's name
+    from kslm_jax import evaluate
+    cfg, trainer, step = _restored_trainer(args, overrides)
+    rows = {f"model (step {step})": trainer.evaluate(),
+            "unigram (train split)": evaluate.unigram_baseline(trainer.paths["tokens"], cfg.tokenizer.vocab_size)}
+    print(evaluate.format_table(rows))
+    _write_eval(args.workdir, {"model": rows[f"model (step {step})"], "unigram": rows["unigram (train split)"],
+                               "step": step})
+    return 0
+
+
+def generate(args, overrides) -> int:
+    import jax
+    from kslm_jax import generate as gen
+    from kslm_jax.train import loop
+    cfg, trainer, _ = _restored_trainer(args, overrides)
+    sp = loop.check_tokenizer(cfg, Path(args.workdir))
+    rng = jax.random.PRNGKey(cfg.generate.seed)
+    for prompt in args.prompt or DEMO_PROMPTS:
+        rng, key = jax.random.split(rng)
+        print(gen.generate_text(trainer.model, trainer.state.params, sp, prompt, cfg.generate, key))
+    return 0
+
+
+def demo(args, overrides) -> int:
+    """Every stage on the bundled corpus, printing held-out bits per character before and after training."""
+    import jax
+    from kslm_jax import evaluate, generate as gen
+    from kslm_jax.config import resolve_recipe
+    from kslm_jax.train import loop
+    t0 = time.perf_counter()
+    args = SimpleNamespace(workdir=args.workdir, config=args.config or str(resolve_recipe("tiny_ko")),
+                           force=args.force)
+    stages = (("prepare", prepare), ("tokenizer", tokenizer), ("tokenize", tokenize))
+    for name, fn in stages:
+        print(f"\n== {name}")
+        fn(args, overrides)
+    cfg = workdir_lib.config_for(args.workdir, None, [])
+    print(f"\n== train ({cfg.train.steps} steps on {jax.device_count()} {jax.devices()[0].platform} device(s))")
+    trainer = loop.Trainer(cfg, args.workdir)
+    before = None
+    if not trainer.has_checkpoint():
+        trainer.init_fresh()
+        before = trainer.evaluate()
+    summary = trainer.fit()
+    after = summary.get("eval") or trainer.evaluate()
+    unigram = evaluate.unigram_baseline(trainer.paths["tokens"], cfg.tokenizer.vocab_size)
+    rows = {}
+    if before is not None:
+        rows["before training"] = before
+    rows[f"after training (step {summary['step']})"] = after
+    rows["unigram (train split)"] = unigram
+    print("\n== held-out evaluation")
+    print(evaluate.format_table(rows))
+    _write_eval(args.workdir, {"model": after, "unigram": unigram, "before": before, "step": summary["step"]})
+    verdict = "beats" if after["bits_per_char"] < unigram["bits_per_char"] else "does NOT beat"
+    print(f"the trained model {verdict} the unigram model: {after['bits_per_char']:.3f} vs "
+          f"{unigram['bits_per_char']:.3f} bits per character")
+    print("\n== generate")
+    sp = loop.check_tokenizer(cfg, Path(args.workdir))
+    rng = jax.random.PRNGKey(cfg.generate.seed)
+    for prompt in DEMO_PROMPTS:
+        rng, key = jax.random.split(rng)
+        print(" ", gen.generate_text(trainer.model, trainer.state.params, sp, prompt, cfg.generate, key))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; TensorBoard: "
+          f"tensorboard --logdir {Path(args.workdir) / 'tensorboard'} --host 127.0.0.1")
+    return 0 if after["bits_per_char"] < unigram["bits_per_char"] else 1

@@ -1,0 +1,309 @@
+"""The configuration schema: defaults, validation, `--config.x.y=v` overrides and the workdir copy.
+
+Every recipe in `configs/` starts from `base_config()` and changes fields; adding a key that the schema
+does not have is an error, so a typo in a recipe or on the command line never passes silently.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import ml_collections
+
+from kslm_jax.errors import KslmError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = dict(
+        d_model=256,            # residual width
+        n_layers=4,
+        n_heads=4,              # query heads
+        n_kv_heads=2,           # key/value heads (GQA); must divide n_heads
+        head_dim=0,             # 0: d_model // n_heads
+        d_ff=0,                 # SwiGLU hidden width; 0: 8/3 * d_model rounded up to a multiple of 64
+        vocab_multiple=128,     # logits width is the tokenizer vocab rounded up to this (pads never win a sample)
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=False,
+        init_std=0.02,
+        dtype="float32",        # compute dtype: float32 | bfloat16
+        param_dtype="float32",  # master weights and optimizer state dtype
+        attention="xla",        # xla (reference, any device) | cudnn (GPU flash attention)
+        scan_layers=True,       # one compiled layer body scanned over depth: fast compiles at any depth
+        remat="none",           # none | dots | full: what the backward pass recomputes instead of storing
+    )
+    c.tokenizer = dict(
+        vocab_size=8000,
+        model_type="bpe",               # bpe | unigram
+        character_coverage=0.9995,      # rarer characters fall back to UTF-8 bytes
+        byte_fallback=True,
+        split_digits=True,
+        sample_sentences=2_000_000,     # sentences SentencePiece samples for training
+        max_sentence_length=8192,       # longer lines are cut into pieces for tokenizer training only
+    )
+    c.data = dict(
+        sources="",             # comma-separated files or globs: *.txt, *.jsonl, *.jsonl.gz; "demo" = bundled corpus
+        text_mode="paragraph",  # txt files: file | paragraph (blank-line blocks) | line
+        text_field="text",      # jsonl: key holding the text (a.b for nested)
+        val_fraction=0.05,      # share of documents held out, chosen by a hash of the text
+        min_chars=10,           # documents shorter than this (after cleaning) are dropped
+        min_hangul_ratio=0.3,   # Hangul syllables and jamo over non-space characters
+        replace_urls=True,
+        replace_emails=True,
+        shard_docs=100_000,     # documents per clean/token shard
+        seq_len=256,
+        seed=0,
+        packing_bins=8,         # rows the first-fit packer keeps open
+        workers=0,              # grain worker processes (0: in the training process)
+    )
+    c.optim = dict(
+        lr=3e-3,
+        min_lr_ratio=0.1,       # cosine decays to lr * min_lr_ratio
+        warmup_steps=20,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,       # applied to matrices only
+        grad_clip=1.0,          # global-norm clipping; 0 disables
+    )
+    c.train = dict(
+        steps=200,
+        batch_size=16,          # global sequences per optimizer step
+        grad_accum=1,           # micro-batches per step (batch_size must divide by it)
+        seed=0,
+        z_loss=1e-4,            # weight of log(Z)^2, keeps logits from drifting
+        log_every=10,
+        eval_every=0,           # 0: evaluate only at the end
+        eval_batches=0,         # 0: the whole validation split
+    )
+    c.mesh = dict(
+        data=-1,                # -1: all devices left after the other axes
+        fsdp=1,
+        tensor=1,
+    )
+    c.checkpoint = dict(
+        every_steps=100,
+        keep=3,
+        async_save=True,
+    )
+    c.logging = dict(
+        tensorboard=True,
+        progress_bar=True,
+        peak_tflops=0.0,        # per-device peak for MFU; 0: look the device up in metrics.PEAK_TFLOPS
+    )
+    c.generate = dict(
+        max_new_tokens=64,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.95,
+        seed=0,
+    )
+    c.lock()
+    return c
+
+
+def padded_vocab(cfg) -> int:
+    m = cfg.model.vocab_multiple
+    return -(-cfg.tokenizer.vocab_size // m) * m
+
+
+def head_dim(cfg) -> int:
+    return cfg.model.head_dim or cfg.model.d_model // cfg.model.n_heads
+
+
+def d_ff(cfg) -> int:
+    return cfg.model.d_ff or -(-(8 * cfg.model.d_model // 3) // 64) * 64
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn"),
+    "model.remat": ("none", "dots", "full"),
+    "tokenizer.model_type": ("bpe", "unigram"),
+    "data.text_mode": ("file", "paragraph", "line"),
+}
+
+
+def validate(cfg) -> None:
+    """Check types against the schema and values against each other."""
+    _check_types(cfg, base_config(), "")
+    for key, allowed in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in allowed:
+            raise KslmError(f"config key {key}={v!r} is not one of {', '.join(allowed)}")
+    m = cfg.model
+    if m.n_heads % m.n_kv_heads:
+        raise KslmError(f"config key model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise KslmError(f"config key model.d_model={m.d_model} must divide by model.n_heads={m.n_heads} "
+                        "(or set model.head_dim)")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise KslmError(f"config key train.batch_size={cfg.train.batch_size} must divide by "
+                        f"train.grad_accum={cfg.train.grad_accum}")
+    for key in ("model.d_model", "model.n_layers", "tokenizer.vocab_size", "data.seq_len", "train.batch_size",
+                "train.grad_accum", "data.packing_bins"):
+        if _get(cfg, key) < 1:
+            raise KslmError(f"config key {key}={_get(cfg, key)} must be positive")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+
+
+def _check_types(cfg, ref, prefix):
+    for k, rv in ref.items():
+        v = cfg[k]
+        key = f"{prefix}{k}"
+        if isinstance(rv, ml_collections.ConfigDict):
+            _check_types(v, rv, key + ".")
+        elif not _same_type(v, rv):
+            raise KslmError(f"config key {key}={v!r} has type {type(v).__name__}, expected {type(rv).__name__}")
+
+
+def _same_type(v, rv) -> bool:
+    if isinstance(rv, bool) or isinstance(v, bool):
+        return isinstance(v, bool) and isinstance(rv, bool)
+    if isinstance(rv, float):
+        return isinstance(v, (int, float))
+    return isinstance(v, type(rv))
+
+
+def _get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def load(path: str | None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Load a recipe file (a Python file with get_config()) and apply `a.b=v` overrides."""
+    cfg = base_config() if path is None else _load_file(path)
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def resolve_recipe(path: str) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    # `--config tiny_ko` finds configs/tiny_ko.py beside the package in a source checkout.
+    repo = Path(__file__).resolve().parent.parent / "configs" / f"{p.stem}.py"
+    if p.suffix in ("", ".py") and "/" not in path and repo.is_file():
+        return repo
+    raise KslmError(f"config file {path} not found; pass a recipe such as configs/tiny_ko.py")
+
+
+def _load_file(path: str) -> ml_collections.ConfigDict:
+    p = resolve_recipe(path)
+    # A recipe is Python code the user chose to run, like a training script; command-line values never are.
+    spec = importlib.util.spec_from_file_location(f"kslm_recipe_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        cfg = module.get_config()
+    except AttributeError as e:
+        raise KslmError(f"config file {p}: {e} (a recipe sets only keys that base_config() defines)") from None
+    except KeyError as e:
+        raise KslmError(f"config file {p}: unknown config key {e}") from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise KslmError(f"config file {p}: get_config() must return kslm_jax.config.base_config() modified")
+    return cfg
+
+
+def apply_override(cfg, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise KslmError(f"override {item!r} needs the form --config.section.key=value")
+    parent, _, leaf = key.rpartition(".")
+    node = cfg
+    for part in parent.split(".") if parent else []:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise KslmError(f"unknown config key {key!r}")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+        raise KslmError(f"unknown config key {key!r}" + (f" (known here: {known})" if known else ""))
+    old = node[leaf]
+    if isinstance(old, ml_collections.ConfigDict):
+        raise KslmError(f"config key {key!r} is a section; set one of its keys instead")
+    value = parse_value(key, raw, old)
+    with node.unlocked():
+        node[leaf] = value
+
+
+def parse_value(key: str, raw: str, old):
+    """Parse a command-line value as the type of the field it replaces; literals only, never code."""
+    try:
+        if isinstance(old, bool):
+            low = raw.strip().lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(old, int):
+            return int(raw)
+        if isinstance(old, float):
+            return float(raw)
+        if isinstance(old, str):
+            return raw
+        value = ast.literal_eval(raw)
+        if not isinstance(value, type(old)):
+            raise ValueError
+        return value
+    except (ValueError, SyntaxError):
+        raise KslmError(f"config key {key!r}: cannot read {raw!r} as {type(old).__name__}") from None
+
+
+# Keys a resumed run may change: they steer logging and scheduling, not the trajectory of the weights.
+HARMLESS = ("logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
+            "generate.", "data.workers", "mesh.")
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(cfg.to_json())
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+    cfg = base_config()
+    for key, value in flat(d).items():
+        if isinstance(value, list):
+            value = tuple(value)
+        apply_override(cfg, f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    validate(cfg)
+    return cfg
+
+
+def breaking_differences(old: dict, new: dict) -> list[str]:
+    a, b = flat(old), flat(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key) and not any(key.startswith(h) for h in HARMLESS):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise KslmError(f"{path} not found: pass --config, or point --workdir at a run made by kslm")
+    try:
+        return from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as e:
+        raise KslmError(f"{path} is not valid JSON ({e}); restore it or start a new workdir") from None

@@ -1,0 +1,90 @@
+"""The grain input pipeline: token shards → chunks → shuffle → first-fit packing with segment ids → batches.
+
+Every transformation is a deterministic function of (seed, position), and the iterator's state is a small
+JSON dict that the checkpoint stores, so resuming at step N yields exactly the batches of step N onward.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+
+from kslm_jax.data import shards
+
+FEATURES = ("inputs", "targets")
+
+
+class ChunkSource:
+    """Random access to (inputs, targets) pieces of at most seq_len tokens.
+
+    A document of n tokens gives n-1 next-token pairs, cut into ceil((n-1)/seq_len) pieces; a piece's
+    targets are the following tokens of the same document, so no pair is lost at a cut.
+    """
+
+    def __init__(self, files: list[Path], seq_len: int):
+        self.records = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+        pairs = shards.lengths(files) - 1
+        per_doc = np.maximum(0, -(-pairs // seq_len))
+        self.doc = np.repeat(np.arange(len(pairs)), per_doc)
+        first = np.cumsum(per_doc) - per_doc
+        self.start = (np.arange(len(self.doc)) - np.repeat(first, per_doc)) * seq_len
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def __getitem__(self, i: int) -> dict:
+        tokens = np.frombuffer(self.records[int(self.doc[i])], shards.TOKEN_DTYPE)
+        s = int(self.start[i])
+        piece = tokens[s: s + self.seq_len + 1]
+        return {"inputs": piece[:-1].astype(np.int32), "targets": piece[1:].astype(np.int32)}
+
+
+def _to_batch(b: dict) -> dict:
+    return {
+        "inputs": b["inputs"],
+        "targets": b["targets"],
+        "positions": b["inputs_positions"],
+        "segment_ids": b["inputs_segment_ids"],
+    }
+
+
+def _packed(ds: grain.MapDataset, dcfg, seed: int) -> grain.IterDataset:
+    length = {k: dcfg.seq_len for k in FEATURES}
+    return grain.experimental.FirstFitPackIterDataset(
+        ds.to_iter_dataset(), length_struct=length, num_packing_bins=dcfg.packing_bins, seed=seed,
+        shuffle_bins=True)
+
+
+def local_batch_size(global_batch: int) -> int:
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"train.batch_size={global_batch} must divide by the process count {n}")
+    return global_batch // n
+
+
+def train_dataset(tokens_dir: Path, dcfg, global_batch: int) -> grain.IterDataset:
+    source = ChunkSource(shards.shard_files(tokens_dir, "train"), dcfg.seq_len)
+    ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+    ds = ds.shuffle(seed=dcfg.seed).repeat(None)
+    out = _packed(ds, dcfg, dcfg.seed).batch(local_batch_size(global_batch), drop_remainder=True).map(_to_batch)
+    if dcfg.workers > 0:
+        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=dcfg.workers))
+    return out
+
+
+def eval_batches(tokens_dir: Path, dcfg, global_batch: int, max_batches: int = 0):
+    """One pass over the validation split in a fixed order; the last batch is padded with empty rows."""
+    source = ChunkSource(shards.shard_files(tokens_dir, "val"), dcfg.seq_len)
+    ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+    local = local_batch_size(global_batch)
+    batches = _packed(ds, dcfg, 0).batch(local, drop_remainder=False).map(_to_batch)
+    for i, b in enumerate(batches):
+        if max_batches and i >= max_batches:
+            return
+        short = local - b["inputs"].shape[0]
+        if short:
+            b = {k: np.pad(v, ((0, short), (0, 0))) for k, v in b.items()}
+        yield b

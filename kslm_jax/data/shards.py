@@ -1,0 +1,89 @@
+"""ArrayRecord shards of token ids: one record per document, little-endian int32 [BOS, ids..., EOS].
+
+Beside each shard, `<shard>.lengths.npy` holds every record's length so the loader can plan its chunks
+without reading the records; `manifest.json` counts documents, tokens and characters per split.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from array_record.python import array_record_module
+
+from kslm_jax.data import prepare as prepare_lib
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.errors import KslmError
+from kslm_jax.workdir import atomic_write_text
+
+TOKEN_DTYPE = np.dtype("<i4")
+
+
+def encode_doc(sp, text: str) -> np.ndarray:
+    return np.asarray([tok_lib.BOS, *sp.EncodeAsIds(text), tok_lib.EOS], TOKEN_DTYPE)
+
+
+def write_split(sp, texts, folder: Path, split: str, per_shard: int) -> dict:
+    docs = tokens = chars = nbytes = 0
+    shard, lengths, writer = 0, [], None
+
+    def close():
+        if writer is not None:
+            writer.close()
+            np.save(folder / f"{split}-{shard:05d}.arrayrecord.lengths.npy", np.asarray(lengths, np.int64))
+
+    for text in texts:
+        if writer is None or len(lengths) == per_shard:
+            if writer is not None:
+                close()
+                shard += 1
+                lengths = []
+            writer = array_record_module.ArrayRecordWriter(str(folder / f"{split}-{shard:05d}.arrayrecord"),
+                                                           "group_size:1")
+        ids = encode_doc(sp, text)
+        writer.write(ids.tobytes())
+        lengths.append(len(ids))
+        docs += 1
+        tokens += len(ids)
+        chars += len(text)
+        nbytes += len(text.encode("utf-8"))
+    close()
+    return dict(docs=docs, tokens=tokens, chars=chars, bytes=nbytes)
+
+
+def tokenize(clean_dir: Path, sp, out_dir: Path, per_shard: int) -> dict:
+    """Tokenize both splits of a prepared corpus into `out_dir`; replaces it only when complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        manifest = {split: write_split(sp, prepare_lib.read_clean(clean_dir, split), tmp, split, per_shard)
+                    for split in ("train", "val")}
+        manifest["vocab_size"] = sp.GetPieceSize()
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(tokens_dir: Path) -> dict:
+    path = tokens_dir / "manifest.json"
+    if not path.is_file():
+        raise KslmError(f"{path} not found; run `kslm tokenize` for this workdir first")
+    return json.loads(path.read_text())
+
+
+def shard_files(tokens_dir: Path, split: str) -> list[Path]:
+    files = sorted(tokens_dir.glob(f"{split}-*.arrayrecord"))
+    if not files:
+        raise KslmError(f"no {split} token shards in {tokens_dir}; run `kslm tokenize` for this workdir first")
+    return files
+
+
+def lengths(files: list[Path]) -> np.ndarray:
+    return np.concatenate([np.load(f"{f}.lengths.npy", allow_pickle=False) for f in files])

@@ -1,0 +1,71 @@
+"""Decoding with an explicit KV cache: temperature, top-k and top-p sampling, or greedy at temperature 0."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.model import llama
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def forward_cached(model, params, tokens, positions, cache):
+    return model.apply({"params": params}, tokens, positions, None, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "vocab_limit"))
+def sample(logits, rng, temperature, top_p, *, top_k: int, vocab_limit: int):
+    """One token per row from logits (B, V); ids at or past vocab_limit (padding of the logits) never win."""
+    logits = logits.astype(jnp.float32)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if top_k > 0:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    drop_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) >= top_p
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(drop_sorted)
+    scaled = jnp.where(drop, -jnp.inf, scaled)
+    sampled = jax.random.categorical(rng, scaled, axis=-1)
+    return jnp.where(temperature <= 0, greedy, sampled)
+
+
+def cache_len(needed: int) -> int:
+    return -(-needed // 128) * 128
+
+
+def generate_ids(model: llama.Transformer, params, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
+                 top_k: int, top_p: float, rng, vocab_limit: int, stop_id: int | None = tok_lib.EOS) -> list[int]:
+    c = model.c
+    cache = llama.init_cache(c, 1, cache_len(len(prompt_ids) + max_new_tokens), jnp.float32)
+    tokens = jnp.asarray([prompt_ids], jnp.int32)
+    positions = jnp.arange(len(prompt_ids), dtype=jnp.int32)[None]
+    logits, cache = forward_cached(model, params, tokens, positions, cache)
+    out: list[int] = []
+    pos = len(prompt_ids)
+    for i in range(max_new_tokens):
+        rng, key = jax.random.split(rng)
+        nxt = int(sample(logits[:, -1], key, temperature, top_p, top_k=top_k, vocab_limit=vocab_limit)[0])
+        if stop_id is not None and nxt == stop_id:
+            break
+        out.append(nxt)
+        if i + 1 == max_new_tokens:
+            break
+        logits, cache = forward_cached(model, params, jnp.asarray([[nxt]], jnp.int32),
+                                       jnp.asarray([[pos]], jnp.int32), cache)
+        pos += 1
+    return out
+
+
+def generate_text(model, params, sp, prompt: str, gcfg, rng=None) -> str:
+    rng = jax.random.PRNGKey(gcfg.seed) if rng is None else rng
+    ids = [tok_lib.BOS] + sp.EncodeAsIds(prompt)
+    new = generate_ids(model, params, ids, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
+                       top_k=gcfg.top_k, top_p=gcfg.top_p, rng=rng, vocab_limit=sp.GetPieceSize())
+    return sp.DecodeIds(ids[1:] + new)

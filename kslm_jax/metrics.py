@@ -1,0 +1,80 @@
+"""Metric writers (TensorBoard via tensorboardX, JSON lines, terminal), throughput and MFU."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+
+# Dense bf16 peak TFLOP/s per device, from vendor datasheets (no sparsity).
+PEAK_TFLOPS = {
+    "H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0,
+    "A100": 312.0, "A800": 312.0, "L4": 121.0, "A10G": 125.0, "V100": 125.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+}
+
+
+def device_peak_tflops(override: float = 0.0) -> float | None:
+    if override > 0:
+        return override
+    kind = jax.devices()[0].device_kind
+    for name in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return PEAK_TFLOPS[name]
+    return None
+
+
+class Writer:
+    """Writes scalars to TensorBoard event files and metrics.jsonl; only process 0 writes."""
+
+    def __init__(self, workdir: Path, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self.tb = None
+        self.jsonl = None
+        if not self.active:
+            return
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(logdir=str(Path(workdir) / "tensorboard"), flush_secs=30)
+        self.jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.active:
+            return
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, float(v), step)
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.jsonl.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.active and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last report."""
+
+    def __init__(self, flops_per_token: float, n_devices: int, peak_tflops: float | None):
+        self.fpt, self.n, self.peak = flops_per_token, n_devices, peak_tflops
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def report(self) -> dict:
+        now = time.perf_counter()
+        dt, tokens = max(now - self.t0, 1e-9), self.tokens
+        self.t0, self.tokens = now, 0
+        out = {"tokens_per_sec": tokens / dt}
+        if self.peak:
+            out["mfu"] = tokens * self.fpt / dt / (self.n * self.peak * 1e12)
+        return out

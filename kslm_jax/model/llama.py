@@ -1,0 +1,217 @@
+"""A Llama-style decoder in Flax Linen: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
+
+`logits = Transformer(c).apply({'params': p}, tokens, positions, segment_ids)`; with `cache=` it also returns
+the updated KV cache (an explicit input and output, never hidden state). Module names follow Hugging Face
+`LlamaForCausalLM` so export/hf.py maps them one to one. Every parameter carries logical axis names;
+sharding.py maps those to mesh axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kslm_jax import config as config_lib
+from kslm_jax.model import attention
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str = "xla"
+    scan_layers: bool = True
+    remat: str = "none"
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelConfig":
+        m = cfg.model
+        return cls(vocab_size=config_lib.padded_vocab(cfg), d_model=m.d_model, n_layers=m.n_layers,
+                   n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=config_lib.head_dim(cfg),
+                   d_ff=config_lib.d_ff(cfg), rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+                   tie_embeddings=m.tie_embeddings, init_std=m.init_std, dtype=m.dtype,
+                   param_dtype=m.param_dtype, attention=m.attention, scan_layers=m.scan_layers, remat=m.remat)
+
+
+def _init(c: ModelConfig, names, std=None):
+    return nn.with_logical_partitioning(nn.initializers.normal(std or c.init_std), names)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding in the Hugging Face layout (halves rotated, not interleaved pairs)."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq           # (B, T, H/2)
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]    # (B, T, 1, H)
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., h // 2:], xf[..., : h // 2]], -1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """x @ kernel over the last `n_in` axes of x; the kernel keeps its full N-d shape and logical names."""
+    features: tuple
+    names: tuple
+    c: ModelConfig
+    n_in: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (*x.shape[x.ndim - self.n_in:], *self.features)
+        kernel = self.param("kernel", _init(self.c, self.names), shape, DTYPES[self.c.param_dtype])
+        dtype = DTYPES[self.c.dtype]
+        axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=axes)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), DTYPES[self.param_dtype])
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * scale.astype(jnp.float32)).astype(DTYPES[self.dtype])
+
+
+class Attention(nn.Module):
+    c: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions, segment_ids, layer_cache, cache_index):
+        c = self.c
+        q = Linear((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), c, name="q_proj")(x_BTD)
+        k = Linear((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c, name="k_proj")(x_BTD)
+        v = Linear((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c, name="v_proj")(x_BTD)
+        q = nn.with_logical_constraint(rope(q, positions, c.rope_theta), ("batch", "seq", "act_heads", "head_dim"))
+        k = nn.with_logical_constraint(rope(k, positions, c.rope_theta), ("batch", "seq", "act_kv_heads", "head_dim"))
+        new_cache = None
+        if layer_cache is None:
+            mask = attention.packed_mask(positions, positions, segment_ids, segment_ids)
+            out = attention.attend(q, k, v, mask, c.attention)
+        else:
+            kc = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
+            vc = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": kc, "v": vc}
+            b, s = kc.shape[:2]
+            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            mask = k_pos[:, None, :] <= positions[:, :, None]   # slots not yet written lie in the future
+            out = attention.reference(q, kc.astype(q.dtype), vc.astype(q.dtype), mask)
+        out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
+        y = Linear((c.d_model,), ("heads", "head_dim", "embed"), c, n_in=2, name="o_proj")(out)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    c: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.c
+        gate = Linear((c.d_ff,), ("embed", "mlp"), c, name="gate_proj")(x_BTD)
+        up = Linear((c.d_ff,), ("embed", "mlp"), c, name="up_proj")(x_BTD)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+        return Linear((c.d_model,), ("mlp", "embed"), c, name="down_proj")(h)
+
+
+class Block(nn.Module):
+    c: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions, segment_ids, layer_cache, cache_index):
+        c = self.c
+        h, new_cache = Attention(c, name="self_attn")(
+            RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="input_layernorm")(x_BTD),
+            positions, segment_ids, layer_cache, cache_index)
+        x_BTD = x_BTD + h
+        x_BTD = x_BTD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, c.param_dtype,
+                                                   name="post_attention_layernorm")(x_BTD))
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "act_embed"))
+        return x_BTD, new_cache
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    c: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+        c = self.c
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_init(c, ("vocab", "embed")),
+                         dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype], name="embed_tokens")
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "seq", "act_embed"))
+        cache_index = None if cache is None else cache["index"]
+        layers = {"k": cache["k"], "v": cache["v"]} if cache is not None else None
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_layers = stack(c, name="layers")(x, positions, segment_ids, layers, cache_index)
+        else:
+            outs = []
+            for i in range(c.n_layers):
+                layer = None if layers is None else jax.tree.map(lambda a: a[i], layers)
+                x, new = block(c, name=f"layers_{i}")(x, positions, segment_ids, layer, cache_index)
+                outs.append(new)
+            new_layers = None if layers is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear((c.vocab_size,), ("embed", "vocab"), c, name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
+        if cache is None:
+            return logits
+        return logits, {"k": new_layers["k"], "v": new_layers["v"], "index": cache["index"] + t}
+
+
+def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+def param_count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (parameters outside the input embedding) + attention (PaLM appendix B)."""
+    attn = c.n_heads * c.head_dim
+    per_layer = c.d_model * (attn + 2 * c.n_kv_heads * c.head_dim) + attn * c.d_model + 3 * c.d_model * c.d_ff + 2 * c.d_model
+    n = c.n_layers * per_layer + c.d_model + c.d_model * c.vocab_size
+    return 6.0 * n + 12.0 * c.n_layers * attn * seq_len

@@ -1,0 +1,83 @@
+"""Mesh construction and the logical-axis rules: the only module that names mesh axes.
+
+Parameters shard their `embed` dimension over `fsdp` and their head/mlp/vocab dimensions over `tensor`;
+activations shard `batch` over (`data`, `fsdp`) and their head/mlp/vocab dimensions over `tensor`.
+`seq` and `head_dim` stay whole, as cuDNN attention requires.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from kslm_jax.errors import KslmError
+
+AXES = ("data", "fsdp", "tensor")
+
+RULES = (
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def mesh_shape(mcfg, n_devices: int) -> tuple[int, int, int]:
+    dims = [mcfg.data, mcfg.fsdp, mcfg.tensor]
+    fixed = math.prod(d for d in dims if d != -1)
+    if dims.count(-1) > 1:
+        raise KslmError("only one of mesh.data/fsdp/tensor may be -1")
+    if -1 in dims:
+        if n_devices % fixed:
+            raise KslmError(f"mesh {dims}: {n_devices} devices do not divide by {fixed}")
+        dims[dims.index(-1)] = n_devices // fixed
+    if any(d < 1 for d in dims) or math.prod(dims) > n_devices:
+        raise KslmError(f"mesh (data, fsdp, tensor)={tuple(dims)} needs {math.prod(dims)} devices; "
+                        f"{n_devices} are available")
+    return tuple(dims)
+
+
+def make_mesh(mcfg, devices=None) -> jax.sharding.Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mcfg, len(devices))
+    used = devices[: math.prod(shape)]
+    # Auto axes: Flax Linen's logical constraints need them (with Explicit axes they become assertions).
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=used)
+
+
+def logical_to_sharding(logical_tree, mesh):
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, RULES)
+
+
+def batch_sharding(mesh, ndim: int = 2, accum: bool = False) -> NamedSharding:
+    spec = (None, ("data", "fsdp")) if accum else (("data", "fsdp"),)
+    return NamedSharding(mesh, P(*spec, *([None] * (ndim - len(spec)))))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict, mesh, accum: int) -> dict:
+    """Host numpy batch (this process's rows) → global jax arrays sharded over data and fsdp."""
+    out = {}
+    for k, v in local.items():
+        if accum > 1:
+            v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, accum > 1), np.asarray(v))
+    return out

@@ -1,0 +1,176 @@
+"""The outer loop: data, sharded steps, checkpoints, metrics, evaluation, and clean exit on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+from tqdm.auto import tqdm
+
+from kslm_jax import checkpoint, evaluate, metrics, sharding, workdir as workdir_lib
+from kslm_jax.data import pipeline, shards
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.errors import KslmError
+from kslm_jax.model import llama
+from kslm_jax.train import optim, state as state_lib, step as step_lib
+
+log = logging.getLogger("kslm")
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (never mid-step or mid-save)."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever owns them
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, cfg, workdir: str | Path):
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.paths = workdir_lib.paths(self.workdir)
+        self.manifest = shards.read_manifest(self.paths["tokens"])
+        if self.manifest["vocab_size"] != cfg.tokenizer.vocab_size:
+            raise KslmError(f"token shards in {self.paths['tokens']} use a vocabulary of {self.manifest['vocab_size']} "
+                            f"but tokenizer.vocab_size={cfg.tokenizer.vocab_size}; run `kslm tokenize` again")
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.model_cfg = llama.ModelConfig.from_config(cfg)
+        self.model = llama.Transformer(self.model_cfg)
+        self.tx, self.lr_fn = optim.make(cfg.optim, cfg.train.steps)
+        self.abstract, self.shardings = state_lib.abstract_and_shardings(self.model, self.tx, cfg.train.seed, self.mesh)
+        self.train_step = step_lib.jit_train_step(self.model, self.tx, self.lr_fn, cfg.train.z_loss,
+                                                  cfg.train.grad_accum, self.mesh, self.shardings)
+        self.eval_step = step_lib.jit_eval_step(self.model, self.mesh, self.shardings.params)
+        self.state = None
+        self.start_step = 0
+
+    def has_checkpoint(self) -> bool:
+        return any(p.name.isdigit() for p in self.paths["checkpoints"].glob("*")) if self.paths["checkpoints"].is_dir() else False
+
+    def init_fresh(self) -> None:
+        self.state = state_lib.create(self.model, self.tx, self.cfg.train.seed, self.mesh, self.shardings)
+        self.start_step = 0
+
+    def restore_or_init(self, mngr, data_iter) -> None:
+        with jax.set_mesh(self.mesh):
+            step, state = checkpoint.restore_latest(mngr, self.abstract, data_iter)
+        if step is None:
+            self.init_fresh()
+        else:
+            self.state, self.start_step = state, int(step)
+            log.info("restored checkpoint step %d from %s", step, mngr.directory)
+
+    def evaluate(self) -> dict:
+        batches = pipeline.eval_batches(self.paths["tokens"], self.cfg.data, self.cfg.train.batch_size,
+                                        self.cfg.train.eval_batches)
+        with jax.set_mesh(self.mesh):
+            nll, tokens = evaluate.run_lm_eval(self.eval_step, self.state.params, batches, self.mesh)
+        return evaluate.summarize(nll, tokens, self.manifest["val"])
+
+    def fit(self, on_eval=None) -> dict:
+        """Train to cfg.train.steps from the newest checkpoint (or from scratch). Returns a summary."""
+        cfg = self.cfg
+        tcfg = cfg.train
+        data_iter = iter(pipeline.train_dataset(self.paths["tokens"], cfg.data, tcfg.batch_size))
+        writer = metrics.Writer(self.workdir, cfg.logging.tensorboard)
+        peak = metrics.device_peak_tflops(cfg.logging.peak_tflops)
+        tokens_per_step = tcfg.batch_size * cfg.data.seq_len
+        throughput = metrics.Throughput(llama.flops_per_token(self.model_cfg, cfg.data.seq_len),
+                                        self.mesh.size, peak)
+        summary = {"stopped_by": None, "losses": {}}
+        with checkpoint.manager(self.paths["checkpoints"], cfg.checkpoint) as mngr, _StopSignal() as stop:
+            if self.state is None:
+                self.restore_or_init(mngr, data_iter)
+            step = self.start_step
+            if step == 0:
+                writer.text("config", f"```\n{cfg.to_json(indent=2)}\n```", 0)
+            bar = tqdm(total=tcfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                       disable=not cfg.logging.progress_bar, file=sys.stderr,
+                       mininterval=0.1 if sys.stderr.isatty() else 10.0)
+            pending = None
+            last_saved = step
+            with jax.set_mesh(self.mesh):
+                while step < tcfg.steps and stop.received is None:
+                    batch = sharding.global_batch(next(data_iter), self.mesh, tcfg.grad_accum)
+                    self.state, out = self.train_step(self.state, batch)
+                    step += 1
+                    # Read the previous step's metrics only now, so the device never waits on the host.
+                    if pending is not None:
+                        self._log(pending, writer, throughput, bar, summary)
+                    pending = (step, out)
+                    throughput.add(tokens_per_step)
+                    if step % cfg.checkpoint.every_steps == 0 or step == tcfg.steps:
+                        checkpoint.save(mngr, step, self.state, data_iter)
+                        last_saved = step
+                    if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                        self._eval_and_log(writer, step, on_eval)
+                if pending is not None:
+                    self._log(pending, writer, throughput, bar, summary, force=True)
+                if stop.received is not None and last_saved != step:
+                    checkpoint.save(mngr, step, self.state, data_iter, force=True)
+                mngr.wait_until_finished()
+            bar.close()
+        summary["step"] = step
+        if stop.received is not None:
+            summary["stopped_by"] = stop.received
+            log.info("%s received: saved checkpoint at step %d; resume with the same command", stop.received, step)
+        elif step >= tcfg.steps:
+            summary["eval"] = self._eval_and_log(writer, step, on_eval)
+        writer.close()
+        return summary
+
+    def _eval_and_log(self, writer, step, on_eval):
+        t0 = time.perf_counter()
+        result = self.evaluate()
+        writer.scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "tokens"})
+        if on_eval:
+            on_eval(step, result, time.perf_counter() - t0)
+        return result
+
+    def _log(self, pending, writer, throughput, bar, summary, force=False):
+        step, out = pending
+        out = jax.device_get(out)
+        tokens = max(int(out["tokens"]), 1)
+        loss = float(out["ce_sum"]) / tokens
+        summary["losses"][step] = loss
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if step % self.cfg.train.log_every and not force:
+            return
+        values = {"train/loss": loss, "train/z_loss": float(out["z_sum"]) / tokens,
+                  "train/grad_norm": float(out["grad_norm"]), "train/lr": float(out["lr"]),
+                  "train/param_norm": float(out["param_norm"])}
+        rates = throughput.report()
+        values.update({f"perf/{k}": v for k, v in rates.items()})
+        writer.scalars(step, values)
+        mfu = f"{rates['mfu']:.1%}" if "mfu" in rates else "n/a"
+        bar.write(f"step {step:>6d}  loss {loss:.4f}  lr {values['train/lr']:.2e}  "
+                  f"grad_norm {values['train/grad_norm']:.3f}  tokens/s {rates['tokens_per_sec']:,.0f}  MFU {mfu}",
+                  file=sys.stderr)
+
+
+def check_tokenizer(cfg, workdir: Path):
+    sp = tok_lib.load(workdir_lib.paths(workdir)["tokenizer"])
+    if sp.GetPieceSize() != cfg.tokenizer.vocab_size:
+        raise KslmError(f"tokenizer in {workdir} has {sp.GetPieceSize()} pieces but tokenizer.vocab_size="
+                        f"{cfg.tokenizer.vocab_size}; retrain it with `kslm tokenizer`")
+    return sp

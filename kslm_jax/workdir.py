@@ -1,0 +1,85 @@
+"""The workdir holds one run: config.json, tokenizer/, data/, checkpoints/, tensorboard/, eval/."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from kslm_jax import config as config_lib
+from kslm_jax.errors import KslmError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: a crash leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_writable(workdir: Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise KslmError(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir") from None
+
+
+def bind(workdir: str | os.PathLike, cfg, force: bool = False) -> Path:
+    """Make `workdir` hold `cfg`: write config.json, or check it against the one already there.
+
+    A workdir belongs to one run; a config that would change what the run computes is refused with the
+    differing keys listed, so an old run's checkpoints are never mixed into a new one.
+    """
+    workdir = Path(workdir)
+    ensure_writable(workdir)
+    path = workdir / "config.json"
+    new = config_lib.to_dict(cfg)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise KslmError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir") from None
+        diffs = config_lib.breaking_differences(old, new)
+        if diffs and not force:
+            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            raise KslmError(f"workdir {workdir} holds another run's config ({shown}); "
+                            "use a new --workdir, or pass --force to overwrite its config")
+    atomic_write_text(path, json.dumps(new, indent=2, ensure_ascii=False) + "\n")
+    return workdir
+
+
+def config_for(workdir: str | os.PathLike, config_path: str | None, overrides, force: bool = False):
+    """The run's config: from --config (+ overrides), else from the workdir's config.json (+ overrides)."""
+    workdir = Path(workdir)
+    if config_path is None and (workdir / "config.json").is_file():
+        cfg = config_lib.read_workdir_config(workdir)
+        for item in overrides:
+            config_lib.apply_override(cfg, item)
+        config_lib.validate(cfg)
+    else:
+        cfg = config_lib.load(config_path, overrides)
+    bind(workdir, cfg, force)
+    return cfg
+
+
+def paths(workdir: str | os.PathLike) -> dict[str, Path]:
+    w = Path(workdir)
+    return dict(
+        clean=w / "data" / "clean",
+        tokens=w / "data" / "tokens",
+        tokenizer=w / "tokenizer" / "spm.model",
+        checkpoints=w / "checkpoints",
+        tensorboard=w / "tensorboard",
+        metrics=w / "metrics.jsonl",
+        eval=w / "eval",
+    )
