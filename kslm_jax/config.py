@@ -210,7 +210,9 @@ def _load_file(path: str) -> ml_collections.ConfigDict:
     except AttributeError as e:
         raise KslmError(f"config file {p}: {e} (a recipe sets only keys that base_config() defines)") from None
     except KeyError as e:
-        raise KslmError(f"config file {p}: unknown config key {e}") from None
+        raise KslmError(f"config file {p}: unknown config key {str(e)[:200]}") from None
+    except TypeError as e:
+        raise KslmError(f"config file {p}: {str(e).splitlines()[0][:300]}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise KslmError(f"config file {p}: get_config() must return kslm_jax.config.base_config() modified")
     return cfg

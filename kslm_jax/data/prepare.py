@@ -55,6 +55,7 @@ def prepare(cfg, out_dir: Path) -> dict:
     files = sources.expand(dcfg.sources)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp.chmod(0o755)
     stats: collections.Counter = collections.Counter()
     dropped: collections.Counter = collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)

@@ -57,6 +57,7 @@ def tokenize(clean_dir: Path, sp, out_dir: Path, per_shard: int) -> dict:
     """Tokenize both splits of a prepared corpus into `out_dir`; replaces it only when complete."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp.chmod(0o755)
     try:
         manifest = {split: write_split(sp, prepare_lib.read_clean(clean_dir, split), tmp, split, per_shard)
                     for split in ("train", "val")}

@@ -53,11 +53,19 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
     except RuntimeError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         msg = str(e)
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if m:
+            raise KslmError(f"tokenizer.vocab_size={m.group(1)} cannot hold the {m.group(2)} distinct characters that "
+                            f"character_coverage={tcfg.character_coverage} keeps; raise --config.tokenizer.vocab_size "
+                            "or lower --config.tokenizer.character_coverage") from None
         m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
         if m:
             raise KslmError(f"corpus too small for tokenizer.vocab_size={m.group(1)}: SentencePiece can build at most "
                             f"{m.group(2)} pieces from it; lower --config.tokenizer.vocab_size or add text") from None
         raise KslmError(f"SentencePiece training failed: {msg.strip().splitlines()[-1]}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for ext in (".model", ".vocab"):
         shutil.move(str(tmp / f"spm{ext}"), str(out_path.with_suffix(ext)))
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -108,6 +109,8 @@ class Trainer:
                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
             pending = None
             last_saved = step
+            # Fault injection for the preemption tests: deliver a real SIGTERM to ourselves after this step.
+            fault_step = int(os.environ.get("KSLM_FAULT_SIGTERM_AT_STEP", "0"))
             with jax.set_mesh(self.mesh):
                 while step < tcfg.steps and stop.received is None:
                     batch = sharding.global_batch(next(data_iter), self.mesh, tcfg.grad_accum)
@@ -123,6 +126,8 @@ class Trainer:
                         last_saved = step
                     if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                         self._eval_and_log(writer, step, on_eval)
+                    if step == fault_step:
+                        os.kill(os.getpid(), signal.SIGTERM)
                 if pending is not None:
                     self._log(pending, writer, throughput, bar, summary, force=True)
                 if stop.received is not None and last_saved != step:

@@ -10,6 +10,9 @@ import optax
 
 from kslm_jax import sharding
 
+# optax.global_norm is deprecated in recent optax in favour of optax.tree.norm; older releases lack the latter.
+_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 
 def token_losses(logits, targets, mask, z_loss: float = 0.0):
     """Per-token cross-entropy (nats) and z-loss, in float32, zero where mask is False."""
@@ -45,8 +48,8 @@ def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int):
             grads = jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-    metrics = dict(aux, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step),
-                   param_norm=optax.global_norm(params))
+    metrics = dict(aux, grad_norm=_norm(grads), lr=lr_fn(state.step),
+                   param_norm=_norm(params))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

@@ -1,0 +1,44 @@
+"""Test setup: 8 fake CPU devices (for the sharding tests) and one small prepared workdir shared by the suite."""
+import os
+import shutil
+from types import SimpleNamespace
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+try:
+    jax.config.update("jax_num_cpu_devices", 8)
+except (AttributeError, RuntimeError):  # older jax: the XLA flag above does it
+    pass
+
+import pytest  # noqa: E402
+
+# A small, fast recipe on the bundled corpus; tests shrink it further with overrides.
+TINY = [
+    "tokenizer.vocab_size=1000",
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "data.seq_len=64", "train.batch_size=8", "train.steps=20", "train.log_every=1",
+    "optim.warmup_steps=2", "checkpoint.every_steps=10", "logging.progress_bar=false",
+    "mesh.data=1",
+]
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A workdir holding clean shards, a tokenizer and token shards of the bundled corpus."""
+    from kslm_jax import commands
+    wd = tmp_path_factory.mktemp("prepared") / "run"
+    args = SimpleNamespace(workdir=str(wd), config="tiny_ko", force=False)
+    for stage in (commands.prepare, commands.tokenizer, commands.tokenize):
+        stage(args, TINY)
+    return wd
+
+
+@pytest.fixture
+def workdir(prepared, tmp_path):
+    """A private copy of the prepared workdir, so tests can train into it."""
+    wd = tmp_path / "run"
+    shutil.copytree(prepared, wd)
+    return wd

@@ -1,0 +1,26 @@
+"""The README's main job, end to end: `kslm demo` trains a model that beats the unigram baseline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_end_to_end(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    wd = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "kslm_jax", "demo", "--workdir", str(wd)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for stage in ("== prepare", "== tokenizer", "== tokenize", "== train", "== held-out evaluation", "== generate"):
+        assert stage in out
+    assert "the trained model beats the unigram model" in out
+    result = json.loads((wd / "eval" / "lm.json").read_text())
+    assert result["model"]["bits_per_char"] < result["unigram"]["bits_per_char"] < result["before"]["bits_per_char"]
+    samples = out.split("== generate")[1].strip().splitlines()[:3]
+    assert all(any("\uac00" <= ch <= "\ud7a3" for ch in s) for s in samples)
+    assert (wd / "tensorboard").is_dir() and (wd / "checkpoints").is_dir()
