@@ -71,7 +71,8 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
     tx, lr_fn = optim.make(cfg.optim, 1000)
     abstract, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh)
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-    step_fn = step_lib.jit_train_step(model, tx, lr_fn, cfg.train.z_loss, cfg.train.grad_accum, mesh, shardings)
+    step_fn = step_lib.jit_train_step(model, tx, lr_fn, cfg.train.z_loss, cfg.train.grad_accum, mesh, shardings,
+                                      cfg.train.loss_chunk)
     state = state_lib.create(model, tx, 0, mesh, shardings)
     rng = np.random.default_rng(0)
     host = [packed_batch(rng, batch, cfg.data.seq_len, cfg.tokenizer.vocab_size) for _ in range(2)]

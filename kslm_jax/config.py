@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
         grad_accum=1,           # micro-batches per step (batch_size must divide by it)
         seed=0,
         z_loss=1e-4,            # weight of log(Z)^2, keeps logits from drifting
+        loss_chunk=0,           # >0: logits and loss in sequence chunks of this many tokens (never all fp32 logits)
         log_every=10,
         eval_every=0,           # 0: evaluate only at the end
         eval_batches=0,         # 0: the whole validation split

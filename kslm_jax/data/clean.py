@@ -8,8 +8,9 @@ import unicodedata
 
 # Only tag-shaped brackets: Korean legal text uses <개정 2010.1.1> style notes that are not markup.
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]{0,400})?/?>|<!--.*?-->", re.DOTALL)
-_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"']+", re.IGNORECASE)
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# ASCII-only bodies: a Korean particle written right after an address (…com으로) is not part of it.
+_URL = re.compile(r"(?:https?://|www\.)[A-Za-z0-9\-._~:/?#@!$&*+,;=%]+", re.IGNORECASE)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 _BLANKS = re.compile(r"\n{3,}")
@@ -40,12 +41,13 @@ def clean_text(text: str, cfg, stats: collections.Counter) -> str:
         if unescaped != out:
             stats["html_entities"] += 1
             out = unicodedata.normalize("NFC", unescaped)
-    if cfg.replace_urls:
-        out, n = _URL.subn("[URL]", out)
-        stats["urls"] += n
+    # E-mails first: an address at a www. host would otherwise be half-eaten by the URL rule.
     if cfg.replace_emails:
         out, n = _EMAIL.subn("[EMAIL]", out)
         stats["emails"] += n
+    if cfg.replace_urls:
+        out, n = _URL.subn("[URL]", out)
+        stats["urls"] += n
     out, n = _CONTROL.subn("", out)
     stats["control_chars"] += n
     lines = [_SPACES.sub(" ", line).strip() for line in out.replace("\r\n", "\n").replace("\r", "\n").split("\n")]

@@ -124,10 +124,10 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def read_clean(folder: Path, split: str):
-    """Yield the texts of one split of a prepared corpus."""
+def read_clean(folder: Path, split: str, required: bool = True):
+    """Yield the texts of one split of a prepared corpus (nothing for an empty optional split)."""
     files = sorted(folder.glob(f"{split}-*.jsonl"))
-    if not files:
+    if not files and (required or not (folder / "report.json").is_file()):
         raise KslmError(f"no {split} shards in {folder}; run `kslm prepare` for this workdir first")
     for path in files:
         with open(path, encoding="utf-8") as f:

@@ -59,7 +59,8 @@ def tokenize(clean_dir: Path, sp, out_dir: Path, per_shard: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     tmp.chmod(0o755)
     try:
-        manifest = {split: write_split(sp, prepare_lib.read_clean(clean_dir, split), tmp, split, per_shard)
+        manifest = {split: write_split(sp, prepare_lib.read_clean(clean_dir, split, required=split == "train"),
+                                       tmp, split, per_shard)
                     for split in ("train", "val")}
         manifest["vocab_size"] = sp.GetPieceSize()
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
@@ -82,6 +83,10 @@ def read_manifest(tokens_dir: Path) -> dict:
 def shard_files(tokens_dir: Path, split: str) -> list[Path]:
     files = sorted(tokens_dir.glob(f"{split}-*.arrayrecord"))
     if not files:
+        manifest = tokens_dir / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()).get(split, {}).get("docs") == 0:
+            raise KslmError(f"the {split} split in {tokens_dir} is empty: raise --config.data.val_fraction or add "
+                            "text, then run prepare, tokenizer and tokenize again")
         raise KslmError(f"no {split} token shards in {tokens_dir}; run `kslm tokenize` for this workdir first")
     return files
 

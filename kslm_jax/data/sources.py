@@ -7,10 +7,13 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from kslm_jax.errors import KslmError
+
+_BLANK_LINE = re.compile(r"\n[ \t\u3000]*\n")
 
 
 class Document(NamedTuple):
@@ -110,7 +113,7 @@ def read_file(path: Path, text_mode: str, text_field: str, stats: collections.Co
     elif text_mode == "line":
         pieces = text.splitlines()
     else:
-        pieces = [p for p in text.replace("\r\n", "\n").split("\n\n")]
+        pieces = _BLANK_LINE.split(text.replace("\r\n", "\n"))
     for i, piece in enumerate(pieces):
         if piece.strip():
             yield Document(f"{path}:{i}", piece, {"source": str(path)})

@@ -98,7 +98,7 @@ class Attention(nn.Module):
     c: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions, segment_ids, layer_cache, cache_index):
+    def __call__(self, x_BTD, positions, mask_BTS, layer_cache, cache_index):
         c = self.c
         q = Linear((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), c, name="q_proj")(x_BTD)
         k = Linear((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c, name="k_proj")(x_BTD)
@@ -107,16 +107,12 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(rope(k, positions, c.rope_theta), ("batch", "seq", "act_kv_heads", "head_dim"))
         new_cache = None
         if layer_cache is None:
-            mask = attention.packed_mask(positions, positions, segment_ids, segment_ids)
-            out = attention.attend(q, k, v, mask, c.attention)
+            out = attention.attend(q, k, v, mask_BTS, c.attention)
         else:
             kc = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
             vc = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": kc, "v": vc}
-            b, s = kc.shape[:2]
-            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            mask = k_pos[:, None, :] <= positions[:, :, None]   # slots not yet written lie in the future
-            out = attention.reference(q, kc.astype(q.dtype), vc.astype(q.dtype), mask)
+            out = attention.reference(q, kc.astype(q.dtype), vc.astype(q.dtype), mask_BTS)
         out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
         y = Linear((c.d_model,), ("heads", "head_dim", "embed"), c, n_in=2, name="o_proj")(out)
         return y, new_cache
@@ -138,11 +134,11 @@ class Block(nn.Module):
     c: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions, segment_ids, layer_cache, cache_index):
+    def __call__(self, x_BTD, positions, mask_BTS, layer_cache, cache_index):
         c = self.c
         h, new_cache = Attention(c, name="self_attn")(
             RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="input_layernorm")(x_BTD),
-            positions, segment_ids, layer_cache, cache_index)
+            positions, mask_BTS, layer_cache, cache_index)
         x_BTD = x_BTD + h
         x_BTD = x_BTD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, c.param_dtype,
                                                    name="post_attention_layernorm")(x_BTD))
@@ -160,7 +156,8 @@ class Transformer(nn.Module):
     c: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False):
+        """Logits (B, T, V); with `cache`, (logits, new_cache); with return_hidden, the final normed states."""
         c = self.c
         b, t = tokens.shape
         if positions is None:
@@ -172,6 +169,13 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(embed(tokens), ("batch", "seq", "act_embed"))
         cache_index = None if cache is None else cache["index"]
         layers = {"k": cache["k"], "v": cache["v"]} if cache is not None else None
+        # One mask for all layers, built once outside the layer scan.
+        if cache is None:
+            mask = attention.packed_mask(positions, positions, segment_ids, segment_ids)
+        else:
+            s = cache["k"].shape[2]
+            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            mask = k_pos[:, None, :] <= positions[:, :, None]   # cache slots not yet written lie in the future
 
         block = Block
         if c.remat != "none":
@@ -180,16 +184,18 @@ class Transformer(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_layers = stack(c, name="layers")(x, positions, segment_ids, layers, cache_index)
+            x, new_layers = stack(c, name="layers")(x, positions, mask, layers, cache_index)
         else:
             outs = []
             for i in range(c.n_layers):
                 layer = None if layers is None else jax.tree.map(lambda a: a[i], layers)
-                x, new = block(c, name=f"layers_{i}")(x, positions, segment_ids, layer, cache_index)
+                x, new = block(c, name=f"layers_{i}")(x, positions, mask, layer, cache_index)
                 outs.append(new)
             new_layers = None if layers is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+        if return_hidden:
+            return x
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -198,6 +204,11 @@ class Transformer(nn.Module):
         if cache is None:
             return logits
         return logits, {"k": new_layers["k"], "v": new_layers["v"], "index": cache["index"] + t}
+
+
+def output_kernel(params, c: ModelConfig):
+    """The (D, V) matrix that turns final states into logits: lm_head, or the embedding when tied."""
+    return params["embed_tokens"]["embedding"].T if c.tie_embeddings else params["lm_head"]["kernel"]
 
 
 def init_cache(c: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:

@@ -59,7 +59,8 @@ class Trainer:
         self.tx, self.lr_fn = optim.make(cfg.optim, cfg.train.steps)
         self.abstract, self.shardings = state_lib.abstract_and_shardings(self.model, self.tx, cfg.train.seed, self.mesh)
         self.train_step = step_lib.jit_train_step(self.model, self.tx, self.lr_fn, cfg.train.z_loss,
-                                                  cfg.train.grad_accum, self.mesh, self.shardings)
+                                                  cfg.train.grad_accum, self.mesh, self.shardings,
+                                                  cfg.train.loss_chunk)
         self.eval_step = step_lib.jit_eval_step(self.model, self.mesh, self.shardings.params)
         self.state = None
         self.start_step = 0

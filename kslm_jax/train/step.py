@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from kslm_jax import sharding
+from kslm_jax.model import llama
 
 # optax.global_norm is deprecated in recent optax in favour of optax.tree.norm; older releases lack the latter.
 _norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
@@ -24,23 +25,53 @@ def token_losses(logits, targets, mask, z_loss: float = 0.0):
     return ce, z
 
 
-def loss_fn(params, model, batch, z_loss):
-    logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+def chunked_loss_sums(hidden_BTD, kernel_DV, targets, mask, z_loss: float, chunk: int):
+    """Summed CE and z-loss with logits made `chunk` positions at a time and rebuilt in the backward pass.
+
+    Peak logits memory drops from B*T*V fp32 to B*chunk*V; the bf16 matmul accumulates in fp32.
+    """
+    b, t, _ = hidden_BTD.shape
+    n = t // chunk
+
+    @jax.checkpoint
+    def piece(args):
+        h, tg, m = args
+        logits = jnp.einsum("bcd,dv->bcv", h, kernel_DV.astype(h.dtype), preferred_element_type=jnp.float32)
+        ce, z = token_losses(logits, tg, m, z_loss)
+        return ce.sum(), z.sum()
+
+    def split(a):
+        return a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+    ce, z = jax.lax.map(piece, (split(hidden_BTD), split(targets), split(mask)))
+    return ce.sum(), z.sum()
+
+
+def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
     mask = batch["segment_ids"] > 0
-    ce, z = token_losses(logits, batch["targets"], mask, z_loss)
+    t = batch["inputs"].shape[-1]
+    if loss_chunk and loss_chunk < t and t % loss_chunk == 0:
+        hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                             return_hidden=True)
+        ce_sum, z_sum = chunked_loss_sums(hidden, llama.output_kernel(params, model.c), batch["targets"], mask,
+                                          z_loss, loss_chunk)
+    else:
+        logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        ce, z = token_losses(logits, batch["targets"], mask, z_loss)
+        ce_sum, z_sum = ce.sum(), z.sum()
     n = jnp.maximum(mask.sum(), 1)
-    return (ce.sum() + z.sum()) / n, {"ce_sum": ce.sum(), "z_sum": z.sum(), "tokens": mask.sum()}
+    return (ce_sum + z_sum) / n, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": mask.sum()}
 
 
-def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int):
+def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int, loss_chunk: int = 0):
     with nn.logical_axis_rules(sharding.RULES):
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if accum == 1:
-            grads, aux = grad_fn(state.params, model, batch, z_loss)
+            grads, aux = grad_fn(state.params, model, batch, z_loss, loss_chunk)
         else:
             # Micro-batches run in a scan: one compiled body, gradients summed in float32, one update.
             def micro(carry, mb):
-                g, a = grad_fn(state.params, model, mb, z_loss)
+                g, a = grad_fn(state.params, model, mb, z_loss, loss_chunk)
                 return jax.tree.map(jnp.add, carry, (g, a)), None
             zeros = (jax.tree.map(jnp.zeros_like, state.params),
                      {"ce_sum": 0.0, "z_sum": 0.0, "tokens": jnp.zeros((), jnp.int32)})
@@ -62,8 +93,9 @@ def eval_step(params, batch, *, model):
     return {"ce_sum": ce.sum(), "tokens": mask.sum()}
 
 
-def jit_train_step(model, tx, lr_fn, z_loss, accum, mesh, state_shardings):
-    fn = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, z_loss=z_loss, accum=accum)
+def jit_train_step(model, tx, lr_fn, z_loss, accum, mesh, state_shardings, loss_chunk: int = 0):
+    fn = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, z_loss=z_loss, accum=accum,
+                           loss_chunk=loss_chunk)
     batch_s = sharding.batch_sharding(mesh, 3 if accum > 1 else 2, accum > 1)
     return jax.jit(fn, in_shardings=(state_shardings, batch_s),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
