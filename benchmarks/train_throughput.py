@@ -23,7 +23,7 @@ from kslm_jax import config as config_lib, metrics, sharding  # noqa: E402
 from kslm_jax.model import llama  # noqa: E402
 from kslm_jax.train import optim, state as state_lib, step as step_lib  # noqa: E402
 
-PRESETS = {  # GPT-2 shapes with Llama blocks (SwiGLU width 4d*2/3 keeps the MLP FLOPs of GPT-2's 4d GELU)
+PRESETS = {  # GPT-2 shapes with Llama blocks, tied embeddings (SwiGLU at 8d/3 keeps the MLP FLOPs of GPT-2's 4d)
     "gpt2-124m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048),
     "gpt2-medium": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=2752),
     "gpt2-xl": dict(d_model=1600, n_layers=48, n_heads=25, n_kv_heads=25, d_ff=4288),
@@ -31,15 +31,19 @@ PRESETS = {  # GPT-2 shapes with Llama blocks (SwiGLU width 4d*2/3 keeps the MLP
 
 
 def build_config(args):
-    cfg = config_lib.load(args.config, args.override)
+    cfg = config_lib.load(args.config)
     if args.preset:
         with cfg.unlocked():
             for k, v in PRESETS[args.preset].items():
                 cfg.model[k] = v
             cfg.tokenizer.vocab_size = 50304
+            cfg.model.tie_embeddings = True
             cfg.data.seq_len = 1024
             cfg.model.dtype = "bfloat16"
             cfg.model.attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    for item in args.override:
+        config_lib.apply_override(cfg, item)
+    config_lib.validate(cfg)
     return cfg
 
 
@@ -62,7 +66,8 @@ def peak_memory_gb() -> float | None:
     return None if peak is None else peak / 2**30
 
 
-def run(cfg, batch: int, steps: int, warmup: int) -> dict:
+def setup(cfg, batch: int):
+    """The compiled-on-first-call train step, a fresh sharded state and two device batches."""
     with cfg.unlocked():
         cfg.train.batch_size = batch
     mesh = sharding.make_mesh(cfg.mesh)
@@ -70,7 +75,6 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
     model = llama.Transformer(mc)
     tx, lr_fn = optim.make(cfg.optim, 1000)
     abstract, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     step_fn = step_lib.jit_train_step(model, tx, lr_fn, cfg.train.z_loss, cfg.train.grad_accum, mesh, shardings,
                                       cfg.train.loss_chunk)
     state = state_lib.create(model, tx, 0, mesh, shardings)
@@ -78,6 +82,14 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
     host = [packed_batch(rng, batch, cfg.data.seq_len, cfg.tokenizer.vocab_size) for _ in range(2)]
     with jax.set_mesh(mesh):
         batches = [sharding.global_batch(b, mesh, cfg.train.grad_accum) for b in host]
+    return dict(mesh=mesh, model_cfg=mc, step_fn=step_fn, state=state, batches=batches,
+                n_params=sum(x.size for x in jax.tree.leaves(abstract.params)))
+
+
+def run(cfg, batch: int, steps: int, warmup: int) -> dict:
+    s = setup(cfg, batch)
+    step_fn, state, batches, mesh = s["step_fn"], s["state"], s["batches"], s["mesh"]
+    with jax.set_mesh(mesh):
         t0 = time.perf_counter()
         state, out = step_fn(state, batches[0])
         jax.block_until_ready(out)
@@ -92,9 +104,9 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
         dt = (time.perf_counter() - t0) / steps
     tokens = batch * cfg.data.seq_len
     peak = metrics.device_peak_tflops(cfg.logging.peak_tflops)
-    flops = llama.flops_per_token(mc, cfg.data.seq_len) * tokens
+    flops = llama.flops_per_token(s["model_cfg"], cfg.data.seq_len) * tokens
     loss = float(out["ce_sum"]) / max(int(out["tokens"]), 1)
-    return dict(params_m=n_params / 1e6, batch=batch, seq=cfg.data.seq_len, tokens_per_s=tokens / dt,
+    return dict(params_m=s["n_params"] / 1e6, batch=batch, seq=cfg.data.seq_len, tokens_per_s=tokens / dt,
                 step_ms=dt * 1e3, mfu=(flops / dt / (mesh.size * peak * 1e12)) if peak else None,
                 peak_gb=peak_memory_gb(), compile_s=compile_s, loss=loss)
 

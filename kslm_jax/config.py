@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
         init_std=0.02,
         dtype="float32",        # compute dtype: float32 | bfloat16
         param_dtype="float32",  # master weights and optimizer state dtype
-        attention="xla",        # xla (reference, any device) | cudnn (GPU flash attention)
+        attention="xla",        # xla (reference, any device) | cudnn (flash, mask) | cudnn_packed (flash, ragged; Hopper+)
         scan_layers=True,       # one compiled layer body scanned over depth: fast compiles at any depth
         remat="none",           # none | dots | full: what the backward pass recomputes instead of storing
     )
@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
         seq_len=256,
         seed=0,
         packing_bins=8,         # rows the first-fit packer keeps open
+        max_segments_per_row=64,  # documents one packed row may hold (cudnn_packed sizes its tables by it)
         workers=0,              # grain worker processes (0: in the training process)
     )
     c.optim = dict(
@@ -124,7 +125,7 @@ def d_ff(cfg) -> int:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ("xla", "cudnn", "cudnn_packed"),
     "model.remat": ("none", "dots", "full"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.text_mode": ("file", "paragraph", "line"),

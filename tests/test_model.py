@@ -107,18 +107,34 @@ def test_reference_attention_matches_dense_softmax():
                 np.testing.assert_allclose(out[bi, t, n], p @ vv, atol=1e-5)
 
 
+def test_segment_layout():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    out = attention.segment_layout(seg, max_segments=4)
+    np.testing.assert_array_equal(out["seqlen"], [[3, 2, 1, 2, -1], [8, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(out["offsets"], [[0, 3, 5, 6, -1, -1], [0, -1, -1, -1, -1, -1]])
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
-def test_cudnn_matches_reference():
+@pytest.mark.parametrize("impl", ["cudnn", "cudnn_packed"])
+def test_cudnn_matches_reference(impl):
     rng = np.random.default_rng(4)
     q = jnp.asarray(rng.standard_normal((2, 128, 8, 64)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((2, 128, 2, 64)), jnp.bfloat16)
     v = jnp.asarray(rng.standard_normal((2, 128, 2, 64)), jnp.bfloat16)
-    seg = jnp.asarray(np.repeat([[1] * 50 + [2] * 78], 2, 0))
-    pos = jnp.asarray(np.repeat([list(range(50)) + list(range(78))], 2, 0))
-    mask = attention.packed_mask(pos, pos, seg, seg)
-    a = attention.attend(q, k, v, mask, "cudnn").astype(jnp.float32)
-    b = attention.reference(q, k, v, mask).astype(jnp.float32)
-    assert float(jnp.abs(a - b).max()) < 0.03
+    seg = jnp.asarray([[1] * 50 + [2] * 70 + [0] * 8, [1] * 20 + [2] * 30 + [3] * 78])
+    pos = jnp.asarray([list(range(50)) + list(range(70)) + [0] * 8, list(range(20)) + list(range(30)) + list(range(78))])
+    valid = np.asarray(seg) > 0
+    ref_in = attention.prepare("xla", pos, seg, 8)
+    b = attention.reference(q, k, v, ref_in["mask"]).astype(jnp.float32)
+    a = attention.attend(q, k, v, attention.prepare(impl, pos, seg, 8), impl).astype(jnp.float32)
+    assert float(jnp.abs(a - b)[valid].max()) < 0.03
+    assert bool(jnp.isfinite(a).all())
+    # Gradients agree too, on the valid positions.
+    f = lambda impl_, inputs: lambda q_: (attention.attend(q_, k, v, inputs, impl_).astype(jnp.float32)
+                                          * valid[:, :, None, None]).sum()
+    ga = jax.grad(f(impl, attention.prepare(impl, pos, seg, 8)))(q).astype(jnp.float32)
+    gb = jax.grad(f("xla", ref_in))(q).astype(jnp.float32)
+    assert float(jnp.abs(ga - gb).max()) < 0.05
 
 
 def test_flops_per_token_counts_matmuls():

@@ -55,7 +55,7 @@ def _packed(ds: grain.MapDataset, dcfg, seed: int) -> grain.IterDataset:
     length = {k: dcfg.seq_len for k in FEATURES}
     return grain.experimental.FirstFitPackIterDataset(
         ds.to_iter_dataset(), length_struct=length, num_packing_bins=dcfg.packing_bins, seed=seed,
-        shuffle_bins=True)
+        shuffle_bins=True, max_sequences_per_bin=dcfg.max_segments_per_row)
 
 
 def local_batch_size(global_batch: int) -> int:

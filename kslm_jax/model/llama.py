@@ -37,6 +37,7 @@ class ModelConfig:
     attention: str = "xla"
     scan_layers: bool = True
     remat: str = "none"
+    max_segments: int = 64
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
@@ -45,7 +46,8 @@ class ModelConfig:
                    n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=config_lib.head_dim(cfg),
                    d_ff=config_lib.d_ff(cfg), rope_theta=m.rope_theta, norm_eps=m.norm_eps,
                    tie_embeddings=m.tie_embeddings, init_std=m.init_std, dtype=m.dtype,
-                   param_dtype=m.param_dtype, attention=m.attention, scan_layers=m.scan_layers, remat=m.remat)
+                   param_dtype=m.param_dtype, attention=m.attention, scan_layers=m.scan_layers, remat=m.remat,
+                   max_segments=cfg.data.max_segments_per_row)
 
 
 def _init(c: ModelConfig, names, std=None):
@@ -76,8 +78,8 @@ class Linear(nn.Module):
         shape = (*x.shape[x.ndim - self.n_in:], *self.features)
         kernel = self.param("kernel", _init(self.c, self.names), shape, DTYPES[self.c.param_dtype])
         dtype = DTYPES[self.c.dtype]
-        axes = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=axes)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
 
 
 class RMSNorm(nn.Module):
@@ -98,7 +100,7 @@ class Attention(nn.Module):
     c: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions, mask_BTS, layer_cache, cache_index):
+    def __call__(self, x_BTD, positions, attn_inputs, layer_cache, cache_index):
         c = self.c
         q = Linear((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), c, name="q_proj")(x_BTD)
         k = Linear((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c, name="k_proj")(x_BTD)
@@ -107,12 +109,12 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(rope(k, positions, c.rope_theta), ("batch", "seq", "act_kv_heads", "head_dim"))
         new_cache = None
         if layer_cache is None:
-            out = attention.attend(q, k, v, mask_BTS, c.attention)
+            out = attention.attend(q, k, v, attn_inputs, c.attention)
         else:
             kc = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
             vc = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": kc, "v": vc}
-            out = attention.reference(q, kc.astype(q.dtype), vc.astype(q.dtype), mask_BTS)
+            out = attention.reference(q, kc.astype(q.dtype), vc.astype(q.dtype), attn_inputs["mask"])
         out = nn.with_logical_constraint(out, ("batch", "seq", "act_heads", "head_dim"))
         y = Linear((c.d_model,), ("heads", "head_dim", "embed"), c, n_in=2, name="o_proj")(out)
         return y, new_cache
@@ -134,11 +136,11 @@ class Block(nn.Module):
     c: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions, mask_BTS, layer_cache, cache_index):
+    def __call__(self, x_BTD, positions, attn_inputs, layer_cache, cache_index):
         c = self.c
         h, new_cache = Attention(c, name="self_attn")(
             RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="input_layernorm")(x_BTD),
-            positions, mask_BTS, layer_cache, cache_index)
+            positions, attn_inputs, layer_cache, cache_index)
         x_BTD = x_BTD + h
         x_BTD = x_BTD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, c.param_dtype,
                                                    name="post_attention_layernorm")(x_BTD))
@@ -169,13 +171,13 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(embed(tokens), ("batch", "seq", "act_embed"))
         cache_index = None if cache is None else cache["index"]
         layers = {"k": cache["k"], "v": cache["v"]} if cache is not None else None
-        # One mask for all layers, built once outside the layer scan.
+        # What the attention kernel needs (mask or segment layout), built once outside the layer scan.
         if cache is None:
-            mask = attention.packed_mask(positions, positions, segment_ids, segment_ids)
+            attn_inputs = attention.prepare(c.attention, positions, segment_ids, c.max_segments)
         else:
             s = cache["k"].shape[2]
             k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            mask = k_pos[:, None, :] <= positions[:, :, None]   # cache slots not yet written lie in the future
+            attn_inputs = {"mask": k_pos[:, None, :] <= positions[:, :, None]}  # unwritten slots lie ahead
 
         block = Block
         if c.remat != "none":
@@ -184,18 +186,20 @@ class Transformer(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_layers = stack(c, name="layers")(x, positions, mask, layers, cache_index)
+            x, new_layers = stack(c, name="layers")(x, positions, attn_inputs, layers, cache_index)
         else:
             outs = []
             for i in range(c.n_layers):
                 layer = None if layers is None else jax.tree.map(lambda a: a[i], layers)
-                x, new = block(c, name=f"layers_{i}")(x, positions, mask, layer, cache_index)
+                x, new = block(c, name=f"layers_{i}")(x, positions, attn_inputs, layer, cache_index)
                 outs.append(new)
             new_layers = None if layers is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="norm")(x)
         if return_hidden:
             return x
+        # Logits stay in the compute dtype: float32 out of the matmul would make its backward GEMMs float32
+        # too (measured: 8 ms instead of 3 per step at 124M on an H100); the loss upcasts instead.
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:

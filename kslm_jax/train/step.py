@@ -19,7 +19,10 @@ def token_losses(logits, targets, mask, z_loss: float = 0.0):
     """Per-token cross-entropy (nats) and z-loss, in float32, zero where mask is False."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # A compare-and-sum instead of a gather: its gradient is an elementwise select that fuses with the
+    # softmax gradient, where a gather's is a scatter into a zeroed B*T*V buffer.
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
     ce = jnp.where(mask, lse - target_logit, 0.0)
     z = jnp.where(mask, z_loss * jnp.square(lse), 0.0)
     return ce, z
