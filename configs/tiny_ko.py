@@ -1,4 +1,4 @@
-"""The README demo: a ~0.8M-parameter Korean model trained in a few minutes on 2 CPU cores.
+"""The README demo: a ~1M-parameter Korean model trained in a few minutes on 2 CPU cores.
 
 Corpus: the constitution and bill texts shipped inside the KoNLPy wheel (no download).
     kslm demo --workdir runs/demo

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from kslm_jax import workdir as workdir_lib
+from kslm_jax import distributed, workdir as workdir_lib
 
 log = logging.getLogger("kslm")
 
@@ -59,6 +59,7 @@ def _print_eval(step, result, seconds):
 
 
 def train(args, overrides) -> int:
+    distributed.initialize_from_env()
     from kslm_jax.train import loop
     cfg = _cfg(args, overrides)
     loop.check_tokenizer(cfg, Path(args.workdir))
@@ -70,6 +71,8 @@ def train(args, overrides) -> int:
 
 
 def _write_eval(workdir, result: dict) -> None:
+    if not distributed.is_primary():
+        return
     path = workdir_lib.paths(workdir)["eval"] / "lm.json"
     workdir_lib.atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
@@ -86,6 +89,7 @@ def _restored_trainer(args, overrides):
 
 
 def eval(args, overrides) -> int:  # noqa: A001 - the command's name
+    distributed.initialize_from_env()
     from kslm_jax import evaluate
     cfg, trainer, step = _restored_trainer(args, overrides)
     rows = {f"model (step {step})": trainer.evaluate(),
@@ -129,7 +133,7 @@ def demo(args, overrides) -> int:
     if not trainer.has_checkpoint():
         trainer.init_fresh()
         before = trainer.evaluate()
-    summary = trainer.fit()
+    summary = trainer.fit(on_eval=_print_eval)
     after = summary.get("eval") or trainer.evaluate()
     unigram = evaluate.unigram_baseline(trainer.paths["tokens"], cfg.tokenizer.vocab_size)
     rows = {}

@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.train = dict(
         steps=200,
+        step_timeout_s=0.0,     # >0: a step that takes longer (after the first) ends the run with exit code 3
         batch_size=16,          # global sequences per optimizer step
         grad_accum=1,           # micro-batches per step (batch_size must divide by it)
         seed=0,
@@ -87,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
         data=-1,                # -1: all devices left after the other axes
         fsdp=1,
         tensor=1,
+        rules="fsdp_tp",        # parameter sharding preset: dp | fsdp | fsdp_tp (see sharding.PRESETS)
     )
     c.checkpoint = dict(
         every_steps=100,
@@ -129,6 +131,7 @@ _CHOICES = {
     "model.remat": ("none", "dots", "full"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.text_mode": ("file", "paragraph", "line"),
+    "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
 }
 
 
@@ -267,7 +270,7 @@ def parse_value(key: str, raw: str, old):
 
 # Keys a resumed run may change: they steer logging and scheduling, not the trajectory of the weights.
 HARMLESS = ("logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
-            "generate.", "data.workers", "mesh.")
+            "train.step_timeout_s", "generate.", "data.workers", "mesh.")
 
 
 def to_dict(cfg) -> dict:

@@ -17,16 +17,7 @@ from kslm_jax.errors import KslmError
 
 AXES = ("data", "fsdp", "tensor")
 
-RULES = (
-    # parameters
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    # activations
+_ACTIVATIONS = (
     ("batch", ("data", "fsdp")),
     ("seq", None),
     ("act_embed", None),
@@ -35,6 +26,30 @@ RULES = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
+
+# Parameter rules per preset; activations are always batch-sharded over (data, fsdp).
+PRESETS = {
+    # every parameter whole on every device (plain data parallel)
+    "dp": (("embed", None), ("vocab", None), ("mlp", None), ("heads", None), ("kv_heads", None),
+           ("head_dim", None), ("layers", None)),
+    # parameters and optimizer state split along `embed` over fsdp (ZeRO-3 style), gathered per layer
+    "fsdp": (("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None), ("kv_heads", None),
+             ("head_dim", None), ("layers", None)),
+    # fsdp plus Megatron-style tensor parallelism over heads, MLP channels and vocabulary
+    "fsdp_tp": (("embed", "fsdp"), ("vocab", "tensor"), ("mlp", "tensor"), ("heads", "tensor"),
+                ("kv_heads", "tensor"), ("head_dim", None), ("layers", None)),
+}
+
+
+def rules(preset: str = "fsdp_tp") -> tuple:
+    if preset not in PRESETS:
+        raise KslmError(f"config key mesh.rules={preset!r} is not one of {', '.join(PRESETS)}")
+    acts = _ACTIVATIONS if preset == "fsdp_tp" else tuple((k, None) if k.startswith("act_") else (k, v)
+                                                          for k, v in _ACTIVATIONS)
+    return PRESETS[preset] + acts
+
+
+RULES = rules("fsdp_tp")
 
 
 def mesh_shape(mcfg, n_devices: int) -> tuple[int, int, int]:
@@ -60,8 +75,8 @@ def make_mesh(mcfg, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=used)
 
 
-def logical_to_sharding(logical_tree, mesh):
-    return nn.logical_to_mesh_sharding(logical_tree, mesh, RULES)
+def logical_to_sharding(logical_tree, mesh, rules_=RULES):
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, rules_)
 
 
 def batch_sharding(mesh, ndim: int = 2, accum: bool = False) -> NamedSharding:

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from kslm_jax import config as config_lib
+from kslm_jax import config as config_lib, distributed
 from kslm_jax.errors import KslmError
 
 
@@ -55,7 +55,8 @@ def bind(workdir: str | os.PathLike, cfg, force: bool = False) -> Path:
             shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
             raise KslmError(f"workdir {workdir} holds another run's config ({shown}); "
                             "use a new --workdir, or pass --force to overwrite its config")
-    atomic_write_text(path, json.dumps(new, indent=2, ensure_ascii=False) + "\n")
+    if distributed.is_primary():  # in a multi-process job the others only check
+        atomic_write_text(path, json.dumps(new, indent=2, ensure_ascii=False) + "\n")
     return workdir
 
 

@@ -5,6 +5,7 @@ JSON dict that the checkpoint stores, so resuming at step N yields exactly the b
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import grain
@@ -65,26 +66,58 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // n
 
 
-def train_dataset(tokens_dir: Path, dcfg, global_batch: int) -> grain.IterDataset:
+def _process_rows(batch: dict, *, index: int, count: int, accum: int) -> dict:
+    """This process's rows of a global batch: within each of the `accum` micro-batches, block `index` of
+    `count`. sharding.global_batch stacks the processes' blocks back into the same micro-batches."""
+    def take(v):
+        v = v.reshape(accum, count, v.shape[0] // (accum * count), *v.shape[1:])[:, index]
+        return v.reshape(-1, *v.shape[2:])
+    return {k: take(v) for k, v in batch.items()}
+
+
+def _host_slice(global_batch: int, accum: int = 1):
+    """A map from a global batch to this process's rows, or None in a single-process run.
+
+    Every process reads the whole stream and builds the same global batches, so a job's batches do not
+    depend on its process count: losses match a one-process run and a checkpoint's iterator state (the
+    same on every process) resumes under any process count. The cost is that every host reads every
+    record; per-host shard files (each host reading only its own) are the scalable alternative once
+    reading, not the step, is the bottleneck.
+    """
+    count = jax.process_count()
+    if global_batch % (count * accum):
+        raise ValueError(f"train.batch_size={global_batch} must divide by the process count {count} "
+                         f"times train.grad_accum={accum}")
+    if count == 1:
+        return None
+    return functools.partial(_process_rows, index=jax.process_index(), count=count, accum=accum)
+
+
+def train_dataset(tokens_dir: Path, dcfg, global_batch: int, accum: int = 1) -> grain.IterDataset:
     source = ChunkSource(shards.shard_files(tokens_dir, "train"), dcfg.seq_len)
-    ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-    ds = ds.shuffle(seed=dcfg.seed).repeat(None)
-    out = _packed(ds, dcfg, dcfg.seed).batch(local_batch_size(global_batch), drop_remainder=True).map(_to_batch)
+    ds = grain.MapDataset.source(source).shuffle(seed=dcfg.seed).repeat(None)
+    out = _packed(ds, dcfg, dcfg.seed).batch(global_batch, drop_remainder=True).map(_to_batch)
+    rows = _host_slice(global_batch, accum)
+    if rows is not None:
+        out = out.map(rows)  # a stateless map: the iterator state stays the global stream's
     if dcfg.workers > 0:
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=dcfg.workers))
     return out
 
 
 def eval_batches(tokens_dir: Path, dcfg, global_batch: int, max_batches: int = 0):
-    """One pass over the validation split in a fixed order; the last batch is padded with empty rows."""
+    """One pass over the validation split in a fixed order; the last batch is padded with empty rows.
+
+    Every process walks the same global batches (so all run the same number of eval steps) and yields its
+    rows of each.
+    """
     source = ChunkSource(shards.shard_files(tokens_dir, "val"), dcfg.seq_len)
-    ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-    local = local_batch_size(global_batch)
-    batches = _packed(ds, dcfg, 0).batch(local, drop_remainder=False).map(_to_batch)
-    for i, b in enumerate(batches):
+    rows = _host_slice(global_batch)
+    batches = _packed(grain.MapDataset.source(source), dcfg, 0).batch(global_batch, drop_remainder=False)
+    for i, b in enumerate(batches.map(_to_batch)):
         if max_batches and i >= max_batches:
             return
-        short = local - b["inputs"].shape[0]
+        short = global_batch - b["inputs"].shape[0]
         if short:
             b = {k: np.pad(v, ((0, short), (0, 0))) for k, v in b.items()}
-        yield b
+        yield b if rows is None else rows(b)

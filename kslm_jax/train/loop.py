@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,41 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
+class _Watchdog:
+    """Ends the process with exit code 3 when no step completes for `timeout_s` seconds.
+
+    A hung collective or a dead host otherwise blocks forever; exiting lets the cluster scheduler restart
+    the job, which resumes from the newest checkpoint. Armed only after the first step, so compilation
+    does not count.
+    """
+
+    EXIT_CODE = 3
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.step = None
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        if timeout_s > 0:
+            threading.Thread(target=self._watch, daemon=True, name="kslm-watchdog").start()
+
+    def beat(self, step: int) -> None:
+        self.step, self.last = step, time.monotonic()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self):
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last
+            if self.step is not None and idle > self.timeout_s:
+                log.error("watchdog: step %d stalled: no step finished for %.0fs (train.step_timeout_s=%g); "
+                          "exiting with code %d so the scheduler can restart from the last checkpoint",
+                          self.step + 1, idle, self.timeout_s, self.EXIT_CODE)
+                logging.shutdown()
+                os._exit(self.EXIT_CODE)
+
+
 class Trainer:
     def __init__(self, cfg, workdir: str | Path):
         self.cfg = cfg
@@ -54,14 +90,16 @@ class Trainer:
             raise KslmError(f"token shards in {self.paths['tokens']} use a vocabulary of {self.manifest['vocab_size']} "
                             f"but tokenizer.vocab_size={cfg.tokenizer.vocab_size}; run `kslm tokenize` again")
         self.mesh = sharding.make_mesh(cfg.mesh)
+        self.rules = sharding.rules(cfg.mesh.rules)
         self.model_cfg = llama.ModelConfig.from_config(cfg)
         self.model = llama.Transformer(self.model_cfg)
         self.tx, self.lr_fn = optim.make(cfg.optim, cfg.train.steps)
-        self.abstract, self.shardings = state_lib.abstract_and_shardings(self.model, self.tx, cfg.train.seed, self.mesh)
+        self.abstract, self.shardings = state_lib.abstract_and_shardings(self.model, self.tx, cfg.train.seed, self.mesh,
+                                                                         self.rules)
         self.train_step = step_lib.jit_train_step(self.model, self.tx, self.lr_fn, cfg.train.z_loss,
                                                   cfg.train.grad_accum, self.mesh, self.shardings,
-                                                  cfg.train.loss_chunk)
-        self.eval_step = step_lib.jit_eval_step(self.model, self.mesh, self.shardings.params)
+                                                  cfg.train.loss_chunk, self.rules)
+        self.eval_step = step_lib.jit_eval_step(self.model, self.mesh, self.shardings.params, self.rules)
         self.state = None
         self.start_step = 0
 
@@ -69,7 +107,7 @@ class Trainer:
         return any(p.name.isdigit() for p in self.paths["checkpoints"].glob("*")) if self.paths["checkpoints"].is_dir() else False
 
     def init_fresh(self) -> None:
-        self.state = state_lib.create(self.model, self.tx, self.cfg.train.seed, self.mesh, self.shardings)
+        self.state = state_lib.create(self.model, self.tx, self.cfg.train.seed, self.mesh, self.shardings, self.rules)
         self.start_step = 0
 
     def restore_or_init(self, mngr, data_iter) -> None:
@@ -110,8 +148,10 @@ class Trainer:
                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
             pending = None
             last_saved = step
-            # Fault injection for the preemption tests: deliver a real SIGTERM to ourselves after this step.
+            # Fault injection for the tests: a real SIGTERM to ourselves after a step, or a step that hangs.
             fault_step = int(os.environ.get("KSLM_FAULT_SIGTERM_AT_STEP", "0"))
+            stall_step = int(os.environ.get("KSLM_FAULT_STALL_AT_STEP", "0"))
+            watchdog = _Watchdog(tcfg.step_timeout_s)
             with jax.set_mesh(self.mesh):
                 while step < tcfg.steps and stop.received is None:
                     batch = sharding.global_batch(next(data_iter), self.mesh, tcfg.grad_accum)
@@ -129,11 +169,15 @@ class Trainer:
                         self._eval_and_log(writer, step, on_eval)
                     if step == fault_step:
                         os.kill(os.getpid(), signal.SIGTERM)
+                    if step == stall_step:
+                        time.sleep(10**6)
+                    watchdog.beat(step)
                 if pending is not None:
                     self._log(pending, writer, throughput, bar, summary, force=True)
                 if stop.received is not None and last_saved != step:
                     checkpoint.save(mngr, step, self.state, data_iter, force=True)
                 mngr.wait_until_finished()
+            watchdog.close()
             bar.close()
         summary["step"] = step
         if stop.received is not None:

@@ -32,18 +32,18 @@ def init_fn(model: llama.Transformer, tx: optax.GradientTransformation, seed: in
     return init
 
 
-def abstract_and_shardings(model, tx, seed: int, mesh):
+def abstract_and_shardings(model, tx, seed: int, mesh, rules=sharding.RULES):
     """Shapes and NamedShardings of the state, from logical axis names, without allocating anything."""
     init = init_fn(model, tx, seed)
     boxed = jax.eval_shape(init)
-    shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             nn.unbox(boxed), shardings)
     return abstract, shardings
 
 
-def create(model, tx, seed: int, mesh, shardings):
+def create(model, tx, seed: int, mesh, shardings, rules=sharding.RULES):
     """Initialize directly into its shardings: full-size parameters never exist on one device."""
     init = init_fn(model, tx, seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()

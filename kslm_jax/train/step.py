@@ -66,8 +66,9 @@ def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
     return (ce_sum + z_sum) / n, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": mask.sum()}
 
 
-def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int, loss_chunk: int = 0):
-    with nn.logical_axis_rules(sharding.RULES):
+def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int, loss_chunk: int = 0,
+               rules=sharding.RULES):
+    with nn.logical_axis_rules(rules):
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if accum == 1:
             grads, aux = grad_fn(state.params, model, batch, z_loss, loss_chunk)
@@ -88,23 +89,24 @@ def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int, los
     return new_state, metrics
 
 
-def eval_step(params, batch, *, model):
-    with nn.logical_axis_rules(sharding.RULES):
+def eval_step(params, batch, *, model, rules=sharding.RULES):
+    with nn.logical_axis_rules(rules):
         logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = batch["segment_ids"] > 0
     ce, _ = token_losses(logits, batch["targets"], mask)
     return {"ce_sum": ce.sum(), "tokens": mask.sum()}
 
 
-def jit_train_step(model, tx, lr_fn, z_loss, accum, mesh, state_shardings, loss_chunk: int = 0):
+def jit_train_step(model, tx, lr_fn, z_loss, accum, mesh, state_shardings, loss_chunk: int = 0,
+                   rules=sharding.RULES):
     fn = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, z_loss=z_loss, accum=accum,
-                           loss_chunk=loss_chunk)
+                           loss_chunk=loss_chunk, rules=rules)
     batch_s = sharding.batch_sharding(mesh, 3 if accum > 1 else 2, accum > 1)
     return jax.jit(fn, in_shardings=(state_shardings, batch_s),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(model, mesh, param_shardings):
-    fn = functools.partial(eval_step, model=model)
+def jit_eval_step(model, mesh, param_shardings, rules=sharding.RULES):
+    fn = functools.partial(eval_step, model=model, rules=rules)
     return jax.jit(fn, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
