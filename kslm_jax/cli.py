@@ -35,6 +35,12 @@ COMMANDS = {
     "generate": ("Sample text from the newest checkpoint (KV cache; temperature, top-k, top-p).",
                  "reads:  WORKDIR/checkpoints (newest), WORKDIR/tokenizer/spm.model\n"
                  "writes: nothing; prints the samples"),
+    "export": ("Export the newest checkpoint for another runtime (hf: Hugging Face LlamaForCausalLM).",
+               "reads:  WORKDIR/config.json, checkpoints (newest), tokenizer/spm.model\n"
+               "writes: --out (default WORKDIR/export/hf): config.json, model.safetensors, tokenizer.model, ..."),
+    "import": ("Import a local Hugging Face Llama directory (safetensors + tokenizer.model) as a new workdir.",
+               "reads:  --hf DIR: config.json, model.safetensors (or sharded + index), tokenizer.model\n"
+               "writes: WORKDIR/config.json, tokenizer/spm.model, checkpoints/0 (usable by train, eval, generate)"),
     "demo": ("Run every stage on the bundled Korean corpus: prepare, tokenizer, tokenize, train, eval, generate.",
              "reads:  the constitution and bill texts inside the KoNLPy wheel (configs/tiny_ko.py)\n"
              "writes: everything above under WORKDIR (default runs/demo)"),
@@ -51,6 +57,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a differing config.json in the workdir")
     if command == "generate":
         p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    if command == "export":
+        p.add_argument("--format", choices=["hf"], default="hf", help="target format")
+        p.add_argument("--out", default=None, help="output folder (default WORKDIR/export/<format>)")
+    if command == "import":
+        p.add_argument("--hf", required=True, help="a local Hugging Face Llama model folder")
     return p
 
 
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         from kslm_jax import commands
-        code = getattr(commands, command)(args, overrides)
+        code = getattr(commands, command.replace("import", "import_"))(args, overrides)
     except KslmError as e:
         print(f"kslm: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -113,6 +113,24 @@ def generate(args, overrides) -> int:
     return 0
 
 
+def export(args, overrides) -> int:
+    from kslm_jax.export import hf_io
+    from kslm_jax.errors import KslmError
+    if overrides:
+        raise KslmError("export takes no --config.* overrides: it exports the run as configured in its workdir")
+    out = Path(args.out) if args.out else workdir_lib.paths(args.workdir)["eval"].parent / "export" / args.format
+    hf_io.export_hf(Path(args.workdir), out)
+    print(f"exported {args.workdir} -> {out} ({args.format})")
+    return 0
+
+
+def import_(args, overrides) -> int:
+    from kslm_jax.export import hf_io
+    hf_io.import_hf(Path(args.hf), Path(args.workdir), getattr(args, "force", False))
+    print(f"imported {args.hf} -> {args.workdir} (checkpoint step 0)")
+    return 0
+
+
 def demo(args, overrides) -> int:
     """Every stage on the bundled corpus, printing held-out bits per character before and after training."""
     import jax
