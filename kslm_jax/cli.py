@@ -35,9 +35,10 @@ COMMANDS = {
     "generate": ("Sample text from the newest checkpoint (KV cache; temperature, top-k, top-p).",
                  "reads:  WORKDIR/checkpoints (newest), WORKDIR/tokenizer/spm.model\n"
                  "writes: nothing; prints the samples"),
-    "export": ("Export the newest checkpoint for another runtime (hf: Hugging Face LlamaForCausalLM).",
+    "export": ("Export the newest checkpoint: hf (Hugging Face LlamaForCausalLM) or gguf (llama.cpp).",
                "reads:  WORKDIR/config.json, checkpoints (newest), tokenizer/spm.model\n"
-               "writes: --out (default WORKDIR/export/hf): config.json, model.safetensors, tokenizer.model, ..."),
+               "writes: --out; hf: a folder with config.json, model.safetensors, tokenizer.model, ...;\n"
+               "        gguf: one file (default WORKDIR/export/model-<quant>.gguf)"),
     "import": ("Import a local Hugging Face Llama directory (safetensors + tokenizer.model) as a new workdir.",
                "reads:  --hf DIR: config.json, model.safetensors (or sharded + index), tokenizer.model\n"
                "writes: WORKDIR/config.json, tokenizer/spm.model, checkpoints/0 (usable by train, eval, generate)"),
@@ -58,7 +59,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "generate":
         p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     if command == "export":
-        p.add_argument("--format", choices=["hf"], default="hf", help="target format")
+        p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="target format")
+        p.add_argument("--quant", choices=["f16", "q8_0", "q4_0"], default="f16", help="gguf tensor type")
         p.add_argument("--out", default=None, help="output folder (default WORKDIR/export/<format>)")
     if command == "import":
         p.add_argument("--hf", required=True, help="a local Hugging Face Llama model folder")

@@ -118,8 +118,14 @@ def export(args, overrides) -> int:
     from kslm_jax.errors import KslmError
     if overrides:
         raise KslmError("export takes no --config.* overrides: it exports the run as configured in its workdir")
-    out = Path(args.out) if args.out else workdir_lib.paths(args.workdir)["eval"].parent / "export" / args.format
-    hf_io.export_hf(Path(args.workdir), out)
+    export_dir = Path(args.workdir) / "export"
+    if args.format == "gguf":
+        from kslm_jax.export import gguf_io
+        out = Path(args.out) if args.out else export_dir / f"model-{args.quant}.gguf"
+        gguf_io.export_gguf(Path(args.workdir), out, args.quant)
+    else:
+        out = Path(args.out) if args.out else export_dir / "hf"
+        hf_io.export_hf(Path(args.workdir), out)
     print(f"exported {args.workdir} -> {out} ({args.format})")
     return 0
 

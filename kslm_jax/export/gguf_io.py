@@ -1,0 +1,132 @@
+"""`kslm export --format gguf`: a llama.cpp model file (arch `llama`) in F16, Q8_0 or Q4_0.
+
+The SentencePiece vocabulary goes in whole (pieces, scores, token types, byte pieces), padded to the
+logits width with unused tokens. llama.cpp's RoPE pairs dimensions (2i, 2i+1) where Hugging Face pairs
+(i, i + d/2), so the query and key rows are permuted per head, as llama.cpp's own converter does.
+Norm scales stay float32; with Q4_0/Q8_0 the embedding table is quantized too, the output matrix likewise.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kslm_jax import config as config_lib
+from kslm_jax.errors import KslmError
+from kslm_jax.export import hf
+from kslm_jax.model import llama
+
+QUANTS = ("f16", "q8_0", "q4_0")
+
+
+def rope_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF half-rotation row order → llama.cpp interleaved pairs, per head."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(params, c: llama.ModelConfig) -> dict[str, np.ndarray]:
+    t = hf.to_hf(params, c)
+    out = {"token_embd.weight": t["model.embed_tokens.weight"], "output_norm.weight": t["model.norm.weight"]}
+    if not c.tie_embeddings:
+        out["output.weight"] = t["lm_head.weight"]
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(c.n_layers):
+        for ours, theirs in names.items():
+            w = t[f"model.layers.{i}.{ours}.weight"]
+            if theirs == "attn_q":
+                w = rope_permute(w, c.n_heads)
+            elif theirs == "attn_k":
+                w = rope_permute(w, c.n_kv_heads)
+            out[f"blk.{i}.{theirs}.weight"] = w
+    return out
+
+
+def _vocab(sp, size: int, gguf):
+    tokens, scores, types = [], [], []
+    for i in range(sp.GetPieceSize()):
+        tokens.append(sp.IdToPiece(i).encode("utf-8"))
+        scores.append(sp.GetScore(i))
+        if sp.IsUnknown(i):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif sp.IsControl(i):
+            types.append(gguf.TokenType.CONTROL)
+        elif sp.IsByte(i):
+            types.append(gguf.TokenType.BYTE)
+        elif sp.IsUnused(i):
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    for i in range(sp.GetPieceSize(), size):  # rows that pad the logits to a multiple; never produced
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1e4)
+        types.append(gguf.TokenType.UNUSED)
+    return tokens, scores, types
+
+
+def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
+    import gguf
+    if quant not in QUANTS:
+        raise KslmError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
+    c = llama.ModelConfig.from_config(cfg)
+    qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+             "q4_0": gguf.GGMLQuantizationType.Q4_0}[quant]
+    ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        w = gguf.GGUFWriter(str(tmp / path.name), arch="llama")
+        w.add_name(path.stem)
+        w.add_context_length(max(cfg.data.seq_len, 2048))
+        w.add_embedding_length(c.d_model)
+        w.add_block_count(c.n_layers)
+        w.add_feed_forward_length(c.d_ff)
+        w.add_head_count(c.n_heads)
+        w.add_head_count_kv(c.n_kv_heads)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.norm_eps)
+        w.add_vocab_size(c.vocab_size)
+        w.add_file_type(ftype)
+        tokens, scores, types = _vocab(sp, c.vocab_size, gguf)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(sp.bos_id())
+        w.add_eos_token_id(sp.eos_id())
+        w.add_unk_token_id(sp.unk_id())
+        w.add_pad_token_id(sp.pad_id())
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        for name, arr in gguf_tensors(params, c).items():
+            arr = np.ascontiguousarray(arr, np.float32)
+            if arr.ndim == 1:
+                w.add_tensor(name, arr)
+            elif qtype == gguf.GGMLQuantizationType.F16 or arr.shape[-1] % 32:
+                w.add_tensor(name, arr.astype(np.float16))
+            else:
+                w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        (tmp / path.name).replace(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def export_gguf(workdir: Path, out: Path, quant: str) -> Path:
+    from kslm_jax.export import hf_io
+    from kslm_jax.train import loop
+    cfg = config_lib.read_workdir_config(workdir)
+    sp = loop.check_tokenizer(cfg, workdir)
+    params = hf_io.restore_params_host(cfg, workdir)
+    return write_gguf(params, cfg, sp, out, quant)
