@@ -58,6 +58,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a differing config.json in the workdir")
     if command == "generate":
         p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    if command in ("eval", "generate"):
+        p.add_argument("--quant", action="append", choices=["int8", "int4"], default=[],
+                       help="also run with weight-only int8/int4 weights (repeatable)")
     if command == "export":
         p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="target format")
         p.add_argument("--quant", choices=["f16", "q8_0", "q4_0"], default="f16", help="gguf tensor type")

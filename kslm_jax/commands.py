@@ -92,12 +92,28 @@ def eval(args, overrides) -> int:  # noqa: A001 - the command's name
     distributed.initialize_from_env()
     from kslm_jax import evaluate
     cfg, trainer, step = _restored_trainer(args, overrides)
-    rows = {f"model (step {step})": trainer.evaluate(),
-            "unigram (train split)": evaluate.unigram_baseline(trainer.paths["tokens"], cfg.tokenizer.vocab_size)}
+    model_row = f"model (step {step})"
+    rows = {model_row: trainer.evaluate()}
+    full = trainer.state
+    for mode in getattr(args, "quant", []):
+        params, size = _quantized(trainer, mode)
+        trainer.state = full.replace(params=params)
+        rows[f"model {mode} ({size['bytes'] / 2**20:.2f} MiB)"] = trainer.evaluate()
+        trainer.state = full
+    rows["unigram (train split)"] = evaluate.unigram_baseline(trainer.paths["tokens"], cfg.tokenizer.vocab_size)
     print(evaluate.format_table(rows))
-    _write_eval(args.workdir, {"model": rows[f"model (step {step})"], "unigram": rows["unigram (train split)"],
-                               "step": step})
+    _write_eval(args.workdir, {"model": rows[model_row], "unigram": rows["unigram (train split)"], "step": step,
+                               **{k: v for k, v in rows.items() if k.startswith("model int")}})
     return 0
+
+
+def _quantized(trainer, mode):
+    """The trainer's parameters as weight-only int8/int4 would compute them, and their stored size."""
+    import jax
+    import numpy as np
+    from kslm_jax.export import quantize
+    q, size = quantize.quantize_params(jax.tree.map(np.asarray, trainer.state.params), trainer.model_cfg, mode)
+    return jax.device_put(q, trainer.shardings.params), size
 
 
 def generate(args, overrides) -> int:
@@ -105,6 +121,8 @@ def generate(args, overrides) -> int:
     from kslm_jax import generate as gen
     from kslm_jax.train import loop
     cfg, trainer, _ = _restored_trainer(args, overrides)
+    if getattr(args, "quant", []):
+        trainer.state = trainer.state.replace(params=_quantized(trainer, args.quant[-1])[0])
     sp = loop.check_tokenizer(cfg, Path(args.workdir))
     rng = jax.random.PRNGKey(cfg.generate.seed)
     for prompt in args.prompt or DEMO_PROMPTS:
