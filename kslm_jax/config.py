@@ -80,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,
         z_loss=1e-4,            # weight of log(Z)^2, keeps logits from drifting
         loss_chunk=0,           # >0: logits and loss in sequence chunks of this many tokens (never all fp32 logits)
+        nonfinite="skip",       # a NaN/Inf step is never applied; then: skip (count it) | restore | raise
+        spike_zscore=6.0,       # a loss this many running std above its running mean is a spike (0: off)
         log_every=10,
         eval_every=0,           # 0: evaluate only at the end
         eval_batches=0,         # 0: the whole validation split
@@ -132,6 +134,7 @@ _CHOICES = {
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.text_mode": ("file", "paragraph", "line"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
+    "train.nonfinite": ("skip", "restore", "raise"),
 }
 
 
@@ -142,6 +145,9 @@ def validate(cfg) -> None:
         v = _get(cfg, key)
         if v not in allowed:
             raise KslmError(f"config key {key}={v!r} is not one of {', '.join(allowed)}")
+    for key in ("model.n_heads", "model.n_kv_heads", "train.grad_accum"):  # divisors below
+        if _get(cfg, key) < 1:
+            raise KslmError(f"config key {key}={_get(cfg, key)} must be positive")
     m = cfg.model
     if m.n_heads % m.n_kv_heads:
         raise KslmError(f"config key model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
@@ -270,7 +276,7 @@ def parse_value(key: str, raw: str, old):
 
 # Keys a resumed run may change: they steer logging and scheduling, not the trajectory of the weights.
 HARMLESS = ("logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
-            "train.step_timeout_s", "generate.", "data.workers", "mesh.")
+            "train.step_timeout_s", "train.nonfinite", "train.spike_zscore", "generate.", "data.workers", "mesh.")
 
 
 def to_dict(cfg) -> dict:
@@ -311,6 +317,9 @@ def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
     if not path.is_file():
         raise KslmError(f"{path} not found: pass --config, or point --workdir at a run made by kslm")
     try:
-        return from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
         raise KslmError(f"{path} is not valid JSON ({e}); restore it or start a new workdir") from None
+    if not isinstance(d, dict):
+        raise KslmError(f"{path} holds a JSON {type(d).__name__}, not a config object; restore it or start a new workdir")
+    return from_dict(d)

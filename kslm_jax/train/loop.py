@@ -17,7 +17,7 @@ from kslm_jax.data import pipeline, shards
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.errors import KslmError
 from kslm_jax.model import llama
-from kslm_jax.train import optim, state as state_lib, step as step_lib
+from kslm_jax.train import health as health_lib, optim, state as state_lib, step as step_lib
 
 log = logging.getLogger("kslm")
 
@@ -137,6 +137,9 @@ class Trainer:
         throughput = metrics.Throughput(llama.flops_per_token(self.model_cfg, cfg.data.seq_len),
                                         self.mesh.size, peak)
         summary = {"stopped_by": None, "losses": {}}
+        self.health = health_lib.Health(tcfg.nonfinite, tcfg.spike_zscore)
+        self._action = None
+        self._restores = 0  # restores since the last checkpoint saved after one
         with checkpoint.manager(self.paths["checkpoints"], cfg.checkpoint) as mngr, _StopSignal() as stop:
             if self.state is None:
                 self.restore_or_init(mngr, data_iter)
@@ -151,20 +154,29 @@ class Trainer:
             # Fault injection for the tests: a real SIGTERM to ourselves after a step, or a step that hangs.
             fault_step = int(os.environ.get("KSLM_FAULT_SIGTERM_AT_STEP", "0"))
             stall_step = int(os.environ.get("KSLM_FAULT_STALL_AT_STEP", "0"))
+            nan_step = int(os.environ.get("KSLM_FAULT_NAN_AT_STEP", "0"))
             watchdog = _Watchdog(tcfg.step_timeout_s)
             with jax.set_mesh(self.mesh):
                 while step < tcfg.steps and stop.received is None:
                     batch = sharding.global_batch(next(data_iter), self.mesh, tcfg.grad_accum)
-                    self.state, out = self.train_step(self.state, batch)
+                    step_fn = self.train_step
+                    if step + 1 == nan_step:  # once: a restored run passes this step again with good data
+                        step_fn, nan_step = self._poisoned_step(), 0
+                    self.state, out = step_fn(self.state, batch)
                     step += 1
                     # Read the previous step's metrics only now, so the device never waits on the host.
                     if pending is not None:
                         self._log(pending, writer, throughput, bar, summary)
                     pending = (step, out)
+                    if self._action == "raise":
+                        break
+                    if self._action == "restore":
+                        step, pending = self._restore_last(mngr), None
+                        continue
                     throughput.add(tokens_per_step)
                     if step % cfg.checkpoint.every_steps == 0 or step == tcfg.steps:
                         checkpoint.save(mngr, step, self.state, data_iter)
-                        last_saved = step
+                        last_saved, self._restores = step, 0
                     if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                         self._eval_and_log(writer, step, on_eval)
                     if step == fault_step:
@@ -174,12 +186,17 @@ class Trainer:
                     watchdog.beat(step)
                 if pending is not None:
                     self._log(pending, writer, throughput, bar, summary, force=True)
-                if stop.received is not None and last_saved != step:
+                if (stop.received is not None or self._action == "raise") and last_saved != step:
                     checkpoint.save(mngr, step, self.state, data_iter, force=True)
                 mngr.wait_until_finished()
             watchdog.close()
             bar.close()
         summary["step"] = step
+        summary.update(nonfinite=self.health.nonfinite, spikes=self.health.spikes)
+        if self._action == "raise":
+            writer.close()
+            raise KslmError(f"non-finite loss or gradient (train.nonfinite=raise); the run stopped at step {step} "
+                            "with its last good state saved; lower optim.lr or inspect the data, then resume")
         if stop.received is not None:
             summary["stopped_by"] = stop.received
             log.info("%s received: saved checkpoint at step %d; resume with the same command", stop.received, step)
@@ -187,6 +204,29 @@ class Trainer:
             summary["eval"] = self._eval_and_log(writer, step, on_eval)
         writer.close()
         return summary
+
+    def _poisoned_step(self):
+        cfg = self.cfg
+        return step_lib.jit_train_step(self.model, self.tx, self.lr_fn, cfg.train.z_loss, cfg.train.grad_accum,
+                                       self.mesh, self.shardings, cfg.train.loss_chunk, self.rules, poison=True)
+
+    def _restore_last(self, mngr) -> int:
+        """Back to the newest checkpoint's weights; the data iterator keeps going, skipping the bad batches."""
+        self._restores += 1
+        if self._restores > 3:
+            raise KslmError("the run went back to its last checkpoint 3 times and failed again each time; "
+                            "the data is not the cause: lower optim.lr or check the model, then resume")
+        mngr.wait_until_finished()
+        ck_step, state = checkpoint.restore_latest(mngr, self.abstract, None)
+        if ck_step is None:
+            self.init_fresh()
+            ck_step = 0
+        else:
+            self.state = state
+        self._action = None
+        log.warning("restored the weights of checkpoint step %d; training goes on with the batches after the "
+                    "offending ones", ck_step)
+        return int(ck_step)
 
     def _eval_and_log(self, writer, step, on_eval):
         t0 = time.perf_counter()
@@ -202,13 +242,14 @@ class Trainer:
         tokens = max(int(out["tokens"]), 1)
         loss = float(out["ce_sum"]) / tokens
         summary["losses"][step] = loss
+        self._action = self.health.observe(step, loss, bool(out["nonfinite"])) or self._action
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         if step % self.cfg.train.log_every and not force:
             return
         values = {"train/loss": loss, "train/z_loss": float(out["z_sum"]) / tokens,
                   "train/grad_norm": float(out["grad_norm"]), "train/lr": float(out["lr"]),
-                  "train/param_norm": float(out["param_norm"])}
+                  "train/param_norm": float(out["param_norm"]), **self.health.scalars()}
         rates = throughput.report()
         values.update({f"perf/{k}": v for k, v in rates.items()})
         writer.scalars(step, values)

@@ -67,7 +67,7 @@ def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
 
 
 def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int, loss_chunk: int = 0,
-               rules=sharding.RULES):
+               rules=sharding.RULES, poison: bool = False):
     with nn.logical_axis_rules(rules):
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if accum == 1:
@@ -81,10 +81,19 @@ def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int, los
                      {"ce_sum": 0.0, "z_sum": 0.0, "tokens": jnp.zeros((), jnp.int32)})
             (grads, aux), _ = jax.lax.scan(micro, zeros, batch)
             grads = jax.tree.map(lambda g: g / accum, grads)
+        if poison:  # fault injection for the tests: this step's loss and gradients become NaN
+            grads = jax.tree.map(lambda g: g * jnp.nan, grads)
+            aux = dict(aux, ce_sum=aux["ce_sum"] * jnp.nan)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-    metrics = dict(aux, grad_norm=_norm(grads), lr=lr_fn(state.step),
-                   param_norm=_norm(params))
+    grad_norm = _norm(grads)
+    # A non-finite loss or gradient never reaches the weights: the step keeps the old parameters and
+    # optimizer state, and reports itself so the loop can count it, restore, or stop (train.nonfinite).
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(aux["ce_sum"])
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics = dict(aux, grad_norm=grad_norm, lr=lr_fn(state.step), param_norm=_norm(params),
+                   nonfinite=(~finite).astype(jnp.int32))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -98,9 +107,9 @@ def eval_step(params, batch, *, model, rules=sharding.RULES):
 
 
 def jit_train_step(model, tx, lr_fn, z_loss, accum, mesh, state_shardings, loss_chunk: int = 0,
-                   rules=sharding.RULES):
+                   rules=sharding.RULES, poison: bool = False):
     fn = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, z_loss=z_loss, accum=accum,
-                           loss_chunk=loss_chunk, rules=rules)
+                           loss_chunk=loss_chunk, rules=rules, poison=poison)
     batch_s = sharding.batch_sharding(mesh, 3 if accum > 1 else 2, accum > 1)
     return jax.jit(fn, in_shardings=(state_shardings, batch_s),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
