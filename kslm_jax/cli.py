@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -92,8 +93,9 @@ def _setup_logging():
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
+    # Their failures reach us as exceptions, which we report in one line; their own tracebacks are noise.
     for noisy in ("absl", "jax._src.xla_bridge", "orbax", "grain"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,6 +118,13 @@ def main(argv: list[str] | None = None) -> None:
         code = getattr(commands, command.replace("import", "import_"))(args, overrides)
     except KslmError as e:
         print(f"kslm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"kslm: error: disk full while writing{where}: free space and run the command again; "
+              "outputs written before this command are intact", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
 

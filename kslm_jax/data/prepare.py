@@ -105,7 +105,10 @@ def prepare(cfg, out_dir: Path) -> dict:
         tmp.rename(out_dir)
     except BaseException:
         for w in writers.values():
-            w.close()
+            try:
+                w.close()
+            except OSError:  # the disk that failed the write fails the final flush too
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report

@@ -128,6 +128,16 @@ class Trainer:
 
     def fit(self, on_eval=None) -> dict:
         """Train to cfg.train.steps from the newest checkpoint (or from scratch). Returns a summary."""
+        try:
+            return self._fit(on_eval)
+        except Exception as e:  # noqa: BLE001 - only a full disk is translated; everything else re-raises
+            if not _disk_full(e):
+                raise
+            done = sorted(int(p.name) for p in self.paths["checkpoints"].glob("*") if p.name.isdigit())
+            raise KslmError(f"disk full while writing to {self.workdir}: checkpoints {done or 'none'} are intact "
+                            "(a partial one is ignored); free space and run the same command to resume") from None
+
+    def _fit(self, on_eval=None) -> dict:
         cfg = self.cfg
         tcfg = cfg.train
         data_iter = iter(pipeline.train_dataset(self.paths["tokens"], cfg.data, tcfg.batch_size))
@@ -257,6 +267,19 @@ class Trainer:
         bar.write(f"step {step:>6d}  loss {loss:.4f}  lr {values['train/lr']:.2e}  "
                   f"grad_norm {values['train/grad_norm']:.3f}  tokens/s {rates['tokens_per_sec']:,.0f}  MFU {mfu}",
                   file=sys.stderr)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Orbax reports ENOSPC from its writer threads as ValueError text; plain writes raise OSError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (28, 122):
+            return True
+        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def check_tokenizer(cfg, workdir: Path):
