@@ -12,9 +12,15 @@ on the same workdir (a shared file system); only process 0 writes config.json, T
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import socket
+import time
 
 from kslm_jax.errors import KslmError
+
+log = logging.getLogger("kslm")
 
 _VARS = ("KSLM_COORDINATOR", "KSLM_NUM_PROCESSES", "KSLM_PROCESS_ID")
 
@@ -69,6 +75,7 @@ def initialize_from_env() -> bool:
         if process_id >= num_processes:
             raise KslmError(f"environment variable KSLM_PROCESS_ID={process_id} must be below "
                             f"KSLM_NUM_PROCESSES={num_processes}")
+        _preflight(host.strip("[]"), int(port), process_id, timeout)
     # The CPU client picks its cross-process collectives when it is created; without them a multi-process
     # CPU computation fails at its first collective. (gloo is the default since jax 0.4.36; this only
     # affects the CPU backend, so it is harmless on GPU and TPU.)
@@ -76,6 +83,8 @@ def initialize_from_env() -> bool:
     kwargs = {}
     if coordinator is not None:
         kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        log.info("joining a job of %d processes as process %d via %s (waiting up to %ds for all of them)",
+                 num_processes, process_id, coordinator, timeout)
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
     except Exception as e:  # noqa: BLE001 - unreachable coordinator, failed detection, backend already up
@@ -84,6 +93,35 @@ def initialize_from_env() -> bool:
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise KslmError(f"jax.distributed.initialize failed with {where}: {type(e).__name__}: {first}") from None
     return True
+
+
+def _preflight(host: str, port: int, process_id: int, timeout: int) -> None:
+    """Catch the two start-up failures that JAX's C++ client reports by killing the process (abort or
+    segfault) rather than raising: the coordinator's port already taken, and a coordinator never reached."""
+    if process_id == 0:
+        # The coordinator service binds [::]:PORT (every address) whatever host KSLM_COORDINATOR names.
+        for family, addr in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((addr, port))
+                return
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise KslmError(f"port {port} of KSLM_COORDINATOR is already in use on this host (process 0 "
+                                    "runs the coordinator there); pick a free port") from None
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise KslmError(f"cannot reach the coordinator KSLM_COORDINATOR={host}:{port} within {timeout}s "
+                                f"({e.strerror or e}); start process 0 there, or check the address and "
+                                "KSLM_INIT_TIMEOUT") from None
+            time.sleep(0.5)
 
 
 def is_primary() -> bool:

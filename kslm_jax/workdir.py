@@ -27,6 +27,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def ensure_writable(workdir: Path) -> None:
+    if str(workdir).startswith(("gs:/", "s3:/")):
+        raise KslmError(f"workdir {workdir}: object-store paths are not supported yet; mount the bucket "
+                        "(e.g. gcsfuse) and pass the mounted path")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-", delete=True)
@@ -55,8 +58,10 @@ def bind(workdir: str | os.PathLike, cfg, force: bool = False) -> Path:
             shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
             raise KslmError(f"workdir {workdir} holds another run's config ({shown}); "
                             "use a new --workdir, or pass --force to overwrite its config")
-    if distributed.is_primary():  # in a multi-process job the others only check
-        atomic_write_text(path, json.dumps(new, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(new, indent=2, ensure_ascii=False) + "\n"
+    unchanged = path.is_file() and path.read_text(encoding="utf-8") == text
+    if distributed.is_primary() and not unchanged:  # in a multi-process job the others only check
+        atomic_write_text(path, text)
     return workdir
 
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from kslm_jax.data import shards
+from kslm_jax.errors import KslmError
 
 FEATURES = ("inputs", "targets")
 
@@ -86,8 +87,8 @@ def _host_slice(global_batch: int, accum: int = 1):
     """
     count = jax.process_count()
     if global_batch % (count * accum):
-        raise ValueError(f"train.batch_size={global_batch} must divide by the process count {count} "
-                         f"times train.grad_accum={accum}")
+        raise KslmError(f"config key train.batch_size={global_batch} must divide by the process count {count} "
+                        f"times train.grad_accum={accum}")
     if count == 1:
         return None
     return functools.partial(_process_rows, index=jax.process_index(), count=count, accum=accum)

@@ -140,7 +140,7 @@ class Trainer:
     def _fit(self, on_eval=None) -> dict:
         cfg = self.cfg
         tcfg = cfg.train
-        data_iter = iter(pipeline.train_dataset(self.paths["tokens"], cfg.data, tcfg.batch_size))
+        data_iter = iter(pipeline.train_dataset(self.paths["tokens"], cfg.data, tcfg.batch_size, tcfg.grad_accum))
         writer = metrics.Writer(self.workdir, cfg.logging.tensorboard)
         peak = metrics.device_peak_tflops(cfg.logging.peak_tflops)
         tokens_per_step = tcfg.batch_size * cfg.data.seq_len

@@ -1,0 +1,87 @@
+"""kill -9 at random moments, including mid-checkpoint: the next start restores the newest complete
+checkpoint (never a partial one), says which, and finishes with the parameters of an uninterrupted run.
+
+CI runs KSLM_FAULT_REPEATS (default 2) random timings; `python benchmarks/faults.py` runs 20 or more.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from kslm_jax import checkpoint, workdir as workdir_lib
+from kslm_jax.train import loop
+
+REPO = Path(__file__).resolve().parents[2]
+REPEATS = int(os.environ.get("KSLM_FAULT_REPEATS", "2"))
+ARGS = ["--config.train.steps=16", "--config.checkpoint.every_steps=2", "--config.logging.progress_bar=false",
+        "--config.train.log_every=1"]
+
+
+def _start(wd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd), *ARGS], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _params(wd):
+    t = loop.Trainer(workdir_lib.config_for(wd, None, []), wd)
+    with jax.set_mesh(t.mesh):
+        step, state = checkpoint.restore_params(t.paths["checkpoints"], t.abstract)
+    return step, [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def _committed(wd):
+    return sorted(int(p.name) for p in (Path(wd) / "checkpoints").glob("*") if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("kill-ref") / "run"
+    shutil.copytree(prepared, wd)
+    proc = _start(wd)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return wd, _params(wd)
+
+
+@pytest.mark.parametrize("trial", range(REPEATS))
+def test_kill_9_then_resume(prepared, reference, tmp_path, trial):
+    ref_wd, (ref_step, ref_params) = reference
+    wd = tmp_path / "run"
+    shutil.copytree(prepared, wd)
+    rng = random.Random(1000 + trial)
+    proc = _start(wd)
+    # Wait for training to begin (first metrics line), then kill at a random moment of the run.
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (wd / "metrics.jsonl").exists():
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 2.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed = proc.returncode == -signal.SIGKILL
+    newest = max(_committed(wd), default=None)
+    resumed = _start(wd)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    found = re.search(r"restored checkpoint step (\d+)", err)
+    if newest is None:
+        assert found is None
+    else:
+        assert found and int(found.group(1)) == newest, (newest, err[-1500:])
+    step, params = _params(wd)
+    assert step == ref_step == 16
+    for a, b in zip(params, ref_params):
+        np.testing.assert_array_equal(a, b)
+    (tmp_path.parent / f"kill-trial-{trial}.json").write_text(json.dumps(
+        {"killed": killed, "restored_from": newest}))

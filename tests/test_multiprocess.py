@@ -1,0 +1,190 @@
+"""Two processes × 2 CPU devices train exactly like one process × 4 devices, and checkpoints move between them.
+
+Every run is `python -m kslm_jax train` in subprocesses on 127.0.0.1, with gloo collectives. The learning-rate
+schedule depends on train.steps, so the references take the same path as the runs they check: 6 steps, then
+a resume to 9.
+"""
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import portpicker
+import pytest
+
+from kslm_jax import distributed
+from kslm_jax.errors import KslmError
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1", "checkpoint.every_steps=3", "train.log_every=1",
+             "logging.progress_bar=false", "train.eval_batches=2"]
+TIMEOUT = 300
+
+
+def _env(devices, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KSLM_")}
+    env.update(PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    return env
+
+
+def _cmd(wd, steps):
+    return [sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd),
+            *[f"--config.{o}" for o in OVERRIDES], f"--config.train.steps={steps}"]
+
+
+def _wait(procs):
+    try:
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        raise
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
+def run_two(wd, steps):
+    """Two processes of two devices each; returns [(returncode, stderr)] of process 0 and 1."""
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen(_cmd(wd, steps), cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env(2, KSLM_DISTRIBUTED="1", KSLM_COORDINATOR=f"127.0.0.1:{port}",
+                                       KSLM_NUM_PROCESSES="2", KSLM_PROCESS_ID=str(i), KSLM_INIT_TIMEOUT="120"))
+             for i in range(2)]
+    results = _wait(procs)
+    for i, (code, err) in enumerate(results):
+        assert code == 0, f"process {i} exited {code}:\n{err[-4000:]}"
+    return results
+
+
+def run_one(wd, steps):
+    """One process of four devices; returns its stderr."""
+    proc = subprocess.Popen(_cmd(wd, steps), cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(4))
+    [(code, err)] = _wait([proc])
+    assert code == 0, err[-4000:]
+    return err
+
+
+def losses(wd):
+    rows = [json.loads(line) for line in (Path(wd) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _steps(d):
+    return sorted(int(p.name) for p in (Path(d) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    two, one, moved = root / "two", root / "one", root / "moved"
+    for wd in (two, one):
+        shutil.copytree(prepared, wd)
+    out = {"dirs": (two, one, moved)}
+    out["two_6"] = run_two(two, 6)
+    out["two_6_losses"] = losses(two)
+    out["two_6_events"] = len(list((two / "tensorboard").glob("events.*")))
+    out["two_6_steps"] = _steps(two)
+    out["two_6_data"] = [json.loads((two / "checkpoints" / "6" / "data" / f"process_{i}-of-2.json").read_text())
+                         for i in (0, 1)]
+    out["two_6_eval"] = json.loads((two / "eval" / "lm.json").read_text())
+    shutil.copytree(two, moved)                      # the 2-process checkpoint at step 6, for a 1-process resume
+    out["one_6"] = run_one(one, 6)
+    out["one_6_losses"] = losses(one)
+    out["one_9"] = run_one(one, 9)
+    out["two_9"] = run_two(two, 9)
+    out["moved_9"] = run_one(moved, 9)
+    return out
+
+
+def test_two_processes_match_one_process(runs):
+    a, b = runs["two_6_losses"], runs["one_6_losses"]
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert [a[s] for s in a] == pytest.approx([b[s] for s in a], abs=1e-5)
+    assert runs["two_6_steps"] == [3, 6]
+    for _, err in runs["two_6"]:
+        assert "restored checkpoint" not in err
+    # Only process 0 writes metrics and TensorBoard events (one event file, one row per step).
+    assert runs["two_6_events"] == 1
+    # Both processes saved their (identical) data-iterator state.
+    assert runs["two_6_data"][0] == runs["two_6_data"][1]
+    assert runs["two_6_eval"]["step"] == 6
+
+
+def test_two_process_resume_matches(runs):
+    two, one, _ = runs["dirs"]
+    for i, (_, err) in enumerate(runs["two_9"]):
+        assert "restored checkpoint step 6" in err, f"process {i}:\n{err[-3000:]}"
+    assert "restored checkpoint step 6" in runs["one_9"]
+    a, b = losses(two), losses(one)
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    assert [a[s] for s in (7, 8, 9)] == pytest.approx([b[s] for s in (7, 8, 9)], abs=1e-5)
+    assert _steps(two)[-1] == 9
+
+
+def test_two_process_checkpoint_resumes_in_one_process(runs):
+    _, one, moved = runs["dirs"]
+    err = runs["moved_9"]
+    assert "restored checkpoint step 6" in err, err[-3000:]
+    assert "using process_0-of-2.json" in err      # the data iterator came from the 2-process checkpoint
+    a, b = losses(moved), losses(one)
+    assert [a[s] for s in (7, 8, 9)] == pytest.approx([b[s] for s in (7, 8, 9)], abs=1e-5)
+
+
+# ---- start-up errors: one line naming the variable, never a C++ abort --------------------------------------
+
+@pytest.mark.parametrize("env, words", [
+    ({"KSLM_DISTRIBUTED": "maybe"}, "KSLM_DISTRIBUTED"),
+    ({"KSLM_NUM_PROCESSES": "two"}, "KSLM_NUM_PROCESSES='two' is not an integer"),
+    ({"KSLM_DISTRIBUTED": "1", "KSLM_NUM_PROCESSES": "2"}, "KSLM_COORDINATOR, KSLM_PROCESS_ID not"),
+    ({"KSLM_DISTRIBUTED": "1", "KSLM_COORDINATOR": "localhost", "KSLM_NUM_PROCESSES": "2", "KSLM_PROCESS_ID": "0"},
+     "KSLM_COORDINATOR='localhost' must be HOST:PORT"),
+    ({"KSLM_DISTRIBUTED": "1", "KSLM_COORDINATOR": "127.0.0.1:1234", "KSLM_NUM_PROCESSES": "2",
+      "KSLM_PROCESS_ID": "2"}, "KSLM_PROCESS_ID=2 must be below KSLM_NUM_PROCESSES=2"),
+    ({"KSLM_DISTRIBUTED": "1", "KSLM_COORDINATOR": "127.0.0.1:1234", "KSLM_NUM_PROCESSES": "2",
+      "KSLM_PROCESS_ID": "-1"}, "KSLM_PROCESS_ID=-1 must be at least 0"),
+])
+def test_bad_environment_is_one_clear_error(monkeypatch, env, words):
+    for k in list(os.environ):
+        if k.startswith("KSLM_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(KslmError, match=re.escape(words)):
+        distributed.initialize_from_env()
+
+
+def test_no_environment_means_single_process(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("KSLM_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("KSLM_NUM_PROCESSES", "1")
+    assert distributed.initialize_from_env() is False
+    assert distributed.is_primary()
+
+
+def test_unreachable_coordinator_exits_2_with_one_line(tmp_path):
+    port = portpicker.pick_unused_port()
+    proc = subprocess.run([sys.executable, "-m", "kslm_jax", "train", "--workdir", str(tmp_path / "run")],
+                          cwd=REPO, text=True, capture_output=True, timeout=120,
+                          env=_env(2, KSLM_DISTRIBUTED="1", KSLM_COORDINATOR=f"127.0.0.1:{port}",
+                                   KSLM_NUM_PROCESSES="2", KSLM_PROCESS_ID="1", KSLM_INIT_TIMEOUT="2"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("kslm: error: cannot reach the coordinator KSLM_COORDINATOR=127.0.0.1:") and "2s" in last
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+def test_process_rows_rebuild_every_micro_batch(accum):
+    """sharding.global_batch stacks the processes' rows per micro-batch; they must make the global micro-batch."""
+    import numpy as np
+    from kslm_jax.data import pipeline
+    batch = {"inputs": np.arange(16 * 3).reshape(16, 3)}
+    parts = [pipeline._process_rows(batch, index=i, count=2, accum=accum)["inputs"] for i in range(2)]
+    for k in range(accum):
+        stacked = np.concatenate([p.reshape(accum, -1, 3)[k] for p in parts])
+        np.testing.assert_array_equal(stacked, batch["inputs"].reshape(accum, -1, 3)[k])
