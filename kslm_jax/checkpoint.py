@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +74,68 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, force: bool =
     return mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
+CHECKSUMS = "kslm_checksums.json"
+
+
+def _crc_files(step_dir: Path) -> dict:
+    out = {}
+    for f in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        crc = 0
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                crc = zlib.crc32(chunk, crc)
+        out[str(f.relative_to(step_dir))] = [f.stat().st_size, f"{crc:08x}"]
+    return out
+
+
+def seal(mngr: ocp.CheckpointManager) -> None:
+    """Record size and CRC32 of every file of each finished step, so later damage is caught on restore.
+
+    Orbax's commit marker says a save completed; it cannot tell a file truncated or rewritten afterwards.
+    Runs between steps and costs a directory listing unless a new step has finished saving.
+    """
+    if jax.process_index() != 0 or mngr.is_saving_in_progress():
+        return
+    for step in mngr.all_steps():
+        step_dir = Path(mngr.directory) / str(step)
+        target = step_dir / CHECKSUMS
+        if step_dir.is_dir() and not target.exists():
+            tmp = step_dir / f".{CHECKSUMS}.tmp"
+            tmp.write_text(json.dumps(_crc_files(step_dir)))
+            tmp.replace(target)
+
+
+def verify(step_dir: Path) -> None:
+    """Raise ValueError naming the first damaged file of a sealed step (unsealed steps pass)."""
+    target = step_dir / CHECKSUMS
+    if not target.exists():
+        return
+    want = json.loads(target.read_text())
+    have = _crc_files(step_dir)
+    for name, (size, crc) in want.items():
+        if name not in have:
+            raise ValueError(f"file {name} is missing")
+        if have[name][0] != size:
+            raise ValueError(f"file {name} has {have[name][0]} bytes, {size} were written")
+        if have[name][1] != crc:
+            raise ValueError(f"file {name} does not match its checksum")
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):
     """Restore the newest readable step into the shardings of `abstract_state`; (None, None) if none."""
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
+        step_dir = Path(mngr.directory) / str(step)
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        # Imported weights (kslm import) carry no iterator state: the data then starts at its beginning.
+        if data_iter is not None and (step_dir / "data").is_dir():
             args["data"] = DataRestore(data_iter)
         try:
+            verify(step_dir)
             restored = mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
-            log.warning("checkpoint step %d cannot be restored (%s: %s); trying an older one",
-                        step, type(e).__name__, str(e).splitlines()[0][:200])
+            log.warning("checkpoint step %d is damaged or unreadable (%s); trying an older one",
+                        step, (str(e).splitlines() or [type(e).__name__])[0][:300])
             continue
         return step, restored["state"]
     if steps:

@@ -187,6 +187,7 @@ class Trainer:
                     if step % cfg.checkpoint.every_steps == 0 or step == tcfg.steps:
                         checkpoint.save(mngr, step, self.state, data_iter)
                         last_saved, self._restores = step, 0
+                    checkpoint.seal(mngr)
                     if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                         self._eval_and_log(writer, step, on_eval)
                     if step == fault_step:
@@ -199,6 +200,7 @@ class Trainer:
                 if (stop.received is not None or self._action == "raise") and last_saved != step:
                     checkpoint.save(mngr, step, self.state, data_iter, force=True)
                 mngr.wait_until_finished()
+                checkpoint.seal(mngr)
             watchdog.close()
             bar.close()
         summary["step"] = step
