@@ -1,6 +1,7 @@
 """Training: loss falls, TensorBoard events are readable, accumulation and bf16 work, resume is bit-exact."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -95,15 +96,16 @@ def straight_run(prepared, tmp_path_factory):
     return wd
 
 
-def test_sigterm_saves_and_resume_is_bit_exact(straight_run, workdir):
+@pytest.mark.parametrize("sig,at", [("TERM", 12), ("INT", random.Random(7).randint(2, 18))])
+def test_signal_saves_and_resume_is_bit_exact(straight_run, workdir, sig, at):
     code, _, err = _run(workdir, "train.steps=20", "checkpoint.every_steps=5",
-                        env_extra={"KSLM_FAULT_SIGTERM_AT_STEP": "12"})
+                        env_extra={"KSLM_FAULT_SIGTERM_AT_STEP": str(at), "KSLM_FAULT_SIGNAL": sig})
     assert code == 0, err
-    assert "SIGTERM received: saved checkpoint at step 12" in err
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
+    assert f"SIG{sig} received: saved checkpoint at step {at}" in err
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == at
     code, _, err = _run(workdir, "train.steps=20", "checkpoint.every_steps=5")
     assert code == 0, err
-    assert "restored checkpoint step 12" in err
+    assert f"restored checkpoint step {at}" in err
     assert _losses(workdir) == _losses(straight_run)     # every step 1..20, exactly
     step_a, a = _final_params(straight_run)
     step_b, b = _final_params(workdir)

@@ -191,7 +191,7 @@ class Trainer:
                     if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                         self._eval_and_log(writer, step, on_eval)
                     if step == fault_step:
-                        os.kill(os.getpid(), signal.SIGTERM)
+                        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KSLM_FAULT_SIGNAL", "TERM")))
                     if step == stall_step:
                         time.sleep(10**6)
                     watchdog.beat(step)
