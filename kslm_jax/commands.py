@@ -150,7 +150,7 @@ def export(args, overrides) -> int:
 
 def import_(args, overrides) -> int:
     from kslm_jax.export import hf_io
-    hf_io.import_hf(Path(args.hf), Path(args.workdir), getattr(args, "force", False))
+    hf_io.import_hf(Path(args.hf), Path(args.workdir), getattr(args, "force", False), overrides)
     print(f"imported {args.hf} -> {args.workdir} (checkpoint step 0)")
     return 0
 
