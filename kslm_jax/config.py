@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
         data=-1,                # -1: all devices left after the other axes
         fsdp=1,
         tensor=1,
+        slices=1,               # multi-slice TPU: slices joined over DCN; mesh.data spans them
         rules="fsdp_tp",        # parameter sharding preset: dp | fsdp | fsdp_tp (see sharding.PRESETS)
     )
     c.checkpoint = dict(

@@ -72,7 +72,24 @@ def make_mesh(mcfg, devices=None) -> jax.sharding.Mesh:
     shape = mesh_shape(mcfg, len(devices))
     used = devices[: math.prod(shape)]
     # Auto axes: Flax Linen's logical constraints need them (with Explicit axes they become assertions).
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=used)
+    auto = (AxisType.Auto,) * 3
+    if mcfg.slices > 1:
+        return _multislice_mesh(shape, mcfg.slices, used, auto)
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=used)
+
+
+def _multislice_mesh(shape, slices: int, devices, axis_types) -> jax.sharding.Mesh:
+    """Multi-slice TPU: `data` spans slices over the data-center network; fsdp and tensor stay inside a
+    slice, on the fast interconnect, where their collectives run every layer."""
+    from jax.experimental import mesh_utils
+    if shape[0] % slices:
+        raise KslmError(f"mesh.data={shape[0]} must be a multiple of mesh.slices={slices}")
+    if not all(hasattr(d, "slice_index") for d in devices):
+        raise KslmError(f"mesh.slices={slices} needs multi-slice TPU devices (they report slice_index); "
+                        f"these are {devices[0].platform} devices: use mesh.slices=1")
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, shape[1], shape[2]), (slices, 1, 1),
+                                                devices=devices)
+    return jax.sharding.Mesh(grid, AXES, axis_types=axis_types)
 
 
 def logical_to_sharding(logical_tree, mesh, rules_=RULES):

@@ -61,3 +61,15 @@ def test_every_parameter_follows_its_preset(preset, capsys):
     if mu is not None:
         assert mu["layers"]["mlp"]["gate_proj"]["kernel"].spec == shardings.params["layers"]["mlp"]["gate_proj"]["kernel"].spec
     assert "layers/mlp/gate_proj/kernel" in capsys.readouterr().out
+
+
+def test_multislice_mesh_needs_slice_devices():
+    from kslm_jax.errors import KslmError
+    cfg = config_lib.base_config()
+    for item in ("mesh.data=2", "mesh.slices=2"):
+        config_lib.apply_override(cfg, item)
+    with pytest.raises(KslmError, match="slice_index"):
+        sharding.make_mesh(cfg.mesh, jax.devices()[:2])
+    config_lib.apply_override(cfg, "mesh.slices=3")
+    with pytest.raises(KslmError, match="multiple of mesh.slices"):
+        sharding.make_mesh(cfg.mesh, jax.devices()[:2])
