@@ -29,8 +29,21 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
     process's iterator state is identical and a checkpoint resumes under any process count.
     """
 
+    def save(self, directory, item=None, args=None):
+        item = item or args.item
+        if not hasattr(item, "iters"):
+            return super().save(directory, item=item, args=args)
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(item.get_state(), indent=1))
+
     def restore(self, directory, item=None, args=None):
         item = item or args.item
+        if hasattr(item, "iters"):  # a StreamIterator: gather its streams from every process's file
+            streams = {}
+            for f in directory.glob("process_*-of-*.json"):
+                streams.update(json.loads(f.read_text()).get("streams", {}))
+            item.set_state({"streams": streams})
+            return item
         own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if not own.exists():
             found = sorted(directory.glob("process_*-of-*.json"),

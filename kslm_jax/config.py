@@ -60,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,
         packing_bins=8,         # rows the first-fit packer keeps open
         max_segments_per_row=64,  # documents one packed row may hold (cudnn_packed sizes its tables by it)
-        workers=0,              # grain worker processes (0: in the training process)
+        workers=0,              # grain worker processes per stream (0: in the training process)
+        streams=1,              # independent data streams; a multi-host run needs a multiple of its host count
     )
     c.optim = dict(
         lr=3e-3,
@@ -304,11 +305,20 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
     return cfg
 
 
-def breaking_differences(old: dict, new: dict) -> list[str]:
+# Keys that define the prepared corpus and tokenizer; before a run has a checkpoint only these are fixed.
+DATA_DEFINING = ("tokenizer.", "data.sources", "data.text_mode", "data.text_field", "data.val_fraction",
+                 "data.min_chars", "data.min_hangul_ratio", "data.replace_urls", "data.replace_emails")
+
+
+def breaking_differences(old: dict, new: dict, trained: bool = True) -> list[str]:
+    """Keys whose change would break the run: any non-harmless key once it has a checkpoint, else only
+    the keys that define its prepared data (model, optimizer and schedule are still free to change)."""
     a, b = flat(old), flat(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key) and not any(key.startswith(h) for h in HARMLESS):
+        if a.get(key) == b.get(key) or any(key.startswith(h) for h in HARMLESS):
+            continue
+        if trained or any(key.startswith(d) for d in DATA_DEFINING):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
 

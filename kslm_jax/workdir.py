@@ -53,7 +53,8 @@ def bind(workdir: str | os.PathLike, cfg, force: bool = False) -> Path:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise KslmError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir") from None
-        diffs = config_lib.breaking_differences(old, new)
+        trained = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+        diffs = config_lib.breaking_differences(old, new, trained)
         if diffs and not force:
             shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
             raise KslmError(f"workdir {workdir} holds another run's config ({shown}); "

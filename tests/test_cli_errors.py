@@ -275,21 +275,21 @@ def test_no_config_anywhere(tmp_path):
 def test_workdir_of_another_run(tmp_path, corpus):
     wd = tmp_path / "run"
     ok(kslm("prepare", "--config", TINY_KO, "--workdir", wd, f"--config.data.sources={corpus}",
-            "--config.model.d_model=64"))
+            "--config.data.min_chars=4"))
     config_before = (wd / "config.json").read_bytes()
     data_before = snapshot(wd / "data")
     msg = user_error(kslm("prepare", "--config", TINY_KO, "--workdir", wd, f"--config.data.sources={corpus}",
-                          "--config.model.d_model=96"), "model.d_model", wd)
-    assert "64" in msg and "96" in msg
+                          "--config.data.min_chars=6"), "data.min_chars", wd)
+    assert "4" in msg and "6" in msg
     assert (wd / "config.json").read_bytes() == config_before
     assert snapshot(wd / "data") == data_before
     # the same change through the workdir's own config
-    user_error(kslm("prepare", "--workdir", wd, "--config.model.d_model=96"), "model.d_model")
+    user_error(kslm("prepare", "--workdir", wd, "--config.data.min_chars=6"), "data.min_chars")
     assert (wd / "config.json").read_bytes() == config_before
     # a harmless change is fine, and --force takes the breaking one
     ok(kslm("prepare", "--workdir", wd, "--config.train.steps=3"))
-    ok(kslm("prepare", "--workdir", wd, "--config.model.d_model=96", "--force"))
-    assert '"d_model": 96' in (wd / "config.json").read_text(encoding="utf-8")
+    ok(kslm("prepare", "--workdir", wd, "--config.data.min_chars=6", "--force"))
+    assert '"min_chars": 6' in (wd / "config.json").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("command", ["prepare", "tokenizer", "train"])

@@ -326,6 +326,7 @@ def test_rebind_same_config_is_accepted(tmp_path):
 def test_breaking_change_is_refused_and_config_kept(tmp_path):
     path = tmp_path / "config.json"
     workdir_lib.bind(tmp_path, _cfg("model.d_model=64"))
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)  # the run has trained: its shape is fixed now
     before = path.read_bytes()
     with pytest.raises(KslmError) as e:
         workdir_lib.bind(tmp_path, _cfg("model.d_model=96", "train.steps=5"))
@@ -334,11 +335,19 @@ def test_breaking_change_is_refused_and_config_kept(tmp_path):
     assert "train.steps" not in msg  # harmless keys are not listed as conflicts
     assert str(tmp_path) in msg
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.json"]
+
+
+def test_before_any_checkpoint_only_data_keys_are_fixed(tmp_path):
+    workdir_lib.bind(tmp_path, _cfg("model.d_model=64"))
+    workdir_lib.bind(tmp_path, _cfg("model.d_model=96", "optim.lr=0.01"))  # nothing trained yet: allowed
+    with pytest.raises(KslmError, match="tokenizer.vocab_size"):
+        workdir_lib.bind(tmp_path, _cfg("model.d_model=96", "optim.lr=0.01", "tokenizer.vocab_size=500"))
 
 
 def test_breaking_change_lists_every_differing_key(tmp_path):
     workdir_lib.bind(tmp_path, _cfg())
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
     with pytest.raises(KslmError) as e:
         workdir_lib.bind(tmp_path, _cfg("model.d_model=128", "tokenizer.vocab_size=500", "optim.lr=0.1"))
     for key in ("model.d_model", "tokenizer.vocab_size", "optim.lr"):
@@ -390,6 +399,7 @@ def test_config_for_reads_workdir_config_and_applies_overrides(tmp_path):
     cfg = workdir_lib.config_for(tmp_path, None, ["train.steps=3"])
     assert cfg.train.steps == 3
     assert cfg.model.d_model == 128  # from the stored tiny_ko config, not base_config's 256
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
     with pytest.raises(KslmError) as e:
         workdir_lib.config_for(tmp_path, None, ["model.d_model=64"])
     assert "model.d_model" in str(e.value)

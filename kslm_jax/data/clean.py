@@ -7,11 +7,26 @@ import re
 import unicodedata
 
 # Only tag-shaped brackets: Korean legal text uses <개정 2010.1.1> style notes that are not markup.
-_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]{0,400})?/?>|<!--.*?-->", re.DOTALL)
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]{0,400})?/?>")
+
+
+def _strip_comments(text: str) -> tuple[str, int]:
+    """Remove <!-- ... --> in one forward pass (a lazy regex rescans from every unclosed opener)."""
+    out, n, pos = [], 0, 0
+    while (start := text.find("<!--", pos)) != -1:
+        end = text.find("-->", start + 4)
+        if end == -1:
+            break  # an unclosed comment is left as text
+        out.append(text[pos:start] + " ")
+        pos, n = end + 3, n + 1
+    out.append(text[pos:])
+    return "".join(out), n
 # ASCII-only bodies: a Korean particle written right after an address (…com으로) is not part of it.
 _URL = re.compile(r"(?:https?://|www\.)[A-Za-z0-9\-._~:/?#@!$&*+,;=%]+", re.IGNORECASE)
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
+# The lookbehind starts a match only where a run of address characters starts: without it a long run with no
+# @ (base64, hex) is rescanned from every position, quadratic time.
+_EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff]")
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 _BLANKS = re.compile(r"\n{3,}")
 
@@ -34,8 +49,9 @@ def clean_text(text: str, cfg, stats: collections.Counter) -> str:
     # NFC, never NFKC: NFKC rewrites compatibility jamo (ㅋ) into conjoining jamo and breaks the text.
     out = unicodedata.normalize("NFC", text)
     if "<" in out:
+        out, comments = _strip_comments(out)
         out, n = _TAG.subn(" ", out)
-        stats["html_tags"] += n
+        stats["html_tags"] += n + comments
     if "&" in out:
         unescaped = html.unescape(out)
         if unescaped != out:
@@ -50,6 +66,8 @@ def clean_text(text: str, cfg, stats: collections.Counter) -> str:
         stats["urls"] += n
     out, n = _CONTROL.subn("", out)
     stats["control_chars"] += n
+    if n:  # a removed character may have separated jamo or a base and its mark that NFC composes
+        out = unicodedata.normalize("NFC", out)
     lines = [_SPACES.sub(" ", line).strip() for line in out.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
 

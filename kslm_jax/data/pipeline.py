@@ -79,11 +79,8 @@ def _process_rows(batch: dict, *, index: int, count: int, accum: int) -> dict:
 def _host_slice(global_batch: int, accum: int = 1):
     """A map from a global batch to this process's rows, or None in a single-process run.
 
-    Every process reads the whole stream and builds the same global batches, so a job's batches do not
-    depend on its process count: losses match a one-process run and a checkpoint's iterator state (the
-    same on every process) resumes under any process count. The cost is that every host reads every
-    record; per-host shard files (each host reading only its own) are the scalable alternative once
-    reading, not the step, is the bottleneck.
+    Used for evaluation: every process walks the same (small) validation batches and keeps its rows, so
+    all processes run the same number of eval steps. Training reads per-stream shares instead.
     """
     count = jax.process_count()
     if global_batch % (count * accum):
@@ -94,16 +91,67 @@ def _host_slice(global_batch: int, accum: int = 1):
     return functools.partial(_process_rows, index=jax.process_index(), count=count, accum=accum)
 
 
-def train_dataset(tokens_dir: Path, dcfg, global_batch: int, accum: int = 1) -> grain.IterDataset:
-    source = ChunkSource(shards.shard_files(tokens_dir, "train"), dcfg.seq_len)
-    ds = grain.MapDataset.source(source).shuffle(seed=dcfg.seed).repeat(None)
-    out = _packed(ds, dcfg, dcfg.seed).batch(global_batch, drop_remainder=True).map(_to_batch)
-    rows = _host_slice(global_batch, accum)
-    if rows is not None:
-        out = out.map(rows)  # a stateless map: the iterator state stays the global stream's
+class StreamIterator:
+    """This process's share of `data.streams` independent streams; a global batch holds every stream's rows.
+
+    Stream s reads only chunks s, s+S, s+2S, ... of the corpus, so each process reads only the records of
+    its own streams. Streams go to processes in contiguous blocks and rows are laid out stream by stream
+    inside each micro-batch, so the global batches are the same for any process count that divides S;
+    each stream's state is kept under its own key, so a checkpoint resumes under any such count.
+    """
+
+    def __init__(self, iters: dict, accum: int):
+        self.iters, self.accum = iters, accum
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(self.iters[s]) for s in sorted(self.iters)]
+
+        def layout(key):
+            blocks = [p[key].reshape(self.accum, -1, *p[key].shape[1:]) for p in parts]
+            return np.concatenate(blocks, axis=1).reshape(-1, *parts[0][key].shape[1:])
+        return {k: layout(k) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        return {"streams": {str(s): it.get_state() for s, it in self.iters.items()}}
+
+    def set_state(self, state: dict) -> None:
+        missing = [s for s in self.iters if str(s) not in state.get("streams", {})]
+        if missing:
+            raise ValueError(f"the checkpoint holds no state for data streams {missing}")
+        for s, it in self.iters.items():
+            it.set_state(state["streams"][str(s)])
+
+
+def _stream(source, dcfg, index: int, count: int, rows: int) -> grain.IterDataset:
+    ds = grain.MapDataset.source(source)
+    if count > 1:
+        ds = ds[index::count]
+    ds = ds.shuffle(seed=dcfg.seed + index).repeat(None)
+    out = _packed(ds, dcfg, dcfg.seed + index).batch(rows, drop_remainder=True).map(_to_batch)
     if dcfg.workers > 0:
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=dcfg.workers))
     return out
+
+
+def train_dataset(tokens_dir: Path, dcfg, global_batch: int, accum: int = 1):
+    """The training batches of this process; iterate it, and checkpoint the iterator's state."""
+    source = ChunkSource(shards.shard_files(tokens_dir, "train"), dcfg.seq_len)
+    streams, procs = dcfg.streams, jax.process_count()
+    if streams % procs:
+        raise KslmError(f"config key data.streams={streams} must be a multiple of the process count {procs} "
+                        "(set it to the number of hosts, or a multiple, when the run starts)")
+    if global_batch % (streams * accum):
+        raise KslmError(f"config key train.batch_size={global_batch} must divide by data.streams={streams} "
+                        f"times train.grad_accum={accum}")
+    rows = global_batch // streams
+    if streams == 1:
+        return _stream(source, dcfg, 0, 1, rows)
+    per = streams // procs
+    mine = range(jax.process_index() * per, (jax.process_index() + 1) * per)
+    return StreamIterator({s: iter(_stream(source, dcfg, s, streams, rows)) for s in mine}, accum)
 
 
 def eval_batches(tokens_dir: Path, dcfg, global_batch: int, max_batches: int = 0):

@@ -8,12 +8,17 @@ import importlib.util
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from kslm_jax.errors import KslmError
 
 _BLANK_LINE = re.compile(r"\n[ \t\u3000]*\n")
+# JSON lines end only at \n, \r\n or \r: str.splitlines() also splits at U+2028, U+0085 and others, which
+# json.dumps(ensure_ascii=False) leaves raw inside strings.
+_JSONL_LINE = re.compile(r"\r\n?|\n")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class Document(NamedTuple):
@@ -78,7 +83,7 @@ def _open_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise KslmError(f"cannot read {path}: {e}") from None
 
 
@@ -95,17 +100,20 @@ def read_file(path: Path, text_mode: str, text_field: str, stats: collections.Co
     name = path.name.removesuffix(".gz")
     text = decode_bytes(_open_bytes(path), stats)
     if name.endswith((".jsonl", ".json")):
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(_JSONL_LINE.split(text), 1):
             if not line.strip():
                 continue
             try:
                 value = _field(json.loads(line), text_field)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError, over-long integers, deep nesting
                 stats["bad_json_line"] += 1
                 continue
             if not isinstance(value, str):
                 stats["missing_text_field"] += 1
                 continue
+            if _SURROGATE.search(value):  # a lone \ud800 escape decodes to a str that cannot be encoded
+                value, n = _SURROGATE.subn("\ufffd", value)
+                stats["undecodable_chars"] += n
             yield Document(f"{path}:{lineno}", value, {"source": str(path)})
         return
     if text_mode == "file":

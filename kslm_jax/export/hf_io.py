@@ -108,6 +108,7 @@ def restore_params_host(cfg, workdir: Path) -> dict:
 
 
 def _read_tensors(hf_dir: Path) -> dict:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
     index = hf_dir / "model.safetensors.index.json"
     try:
@@ -118,12 +119,13 @@ def _read_tensors(hf_dir: Path) -> dict:
         tensors = {}
         for f in files:
             tensors.update(load_file(str(hf_dir / f)))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    # TypeError, AttributeError: an index.json whose weight_map is not a {name: file name} object
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, TypeError, AttributeError, SafetensorError) as e:
         raise KslmError(f"cannot read the safetensors weights in {hf_dir} ({e}); is it a complete export?") from None
     return tensors
 
 
-def import_hf(hf_dir: Path, workdir: Path, force: bool = False) -> Path:
+def import_hf(hf_dir: Path, workdir: Path, force: bool = False, overrides=()) -> Path:
     """A local HF Llama directory (safetensors + config.json + tokenizer.model) → a workdir at step 0."""
     from kslm_jax import sharding
     from kslm_jax.train import optim, state as state_lib
@@ -141,7 +143,7 @@ def import_hf(hf_dir: Path, workdir: Path, force: bool = False) -> Path:
     sp = tok_lib.load(hf_dir / "tokenizer.model")
     cfg = config_lib.base_config()
     heads = hc["num_attention_heads"]
-    overrides = {
+    from_checkpoint = {
         "model.d_model": hc["hidden_size"], "model.n_layers": hc["num_hidden_layers"], "model.n_heads": heads,
         "model.n_kv_heads": hc.get("num_key_value_heads", heads),
         "model.head_dim": hc.get("head_dim") or hc["hidden_size"] // heads, "model.d_ff": hc["intermediate_size"],
@@ -155,10 +157,12 @@ def import_hf(hf_dir: Path, workdir: Path, force: bool = False) -> Path:
         raise KslmError(f"{hf_dir}: tokenizer.model has {sp.GetPieceSize()} pieces but the model only "
                         f"{hc['vocab_size']} embedding rows; they do not belong together")
     with cfg.unlocked():
-        for key, value in overrides.items():
+        for key, value in from_checkpoint.items():
             section, name = key.split(".")
             cfg[section][name] = value
         cfg.mesh.data = 1
+    for item in overrides:  # e.g. data.sources for the corpus the imported model will see next
+        config_lib.apply_override(cfg, item)
     config_lib.validate(cfg)
     c = llama.ModelConfig.from_config(cfg)
     params = hf.from_hf(_read_tensors(hf_dir), c, scanned=c.scan_layers)
@@ -184,4 +188,5 @@ def import_hf(hf_dir: Path, workdir: Path, force: bool = False) -> Path:
     with checkpoint.manager(p["checkpoints"], cfg.checkpoint) as mngr:
         checkpoint.save(mngr, 0, state, None, force=True)
         mngr.wait_until_finished()
+        checkpoint.seal(mngr)
     return workdir
