@@ -1,8 +1,10 @@
 """The workdir holds one run: config.json, tokenizer/, data/, checkpoints/, tensorboard/, eval/."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,26 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary sibling folder that replaces `out` only when the block completes.
+
+    A crash, a full disk or a bad record leaves `out` as it was and no partial folder behind, so the next
+    stage never reads half an output.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes owner-only folders; a run folder is meant to be shared
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

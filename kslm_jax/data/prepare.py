@@ -4,13 +4,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from kslm_jax.data import clean, sources
 from kslm_jax.errors import KslmError
-from kslm_jax.workdir import atomic_write_text
+from kslm_jax.workdir import atomic_dir, atomic_write_text
 
 
 def split_of(text: str, val_fraction: float) -> str:
@@ -53,65 +51,61 @@ def prepare(cfg, out_dir: Path) -> dict:
     """
     dcfg = cfg.data
     files = sources.expand(dcfg.sources)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    tmp.chmod(0o755)
+    with atomic_dir(out_dir) as tmp:
+        writers = {s: _ShardWriter(tmp, s, dcfg.shard_docs) for s in ("train", "val")}
+        try:
+            report = _clean_all(files, dcfg, writers)
+        finally:
+            for w in writers.values():
+                try:
+                    w.close()
+                except OSError:  # after a failed write the disk fails the final flush too
+                    pass
+        if writers["train"].docs == 0:
+            raise KslmError(f"no documents left after cleaning {len(files)} file(s) from data.sources "
+                            f"(dropped: {report['dropped'] or 'none read'}); check the files and "
+                            "data.min_chars/min_hangul_ratio")
+        atomic_write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _clean_all(files, dcfg, writers) -> dict:
     stats: collections.Counter = collections.Counter()
     dropped: collections.Counter = collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)
     per_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    writers = {s: _ShardWriter(tmp, s, dcfg.shard_docs) for s in ("train", "val")}
     seen: set[bytes] = set()
     chars_in = 0
-    try:
-        for doc in sources.read_all(files, dcfg.text_mode, dcfg.text_field, stats):
-            src = doc.meta["source"]
-            per_source[src]["docs_in"] += 1
-            chars_in += len(doc.text)
-            text = clean.clean_text(doc.text, dcfg, stats)
-            reason = clean.rejection(text, dcfg)
-            if reason is None:
-                key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-                if key in seen:
-                    reason = "exact_duplicate"
-                seen.add(key)
-            if reason:
-                dropped[reason] += 1
-                per_source[src][f"dropped:{reason}"] += 1
-                if len(examples[reason]) < 3:
-                    examples[reason].append(text[:80])
-                continue
-            per_source[src]["docs_out"] += 1
-            writers[split_of(text, dcfg.val_fraction)].write(doc.id, text, src)
-        for w in writers.values():
-            w.close()
-        report = dict(
-            files=len(files),
-            docs_in=sum(c["docs_in"] for c in per_source.values()),
-            chars_in=chars_in,
-            docs_out={s: w.docs for s, w in writers.items()},
-            chars_out={s: w.chars for s, w in writers.items()},
-            dropped=dict(dropped),
-            cleaning=dict(stats),
-            examples=dict(examples),
-            per_source={k: dict(v) for k, v in per_source.items()},
-        )
-        if writers["train"].docs == 0:
-            raise KslmError(f"no documents left after cleaning {len(files)} file(s) from data.sources "
-                            f"(dropped: {dict(dropped) or 'none read'}); check the files and data.min_chars/min_hangul_ratio")
-        atomic_write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        for w in writers.values():
-            try:
-                w.close()
-            except OSError:  # the disk that failed the write fails the final flush too
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+    for doc in sources.read_all(files, dcfg.text_mode, dcfg.text_field, stats):
+        src = doc.meta["source"]
+        per_source[src]["docs_in"] += 1
+        chars_in += len(doc.text)
+        text = clean.clean_text(doc.text, dcfg, stats)
+        reason = clean.rejection(text, dcfg)
+        if reason is None:
+            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            if key in seen:
+                reason = "exact_duplicate"
+            seen.add(key)
+        if reason:
+            dropped[reason] += 1
+            per_source[src][f"dropped:{reason}"] += 1
+            if len(examples[reason]) < 3:
+                examples[reason].append(text[:80])
+            continue
+        per_source[src]["docs_out"] += 1
+        writers[split_of(text, dcfg.val_fraction)].write(doc.id, text, src)
+    return dict(
+        files=len(files),
+        docs_in=sum(c["docs_in"] for c in per_source.values()),
+        chars_in=chars_in,
+        docs_out={s: w.docs for s, w in writers.items()},
+        chars_out={s: w.chars for s, w in writers.items()},
+        dropped=dict(dropped),
+        cleaning=dict(stats),
+        examples=dict(examples),
+        per_source={k: dict(v) for k, v in per_source.items()},
+    )
 
 
 def format_report(report: dict) -> str:

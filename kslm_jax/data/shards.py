@@ -6,8 +6,6 @@ without reading the records; `manifest.json` counts documents, tokens and charac
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from array_record.python import array_record_module
 from kslm_jax.data import prepare as prepare_lib
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.errors import KslmError
-from kslm_jax.workdir import atomic_write_text
+from kslm_jax.workdir import atomic_dir, atomic_write_text
 
 TOKEN_DTYPE = np.dtype("<i4")
 
@@ -55,21 +53,12 @@ def write_split(sp, texts, folder: Path, split: str, per_shard: int) -> dict:
 
 def tokenize(clean_dir: Path, sp, out_dir: Path, per_shard: int) -> dict:
     """Tokenize both splits of a prepared corpus into `out_dir`; replaces it only when complete."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out_dir) as tmp:
         manifest = {split: write_split(sp, prepare_lib.read_clean(clean_dir, split, required=split == "train"),
                                        tmp, split, per_shard)
                     for split in ("train", "val")}
         manifest["vocab_size"] = sp.GetPieceSize()
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -66,9 +65,7 @@ def export_hf(workdir: Path, out: Path, shard_bytes: int = 5 * 2**30) -> Path:
     sp = loop.check_tokenizer(cfg, workdir)
     params = restore_params_host(cfg, workdir)
     c = llama.ModelConfig.from_config(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with workdir_lib.atomic_dir(out) as tmp:
         _write_safetensors(hf.to_hf(params, c), tmp, shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config(c, max(cfg.data.seq_len, 2048)), indent=2))
         shutil.copy(workdir_lib.paths(workdir)["tokenizer"], tmp / "tokenizer.model")
@@ -83,12 +80,6 @@ def export_hf(workdir: Path, out: Path, shard_bytes: int = 5 * 2**30) -> Path:
             "bos_token_id": tok_lib.BOS, "eos_token_id": tok_lib.EOS, "pad_token_id": tok_lib.PAD,
             "do_sample": True, "temperature": cfg.generate.temperature, "top_k": cfg.generate.top_k,
             "top_p": cfg.generate.top_p}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
