@@ -98,6 +98,15 @@ def _setup_logging():
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
+def _fail(message: str) -> None:
+    """One line, exit code 2. os._exit: after a failed asynchronous save, orbax's writer threads would
+    otherwise print their own tracebacks while the interpreter shuts down."""
+    print(f"kslm: error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -117,15 +126,13 @@ def main(argv: list[str] | None = None) -> None:
         from kslm_jax import commands
         code = getattr(commands, command.replace("import", "import_"))(args, overrides)
     except KslmError as e:
-        print(f"kslm: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" ({e.filename})" if e.filename else ""
-        print(f"kslm: error: disk full while writing{where}: free space and run the command again; "
-              "outputs written before this command are intact", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"disk full while writing{where}: free space and run the command again; "
+              "outputs written before this command are intact")
     sys.exit(code or 0)
 
 

@@ -87,7 +87,7 @@ def _assert_same_params(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def straight_run(prepared, tmp_path_factory):
     wd = tmp_path_factory.mktemp("straight") / "run"
     __import__("shutil").copytree(prepared, wd)

@@ -1,7 +1,7 @@
 """kill -9 at random moments, including mid-checkpoint: the next start restores the newest complete
 checkpoint (never a partial one), says which, and finishes with the parameters of an uninterrupted run.
 
-CI runs KSLM_FAULT_REPEATS (default 2) random timings; `python benchmarks/faults.py` runs 20 or more.
+CI runs KSLM_FAULT_REPEATS (default 1) random timings; `python benchmarks/faults.py` runs 20 or more.
 """
 import json
 import os
@@ -22,7 +22,7 @@ from kslm_jax import checkpoint, workdir as workdir_lib
 from kslm_jax.train import loop
 
 REPO = Path(__file__).resolve().parents[2]
-REPEATS = int(os.environ.get("KSLM_FAULT_REPEATS", "2"))
+REPEATS = int(os.environ.get("KSLM_FAULT_REPEATS", "1"))
 ARGS = ["--config.train.steps=16", "--config.checkpoint.every_steps=2", "--config.logging.progress_bar=false",
         "--config.train.log_every=1"]
 
