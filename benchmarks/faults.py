@@ -28,7 +28,8 @@ def main():
     ap.add_argument("--fuzz-examples", type=int, default=2000)
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="kslm-faults-"))
-    env = dict(os.environ, KSLM_FAULT_REPEATS=str(args.kills), KSLM_FUZZ_EXAMPLES=str(args.fuzz_examples))
+    env = dict(os.environ, KSLM_FAULT_REPEATS=str(args.kills), KSLM_FUZZ_EXAMPLES=str(args.fuzz_examples),
+               KSLM_FAULT_DISK="1")
     rows = []
     for target in ["tests/faults/test_kill.py", *SUITES]:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target,

@@ -104,6 +104,8 @@ def _fail(message: str) -> None:
     print(f"kslm: error: {message}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # nothing a dying library thread prints can follow our line
     os._exit(2)
 
 
