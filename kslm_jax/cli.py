@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         from kslm_jax import commands
-        code = getattr(commands, command.replace("import", "import_"))(args, overrides)
+        # `import` and `eval` are Python names; their functions carry a trailing underscore.
+        code = getattr(commands, command + "_" if command in ("import", "eval") else command)(args, overrides)
     except KslmError as e:
         _fail(str(e))
     except OSError as e:

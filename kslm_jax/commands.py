@@ -88,7 +88,7 @@ def _restored_trainer(args, overrides):
     return cfg, trainer, step
 
 
-def eval(args, overrides) -> int:  # noqa: A001 - the command's name
+def eval_(args, overrides) -> int:
     distributed.initialize_from_env()
     from kslm_jax import evaluate
     cfg, trainer, step = _restored_trainer(args, overrides)

@@ -313,7 +313,8 @@ DATA_DEFINING = ("tokenizer.", "data.sources", "data.text_mode", "data.text_fiel
 def breaking_differences(old: dict, new: dict, trained: bool = True) -> list[str]:
     """Keys whose change would break the run: any non-harmless key once it has a checkpoint, else only
     the keys that define its prepared data (model, optimizer and schedule are still free to change)."""
-    a, b = flat(old), flat(new)
+    # A key added to the schema after the run began has its default there, not a difference.
+    a, b = {**flat(to_dict(base_config())), **flat(old)}, flat(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key) or any(key.startswith(h) for h in HARMLESS):
