@@ -41,3 +41,13 @@ def workdir(prepared, tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(prepared, wd)
     return wd
+
+
+def init_params(c, seed: int = 0):
+    """A model of config `c` and its unboxed float parameters, initialized under jit."""
+    import jax.numpy as jnp
+    from kslm_jax.model import llama
+    model = llama.Transformer(c)
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    return model, jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                               is_leaf=lambda x: hasattr(x, "unbox"))

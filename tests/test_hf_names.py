@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_params
 from kslm_jax.export import hf
 from kslm_jax.model import llama
 
@@ -15,10 +16,8 @@ C = llama.ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_he
 @pytest.mark.parametrize("tie", [False, True])
 def test_round_trip_and_names(tie):
     c = dataclasses.replace(C, tie_embeddings=tie)
-    model = llama.Transformer(c)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: np.asarray(x.unbox() if hasattr(x, "unbox") else x), params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    _, params = init_params(c)
+    params = jax.tree.map(np.asarray, params)
     tensors = hf.to_hf(params, c)
     per_layer = {"self_attn.q_proj.weight": (32, 32), "self_attn.k_proj.weight": (16, 32),
                  "self_attn.v_proj.weight": (16, 32), "self_attn.o_proj.weight": (32, 32),

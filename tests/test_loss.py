@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_params
 from kslm_jax.model import llama
 from kslm_jax.train import step
 
@@ -14,10 +15,7 @@ C = llama.ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_he
 def test_chunked_loss_matches_full(tie):
     import dataclasses
     c = dataclasses.replace(C, tie_embeddings=tie)
-    model = llama.Transformer(c)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    model, params = init_params(c)
     rng = np.random.default_rng(0)
     seg = np.array([[1] * 10 + [2] * 18 + [0] * 4, [1] * 32])
     pos = np.array([list(range(10)) + list(range(18)) + [0] * 4, list(range(32))])

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_params
 from kslm_jax import generate as gen
 from kslm_jax.model import attention, llama
 
@@ -13,10 +14,7 @@ CFG = llama.ModelConfig(vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_
 
 
 def _init(c=CFG, seed=0):
-    model = llama.Transformer(c)
-    params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
-    return model, jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                               is_leaf=lambda x: hasattr(x, "unbox"))
+    return init_params(c, seed)
 
 
 def test_packed_documents_do_not_see_each_other():

@@ -60,13 +60,6 @@ def _packed(ds: grain.MapDataset, dcfg, seed: int) -> grain.IterDataset:
         shuffle_bins=True, max_sequences_per_bin=dcfg.max_segments_per_row)
 
 
-def local_batch_size(global_batch: int) -> int:
-    n = jax.process_count()
-    if global_batch % n:
-        raise ValueError(f"train.batch_size={global_batch} must divide by the process count {n}")
-    return global_batch // n
-
-
 def _process_rows(batch: dict, *, index: int, count: int, accum: int) -> dict:
     """This process's rows of a global batch: within each of the `accum` micro-batches, block `index` of
     `count`. sharding.global_batch stacks the processes' blocks back into the same micro-batches."""
