@@ -36,12 +36,12 @@ def main():
     state, step_fn = s["state"], s["step_fn"]
     with jax.set_mesh(s["mesh"]):
         for i in range(3):
-            state, out = step_fn(state, s["batches"][i % 2])
+            state, out = step_fn(state, s["batches"][i % 2], None)
         jax.block_until_ready(out)
         logdir = tempfile.mkdtemp()
         with jax.profiler.trace(logdir, create_perfetto_trace=True):
             for i in range(args.steps):
-                state, out = step_fn(state, s["batches"][i % 2])
+                state, out = step_fn(state, s["batches"][i % 2], None)
             jax.block_until_ready(out)
     trace = next(Path(logdir).rglob("perfetto_trace.json.gz"))
     events = json.load(gzip.open(trace))

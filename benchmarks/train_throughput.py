@@ -75,8 +75,8 @@ def setup(cfg, batch: int):
     model = llama.Transformer(mc)
     tx, lr_fn = optim.make(cfg.optim, 1000)
     abstract, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh)
-    step_fn = step_lib.jit_train_step(model, tx, lr_fn, cfg.train.z_loss, cfg.train.grad_accum, mesh, shardings,
-                                      cfg.train.loss_chunk)
+    loss = step_lib.lm_loss(model, cfg.train.z_loss, cfg.train.loss_chunk)
+    step_fn = step_lib.jit_train_step(loss, tx, lr_fn, cfg.train.grad_accum, mesh, shardings)
     state = state_lib.create(model, tx, 0, mesh, shardings)
     rng = np.random.default_rng(0)
     host = [packed_batch(rng, batch, cfg.data.seq_len, cfg.tokenizer.vocab_size) for _ in range(2)]
@@ -91,15 +91,15 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
     step_fn, state, batches, mesh = s["step_fn"], s["state"], s["batches"], s["mesh"]
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        state, out = step_fn(state, batches[0])
+        state, out = step_fn(state, batches[0], None)
         jax.block_until_ready(out)
         compile_s = time.perf_counter() - t0
         for i in range(warmup):
-            state, out = step_fn(state, batches[i % 2])
+            state, out = step_fn(state, batches[i % 2], None)
         jax.block_until_ready(out)
         t0 = time.perf_counter()
         for i in range(steps):
-            state, out = step_fn(state, batches[i % 2])
+            state, out = step_fn(state, batches[i % 2], None)
         jax.block_until_ready(out)
         dt = (time.perf_counter() - t0) / steps
     tokens = batch * cfg.data.seq_len

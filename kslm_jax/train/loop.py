@@ -96,12 +96,33 @@ class Trainer:
         self.tx, self.lr_fn = optim.make(cfg.optim, cfg.train.steps)
         self.abstract, self.shardings = state_lib.abstract_and_shardings(self.model, self.tx, cfg.train.seed, self.mesh,
                                                                          self.rules)
-        self.train_step = step_lib.jit_train_step(self.model, self.tx, self.lr_fn, cfg.train.z_loss,
-                                                  cfg.train.grad_accum, self.mesh, self.shardings,
-                                                  cfg.train.loss_chunk, self.rules)
+        self.loss = self.build_loss()
+        self.extra, self.extra_shardings = self.build_extra()
+        self.train_step = self._jit_step()
         self.eval_step = step_lib.jit_eval_step(self.model, self.mesh, self.shardings.params, self.rules)
         self.state = None
         self.start_step = 0
+
+    # Seams for other objectives (distillation, fine-tuning): a subclass overrides these, the loop stays one.
+    def build_loss(self):
+        """`loss(params, extra, batch) -> (scalar, aux)`; see step.lm_loss for the contract."""
+        return step_lib.lm_loss(self.model, self.cfg.train.z_loss, self.cfg.train.loss_chunk)
+
+    def build_extra(self):
+        """Arrays every step reads but never updates, placed on the mesh, and their shardings."""
+        return None, None
+
+    def train_iterator(self):
+        """Host batches of numpy arrays; checkpoint.DataHandler must be able to save its state."""
+        cfg = self.cfg
+        return iter(pipeline.train_dataset(self.paths["tokens"], cfg.data, cfg.train.batch_size, cfg.train.grad_accum))
+
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.data.seq_len
+
+    def _jit_step(self, poison: bool = False):
+        return step_lib.jit_train_step(self.loss, self.tx, self.lr_fn, self.cfg.train.grad_accum, self.mesh,
+                                       self.shardings, self.extra_shardings, self.rules, poison=poison)
 
     def has_checkpoint(self) -> bool:
         return any(p.name.isdigit() for p in self.paths["checkpoints"].glob("*")) if self.paths["checkpoints"].is_dir() else False
@@ -140,10 +161,10 @@ class Trainer:
     def _fit(self, on_eval=None) -> dict:
         cfg = self.cfg
         tcfg = cfg.train
-        data_iter = iter(pipeline.train_dataset(self.paths["tokens"], cfg.data, tcfg.batch_size, tcfg.grad_accum))
+        data_iter = self.train_iterator()
         writer = metrics.Writer(self.workdir, cfg.logging.tensorboard)
         peak = metrics.device_peak_tflops(cfg.logging.peak_tflops)
-        tokens_per_step = tcfg.batch_size * cfg.data.seq_len
+        tokens_per_step = self.tokens_per_step()
         throughput = metrics.Throughput(llama.flops_per_token(self.model_cfg, cfg.data.seq_len),
                                         self.mesh.size, peak)
         summary = {"stopped_by": None, "losses": {}}
@@ -172,7 +193,7 @@ class Trainer:
                     step_fn = self.train_step
                     if step + 1 == nan_step:  # once: a restored run passes this step again with good data
                         step_fn, nan_step = self._poisoned_step(), 0
-                    self.state, out = step_fn(self.state, batch)
+                    self.state, out = step_fn(self.state, batch, self.extra)
                     step += 1
                     # Read the previous step's metrics only now, so the device never waits on the host.
                     if pending is not None:
@@ -218,9 +239,7 @@ class Trainer:
         return summary
 
     def _poisoned_step(self):
-        cfg = self.cfg
-        return step_lib.jit_train_step(self.model, self.tx, self.lr_fn, cfg.train.z_loss, cfg.train.grad_accum,
-                                       self.mesh, self.shardings, cfg.train.loss_chunk, self.rules, poison=True)
+        return self._jit_step(poison=True)
 
     def _restore_last(self, mngr) -> int:
         """Back to the newest checkpoint's weights; the data iterator keeps going, skipping the bad batches."""
@@ -262,6 +281,12 @@ class Trainer:
         values = {"train/loss": loss, "train/z_loss": float(out["z_sum"]) / tokens,
                   "train/grad_norm": float(out["grad_norm"]), "train/lr": float(out["lr"]),
                   "train/param_norm": float(out["param_norm"]), **self.health.scalars()}
+        # Objective-specific terms (distillation KL, agreement, ...): sums become per-token means.
+        for k, v in out.items():
+            if k in _STEP_KEYS:
+                continue
+            name = k[:-4] if k.endswith("_sum") else k
+            values[f"train/{name}"] = float(v) / tokens if k.endswith("_sum") else float(v)
         rates = throughput.report()
         values.update({f"perf/{k}": v for k, v in rates.items()})
         writer.scalars(step, values)
@@ -269,6 +294,9 @@ class Trainer:
         bar.write(f"step {step:>6d}  loss {loss:.4f}  lr {values['train/lr']:.2e}  "
                   f"grad_norm {values['train/grad_norm']:.3f}  tokens/s {rates['tokens_per_sec']:,.0f}  MFU {mfu}",
                   file=sys.stderr)
+
+
+_STEP_KEYS = ("ce_sum", "z_sum", "tokens", "grad_norm", "lr", "param_norm", "nonfinite")
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -50,8 +50,16 @@ def chunked_loss_sums(hidden_BTD, kernel_DV, targets, mask, z_loss: float, chunk
     return ce.sum(), z.sum()
 
 
-def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
+def loss_mask(batch):
+    """Tokens that count: real (segment id > 0) and, when the batch says so, marked as targets (SFT answers)."""
     mask = batch["segment_ids"] > 0
+    if "loss_mask" in batch:
+        mask = mask & (batch["loss_mask"] > 0)
+    return mask
+
+
+def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
+    mask = loss_mask(batch)
     t = batch["inputs"].shape[-1]
     if loss_chunk and loss_chunk < t and t % loss_chunk == 0:
         hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
@@ -66,19 +74,34 @@ def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
     return (ce_sum + z_sum) / n, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": mask.sum()}
 
 
-def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int, loss_chunk: int = 0,
-               rules=sharding.RULES, poison: bool = False):
+def lm_loss(model, z_loss: float, loss_chunk: int = 0):
+    """The pretraining objective as a `loss(params, extra, batch) -> (scalar, aux)` for train_step.
+
+    Every objective (LM, distillation, fine-tuning) has this shape. `extra` carries arrays the step reads but
+    never updates (a teacher's weights, a frozen base under LoRA); aux holds sums over the batch, at least
+    ce_sum, z_sum and tokens; the loop logs any other key too, divided by tokens when it ends in _sum.
+    """
+    def loss(params, extra, batch):
+        del extra
+        return loss_fn(params, model, batch, z_loss, loss_chunk)
+    return loss
+
+
+def train_step(state, batch, extra=None, *, loss, tx, lr_fn, accum: int, rules=sharding.RULES,
+               poison: bool = False):
     with nn.logical_axis_rules(rules):
-        grad_fn = jax.grad(loss_fn, has_aux=True)
+        grad_fn = jax.grad(loss, has_aux=True)
         if accum == 1:
-            grads, aux = grad_fn(state.params, model, batch, z_loss, loss_chunk)
+            grads, aux = grad_fn(state.params, extra, batch)
         else:
             # Micro-batches run in a scan: one compiled body, gradients summed in float32, one update.
             def micro(carry, mb):
-                g, a = grad_fn(state.params, model, mb, z_loss, loss_chunk)
+                g, a = grad_fn(state.params, extra, mb)
                 return jax.tree.map(jnp.add, carry, (g, a)), None
+            first = jax.tree.map(lambda x: x[0], batch)
+            aux_shape = jax.eval_shape(lambda: loss(state.params, extra, first)[1])
             zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                     {"ce_sum": 0.0, "z_sum": 0.0, "tokens": jnp.zeros((), jnp.int32)})
+                     jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
             (grads, aux), _ = jax.lax.scan(micro, zeros, batch)
             grads = jax.tree.map(lambda g: g / accum, grads)
         if poison:  # fault injection for the tests: this step's loss and gradients become NaN
@@ -101,17 +124,19 @@ def train_step(state, batch, *, model, tx, lr_fn, z_loss: float, accum: int, los
 def eval_step(params, batch, *, model, rules=sharding.RULES):
     with nn.logical_axis_rules(rules):
         logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-    mask = batch["segment_ids"] > 0
+    mask = loss_mask(batch)
     ce, _ = token_losses(logits, batch["targets"], mask)
     return {"ce_sum": ce.sum(), "tokens": mask.sum()}
 
 
-def jit_train_step(model, tx, lr_fn, z_loss, accum, mesh, state_shardings, loss_chunk: int = 0,
+def jit_train_step(loss, tx, lr_fn, accum, mesh, state_shardings, extra_shardings=None,
                    rules=sharding.RULES, poison: bool = False):
-    fn = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, z_loss=z_loss, accum=accum,
-                           loss_chunk=loss_chunk, rules=rules, poison=poison)
-    batch_s = sharding.batch_sharding(mesh, 3 if accum > 1 else 2, accum > 1)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_s),
+    """Compiled step `(state, batch, extra) -> (state, metrics)`; the state is donated, `extra` is not.
+
+    The batch takes the shardings sharding.global_batch gave it, so objectives may add arrays of any rank.
+    """
+    fn = functools.partial(train_step, loss=loss, tx=tx, lr_fn=lr_fn, accum=accum, rules=rules, poison=poison)
+    return jax.jit(fn, in_shardings=(state_shardings, None, extra_shardings),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
