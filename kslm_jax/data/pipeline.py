@@ -27,7 +27,11 @@ class ChunkSource:
 
     def __init__(self, files: list[Path], seq_len: int):
         self.records = grain.sources.ArrayRecordDataSource([str(f) for f in files])
-        pairs = shards.lengths(files) - 1
+        self.files = files
+        per_file = shards.lengths_per_file(files)
+        self.lengths = np.concatenate(per_file)
+        self.first_record = np.cumsum([0] + [len(x) for x in per_file])
+        pairs = self.lengths - 1
         per_doc = np.maximum(0, -(-pairs // seq_len))
         self.doc = np.repeat(np.arange(len(pairs)), per_doc)
         first = np.cumsum(per_doc) - per_doc
@@ -38,7 +42,13 @@ class ChunkSource:
         return len(self.doc)
 
     def __getitem__(self, i: int) -> dict:
-        tokens = np.frombuffer(self.records[int(self.doc[i])], shards.TOKEN_DTYPE)
+        d = int(self.doc[i])
+        raw = self.records[d]
+        if len(raw) != 4 * self.lengths[d]:  # a shard changed after its index was written
+            f = int(np.searchsorted(self.first_record, d, side="right")) - 1
+            raise KslmError(f"token shard {self.files[f]} record {d - self.first_record[f]} holds {len(raw)} bytes, "
+                            f"its index says {4 * self.lengths[d]}; run `kslm tokenize` again for this workdir")
+        tokens = np.frombuffer(raw, shards.TOKEN_DTYPE)
         s = int(self.start[i])
         piece = tokens[s: s + self.seq_len + 1]
         return {"inputs": piece[:-1].astype(np.int32), "targets": piece[1:].astype(np.int32)}

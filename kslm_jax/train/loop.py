@@ -89,6 +89,8 @@ class Trainer:
         if self.manifest["vocab_size"] != cfg.tokenizer.vocab_size:
             raise KslmError(f"token shards in {self.paths['tokens']} use a vocabulary of {self.manifest['vocab_size']} "
                             f"but tokenizer.vocab_size={cfg.tokenizer.vocab_size}; run `kslm tokenize` again")
+        for split in ("train", "val"):
+            shards.verify(self.paths["tokens"], split, cfg.data.verify_shards)
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.rules = sharding.rules(cfg.mesh.rules)
         self.model_cfg = llama.ModelConfig.from_config(cfg)
