@@ -45,8 +45,8 @@ def tokenize(args, overrides) -> int:
     from kslm_jax.train import loop
     cfg = _cfg(args, overrides)
     p = workdir_lib.paths(args.workdir)
-    sp = loop.check_tokenizer(cfg, Path(args.workdir))
-    manifest = shards.tokenize(p["clean"], sp, p["tokens"], cfg.data.shard_docs)
+    loop.check_tokenizer(cfg, Path(args.workdir))
+    manifest = shards.tokenize(p["clean"], p["tokenizer"], p["tokens"], cfg.data.tokenize_workers)
     for split in ("train", "val"):
         m = manifest[split]
         print(f"{split}: {m['docs']:,} documents, {m['tokens']:,} tokens, {m['chars']:,} characters")

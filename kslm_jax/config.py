@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
         packing_bins=8,         # rows the first-fit packer keeps open
         max_segments_per_row=64,  # documents one packed row may hold (cudnn_packed sizes its tables by it)
         workers=0,              # grain worker processes per stream (0: in the training process)
+        tokenize_workers=0,     # processes that encode token shards in `kslm tokenize` (0: one per CPU core)
+        mixture="",             # weighted sources, "pattern:weight,..." (fnmatch on each document's source); "": as read
         verify_shards=True,     # CRC32 of every token shard at start (sizes and record counts are always checked)
         streams=1,              # independent data streams; a multi-host run needs a multiple of its host count
     )
@@ -280,7 +282,7 @@ def parse_value(key: str, raw: str, old):
 # Keys a resumed run may change: they steer logging and scheduling, not the trajectory of the weights.
 HARMLESS = ("logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
             "train.step_timeout_s", "train.nonfinite", "train.spike_zscore", "generate.", "data.workers", "mesh.",
-            "data.verify_shards")
+            "data.verify_shards", "data.tokenize_workers")
 
 
 def to_dict(cfg) -> dict:

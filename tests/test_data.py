@@ -343,9 +343,8 @@ def test_tokenize_with_empty_val_split(tmp_path, prepared):
     clean_dir = tmp_path / "work" / "clean"
     report = prepare.prepare(cfg, clean_dir)
     assert report["docs_out"]["val"] == 0
-    sp = tok_lib.load(prepared / "tokenizer" / "spm.model")
     try:
-        manifest = shards.tokenize(clean_dir, sp, tmp_path / "work" / "tokens", cfg.data.shard_docs)
+        manifest = shards.tokenize(clean_dir, prepared / "tokenizer" / "spm.model", tmp_path / "work" / "tokens")
     except KslmError as e:  # a clear error would also do, but not one that says prepare never ran
         assert "kslm prepare" not in str(e)
     else:

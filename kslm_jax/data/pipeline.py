@@ -5,6 +5,7 @@ JSON dict that the checkpoint stores, so resuming at step N yields exactly the b
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 from pathlib import Path
 
@@ -63,11 +64,64 @@ def _to_batch(b: dict) -> dict:
     }
 
 
-def _packed(ds: grain.MapDataset, dcfg, seed: int) -> grain.IterDataset:
+def _packed(ds: grain.IterDataset, dcfg, seed: int) -> grain.IterDataset:
     length = {k: dcfg.seq_len for k in FEATURES}
     return grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(), length_struct=length, num_packing_bins=dcfg.packing_bins, seed=seed,
+        ds, length_struct=length, num_packing_bins=dcfg.packing_bins, seed=seed,
         shuffle_bins=True, max_sequences_per_bin=dcfg.max_segments_per_row)
+
+
+class _Subset:
+    """The chunks of a ChunkSource whose documents belong to one mixture component."""
+
+    def __init__(self, source: ChunkSource, index: np.ndarray):
+        self.source, self.index = source, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[int(self.index[i])]
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """`data.mixture` "pattern:weight,..." → [(pattern, weight)], in order (the first matching pattern wins)."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        pattern, sep, weight = item.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not sep or not pattern or not w > 0:
+            raise KslmError(f"config key data.mixture: {item!r} is not pattern:weight with a positive weight, "
+                            "e.g. --config.data.mixture='*wiki*:0.3,*reviews*:0.1,*:0.6'")
+        out.append((pattern, w))
+    return out
+
+
+def mixture_components(source: ChunkSource, tokens_dir: Path, spec: str) -> list[tuple[str, float, np.ndarray]]:
+    """(pattern, weight, chunk indices) per mixture component; every source must fall in exactly one."""
+    names, per_record = shards.sources_of(source.files, shards.read_manifest(tokens_dir)["train"])
+    patterns = parse_mixture(spec)
+    group_of_source = []
+    for name in names:
+        hit = next((g for g, (pat, _) in enumerate(patterns) if fnmatch.fnmatchcase(name, pat)), None)
+        if hit is None:
+            raise KslmError(f"source {name!r} matches no pattern of data.mixture={spec!r}; add one for it "
+                            "(a final '*:weight' catches the rest)")
+        group_of_source.append(hit)
+    chunk_group = np.asarray(group_of_source, np.int32)[per_record[source.doc]]
+    chunk_tokens = np.minimum(source.seq_len, source.lengths[source.doc] - 1 - source.start)
+    out = []
+    for g, (pat, w) in enumerate(patterns):
+        idx = np.flatnonzero(chunk_group == g)
+        if len(idx) == 0:
+            raise KslmError(f"data.mixture pattern {pat!r} matches no training document (sources: "
+                            f"{', '.join(names)})")
+        # Weights are shares of training tokens: a component of short documents is drawn more often.
+        out.append((pat, w / float(chunk_tokens[idx].mean()), idx))
+    return out
 
 
 def _process_rows(batch: dict, *, index: int, count: int, accum: int) -> dict:
@@ -128,11 +182,22 @@ class StreamIterator:
             it.set_state(state["streams"][str(s)])
 
 
-def _stream(source, dcfg, index: int, count: int, rows: int) -> grain.IterDataset:
+def _shuffled(source, seed: int, index: int, count: int) -> grain.IterDataset:
     ds = grain.MapDataset.source(source)
     if count > 1:
         ds = ds[index::count]
-    ds = ds.shuffle(seed=dcfg.seed + index).repeat(None)
+    return ds.shuffle(seed=seed).repeat(None).to_iter_dataset()
+
+
+def _stream(source, dcfg, index: int, count: int, rows: int, components=None) -> grain.IterDataset:
+    if components:
+        # Each component is shuffled and repeated on its own, then drawn by weight, so a small source is
+        # seen more often than its share of tokens when its weight says so.
+        parts = [_shuffled(_Subset(source, idx), dcfg.seed + index + 7919 * (g + 1), index, count)
+                 for g, (_, _, idx) in enumerate(components)]
+        ds = grain.IterDataset.mix(parts, [w for _, w, _ in components])
+    else:
+        ds = _shuffled(source, dcfg.seed + index, index, count)
     out = _packed(ds, dcfg, dcfg.seed + index).batch(rows, drop_remainder=True).map(_to_batch)
     if dcfg.workers > 0:
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=dcfg.workers))
@@ -150,11 +215,12 @@ def train_dataset(tokens_dir: Path, dcfg, global_batch: int, accum: int = 1):
         raise KslmError(f"config key train.batch_size={global_batch} must divide by data.streams={streams} "
                         f"times train.grad_accum={accum}")
     rows = global_batch // streams
+    components = mixture_components(source, tokens_dir, dcfg.mixture) if dcfg.mixture else None
     if streams == 1:
-        return _stream(source, dcfg, 0, 1, rows)
+        return _stream(source, dcfg, 0, 1, rows, components)
     per = streams // procs
     mine = range(jax.process_index() * per, (jax.process_index() + 1) * per)
-    return StreamIterator({s: iter(_stream(source, dcfg, s, streams, rows)) for s in mine}, accum)
+    return StreamIterator({s: iter(_stream(source, dcfg, s, streams, rows, components)) for s in mine}, accum)
 
 
 def eval_batches(tokens_dir: Path, dcfg, global_batch: int, max_batches: int = 0):
@@ -165,7 +231,8 @@ def eval_batches(tokens_dir: Path, dcfg, global_batch: int, max_batches: int = 0
     """
     source = ChunkSource(shards.shard_files(tokens_dir, "val"), dcfg.seq_len)
     rows = _host_slice(global_batch)
-    batches = _packed(grain.MapDataset.source(source), dcfg, 0).batch(global_batch, drop_remainder=False)
+    ordered = grain.MapDataset.source(source).to_iter_dataset()
+    batches = _packed(ordered, dcfg, 0).batch(global_batch, drop_remainder=False)
     for i, b in enumerate(batches.map(_to_batch)):
         if max_batches and i >= max_batches:
             return

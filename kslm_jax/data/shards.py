@@ -6,16 +6,18 @@ without reading the records; `manifest.json` counts documents, tokens and charac
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import shutil
 import zlib
 from pathlib import Path
 
 import numpy as np
 from array_record.python import array_record_module
 
-from kslm_jax.data import prepare as prepare_lib
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.errors import KslmError
-from kslm_jax.workdir import atomic_dir, atomic_write_text
+from kslm_jax.workdir import atomic_write_text
 
 TOKEN_DTYPE = np.dtype("<i4")
 
@@ -24,37 +26,53 @@ def encode_doc(sp, text: str) -> np.ndarray:
     return np.asarray([tok_lib.BOS, *sp.EncodeAsIds(text), tok_lib.EOS], TOKEN_DTYPE)
 
 
-def write_split(sp, texts, folder: Path, split: str, per_shard: int) -> dict:
-    docs = tokens = chars = nbytes = 0
-    shard, lengths, writer = 0, [], None
+def _clean_records(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            yield r["text"], r.get("source", "")
 
-    files = {}
 
-    def close():
-        if writer is not None:
-            writer.close()
-            name = f"{split}-{shard:05d}.arrayrecord"
-            np.save(folder / f"{name}.lengths.npy", np.asarray(lengths, np.int64))
-            files[name] = {"bytes": (folder / name).stat().st_size, "crc32": _crc32(folder / name),
-                           "records": len(lengths)}
+def tokenize_file(model_path: str, clean_file: str, out_file: str) -> dict:
+    """One clean shard → one token shard with its length and source indexes; returns its manifest entry.
 
-    for text in texts:
-        if writer is None or len(lengths) == per_shard:
-            if writer is not None:
-                close()
-                shard += 1
-                lengths = []
-            writer = array_record_module.ArrayRecordWriter(str(folder / f"{split}-{shard:05d}.arrayrecord"),
-                                                           "group_size:1")
-        ids = encode_doc(sp, text)
-        writer.write(ids.tobytes())
-        lengths.append(len(ids))
-        docs += 1
-        tokens += len(ids)
-        chars += len(text)
-        nbytes += len(text.encode("utf-8"))
-    close()
-    return dict(docs=docs, tokens=tokens, chars=chars, bytes=nbytes, files=files)
+    Runs in a worker process: the tokenizer is loaded from its file, and documents are encoded in batches
+    so SentencePiece's C++ loop does the work.
+    """
+    sp = tok_lib.load(Path(model_path))
+    out = Path(out_file)
+    writer = array_record_module.ArrayRecordWriter(str(out), "group_size:1")
+    lengths, source_idx, names = [], [], {}
+    stats = dict(docs=0, tokens=0, chars=0, bytes=0)
+    per_source: dict[str, dict] = {}
+    batch: list[tuple[str, str]] = []
+
+    def flush():
+        for (text, src), ids in zip(batch, sp.EncodeAsIds([t for t, _ in batch])):
+            rec = np.asarray([tok_lib.BOS, *ids, tok_lib.EOS], TOKEN_DTYPE)
+            writer.write(rec.tobytes())
+            lengths.append(len(rec))
+            source_idx.append(names.setdefault(src, len(names)))
+            stats["docs"] += 1
+            stats["tokens"] += len(rec)
+            stats["chars"] += len(text)
+            stats["bytes"] += len(text.encode("utf-8"))
+            count = per_source.setdefault(src, {"docs": 0, "tokens": 0})
+            count["docs"] += 1
+            count["tokens"] += len(rec)
+        batch.clear()
+
+    for record in _clean_records(Path(clean_file)):
+        batch.append(record)
+        if len(batch) == 1024:
+            flush()
+    flush()
+    writer.close()
+    np.save(f"{out}.lengths.npy", np.asarray(lengths, np.int64))
+    np.save(f"{out}.sources.npy", np.asarray(source_idx, np.int32))
+    entry = {"bytes": out.stat().st_size, "crc32": _crc32(out), "records": len(lengths),
+             "sources": list(names)}
+    return dict(stats, file=entry, per_source=per_source)
 
 
 def _crc32(path: Path) -> int:
@@ -94,15 +112,93 @@ def verify(tokens_dir: Path, split: str, checksums: bool = True) -> None:
             raise KslmError(f"token shard {path} is damaged: its CRC32 differs from manifest.json; {redo}")
 
 
-def tokenize(clean_dir: Path, sp, out_dir: Path, per_shard: int) -> dict:
-    """Tokenize both splits of a prepared corpus into `out_dir`; replaces it only when complete."""
-    with atomic_dir(out_dir) as tmp:
-        manifest = {split: write_split(sp, prepare_lib.read_clean(clean_dir, split, required=split == "train"),
-                                       tmp, split, per_shard)
-                    for split in ("train", "val")}
-        manifest["vocab_size"] = sp.GetPieceSize()
-        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+def tokenize(clean_dir: Path, model_path: Path, out_dir: Path, workers: int = 0) -> dict:
+    """Tokenize both splits of a prepared corpus into `out_dir`, one token shard per clean shard.
+
+    Shards are encoded by `workers` processes (0: one per core). Finished shards are recorded in a staging
+    folder beside `out_dir`, so a run that is killed resumes where it stopped; `out_dir` is replaced only
+    when every shard is done, so readers never see a partial set.
+    """
+    clean_files = {split: sorted(clean_dir.glob(f"{split}-*.jsonl")) for split in ("train", "val")}
+    if not clean_files["train"]:
+        raise KslmError(f"no train shards in {clean_dir}; run `kslm prepare` for this workdir first")
+    staging = out_dir.parent / f".{out_dir.name}.staging"
+    job = {"tokenizer_crc32": _crc32(model_path),
+           "clean": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for fs in clean_files.values() for f in fs}}
+    job_file = staging / "job.json"
+    if staging.exists() and (not job_file.is_file() or json.loads(job_file.read_text()) != job):
+        shutil.rmtree(staging)  # left by a run over other inputs: nothing in it can be reused
+    staging.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(job_file, json.dumps(job) + "\n")
+    todo, done = [], {}
+    for fs in clean_files.values():
+        for f in fs:
+            name = f.name.replace(".jsonl", ".arrayrecord")
+            marker = staging / f"{name}.done.json"
+            if marker.is_file() and (staging / name).is_file():
+                entry = json.loads(marker.read_text())
+                if (staging / name).stat().st_size == entry["file"]["bytes"]:
+                    done[name] = entry
+                    continue
+            todo.append((str(model_path), str(f), str(staging / name)))
+    workers = min(len(todo), workers or os.cpu_count() or 1)
+
+    def record(out, entry):  # as each shard finishes, so a crash later keeps it
+        atomic_write_text(Path(f"{out}.done.json"), json.dumps(entry) + "\n")
+        done[Path(out).name] = entry
+
+    if workers > 1:
+        # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit half-done.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for t, entry in zip(todo, pool.imap(_tokenize_job, todo)):
+                record(t[2], entry)
+    else:
+        for t in todo:
+            record(t[2], tokenize_file(*t))
+    manifest = {split: _merge([(n, done[n]) for n in sorted(done) if n.startswith(split + "-")])
+                for split in ("train", "val")}
+    sp = tok_lib.load(model_path)
+    manifest["vocab_size"] = sp.GetPieceSize()
+    for marker in staging.glob("*.done.json"):
+        marker.unlink()
+    job_file.unlink()
+    atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
     return manifest
+
+
+def _tokenize_job(args) -> dict:
+    return tokenize_file(*args)
+
+
+def _merge(entries) -> dict:
+    split = dict(docs=0, tokens=0, chars=0, bytes=0, files={}, sources={})
+    for name, e in entries:
+        for k in ("docs", "tokens", "chars", "bytes"):
+            split[k] += e[k]
+        split["files"][name] = e["file"]
+        for src, c in e["per_source"].items():
+            tot = split["sources"].setdefault(src, {"docs": 0, "tokens": 0})
+            tot["docs"] += c["docs"]
+            tot["tokens"] += c["tokens"]
+    return split
+
+
+def sources_of(files: list[Path], manifest_split: dict) -> tuple[list[str], np.ndarray]:
+    """Source names of a split and, per record (in file order), the index of its source in that list."""
+    names: dict[str, int] = {}
+    parts = []
+    for f in files:
+        entry = manifest_split.get("files", {}).get(f.name)
+        if entry is None or not Path(f"{f}.sources.npy").is_file():
+            raise KslmError(f"token shard {f} has no source index (tokenized by an older version); "
+                            "run `kslm tokenize` again to use data.mixture")
+        local = np.load(f"{f}.sources.npy", allow_pickle=False)
+        remap = np.asarray([names.setdefault(n, len(names)) for n in entry["sources"]] or [0], np.int32)
+        parts.append(remap[local])
+    return list(names), np.concatenate(parts)
 
 
 def read_manifest(tokens_dir: Path) -> dict:
