@@ -1,24 +1,24 @@
-"""Readers: raw files in any of the supported formats → iterator of Document(id, text, meta)."""
+"""Readers: raw files in any of the supported formats → iterator of Document(id, text, meta).
+
+The format comes from the file name (after a .gz/.bz2/.xz/.zst suffix): .jsonl/.ndjson, .json, .csv, .tsv,
+.parquet, .xml (MediaWiki dumps), *namuwiki*.json (NamuWiki dumps); anything else is plain text. A file that
+cannot be read to the end is counted under `file:<reason>` and the run goes on with what it gave.
+"""
 from __future__ import annotations
 
 import collections
 import glob
-import gzip
 import importlib.util
-import json
 import os
-import re
-import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from kslm_jax.data import formats, namuwiki, rawio, wikitext
 from kslm_jax.errors import KslmError
 
-_BLANK_LINE = re.compile(r"\n[ \t\u3000]*\n")
-# JSON lines end only at \n, \r\n or \r: str.splitlines() also splits at U+2028, U+0085 and others, which
-# json.dumps(ensure_ascii=False) leaves raw inside strings.
-_JSONL_LINE = re.compile(r"\r\n?|\n")
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# Records (lines, paragraphs, files, pages, elements) longer than this are skipped and counted, which bounds
+# what one file can make a reader hold in memory.
+MAX_RECORD_CHARS = 10_000_000
 
 
 class Document(NamedTuple):
@@ -63,70 +63,66 @@ def expand(sources: str) -> list[Path]:
 
 
 def decode_bytes(raw: bytes, stats: collections.Counter) -> str:
-    """UTF-8 (BOM or not) first, then CP949 (a superset of EUC-KR); bytes neither can read become U+FFFD."""
-    for enc in ("utf-8-sig", "cp949"):
-        try:
-            text = raw.decode(enc)
-            if enc != "utf-8-sig":
-                stats[f"encoding:{enc}"] += 1
-            return text
-        except UnicodeDecodeError:
-            continue
-    text = raw.decode("utf-8", errors="replace")
-    stats["undecodable_chars"] += text.count("\ufffd")
-    return text
+    """UTF-8 (BOM or not), UTF-16 with a BOM, CP949 (a superset of EUC-KR), detected from the first bytes;
+    characters the detected encoding cannot read are tried in the other one, else become U+FFFD, counted."""
+    return rawio.decode_bytes(raw, stats)
 
 
-def _open_bytes(path: Path) -> bytes:
+def format_of(path: Path) -> str:
+    name = rawio.strip_compression(path.name).lower()
+    if name.endswith(".xml"):
+        return "wikipedia"
+    if name.endswith(".json") and ("namuwiki" in name or name.startswith("docdata")):
+        return "namuwiki"
+    for suffix, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv"),
+                         (".tsv", "tsv"), (".parquet", "parquet")):
+        if name.endswith(suffix):
+            return kind
+    return "text"
+
+
+def _records(path: Path, raw: rawio.RawReader, text_mode: str, text_field: str, max_chars: int, stats):
+    kind = format_of(path)
+    if kind == "parquet":
+        return formats.read_parquet(raw, text_field, max_chars, stats)
+    if kind == "wikipedia":
+        return wikitext.read_dump(raw, max_chars, stats)
+    chunks = rawio.text_chunks(raw, stats)
+    if kind == "namuwiki":
+        return namuwiki.read_dump(chunks, max_chars, stats)
+    if kind == "jsonl":
+        return formats.read_jsonl(chunks, text_field, max_chars, stats)
+    if kind == "json":
+        return formats.read_json(chunks, text_field, max_chars, stats)
+    if kind in ("csv", "tsv"):
+        return formats.read_csv(chunks, text_field, "\t" if kind == "tsv" else ",", max_chars, stats)
+    return formats.read_text(chunks, text_mode, max_chars, stats)
+
+
+def read_file(path: Path, text_mode: str, text_field: str, stats: collections.Counter,
+              max_chars: int = MAX_RECORD_CHARS) -> Iterator[Document]:
+    """Documents of one file. Damage ends the file, never the run: it is counted as `file:<reason>`
+    (empty, binary, truncated, corrupt, unreadable, not_an_array, bad_json, bad_xml, missing_column, ...)."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:
-        raise KslmError(f"cannot read {path}: {e}") from None
+        with rawio.RawReader(path) as raw:
+            for suffix, text, meta in _records(path, raw, text_mode, text_field, max_chars, stats):
+                yield Document(f"{path}:{suffix}", text, {"source": str(path), **meta})
+    except rawio.BadFile as e:
+        stats[f"file:{e.reason}"] += 1
 
 
-def _field(record, dotted: str):
-    node = record
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def read_file(path: Path, text_mode: str, text_field: str, stats: collections.Counter) -> Iterator[Document]:
-    name = path.name.removesuffix(".gz")
-    text = decode_bytes(_open_bytes(path), stats)
-    if name.endswith((".jsonl", ".json")):
-        for lineno, line in enumerate(_JSONL_LINE.split(text), 1):
-            if not line.strip():
-                continue
-            try:
-                value = _field(json.loads(line), text_field)
-            except (ValueError, RecursionError):  # JSONDecodeError, over-long integers, deep nesting
-                stats["bad_json_line"] += 1
-                continue
-            if not isinstance(value, str):
-                stats["missing_text_field"] += 1
-                continue
-            if _SURROGATE.search(value):  # a lone \ud800 escape decodes to a str that cannot be encoded
-                value, n = _SURROGATE.subn("\ufffd", value)
-                stats["undecodable_chars"] += n
-            yield Document(f"{path}:{lineno}", value, {"source": str(path)})
-        return
-    if text_mode == "file":
-        pieces = [text]
-    elif text_mode == "line":
-        pieces = text.splitlines()
-    else:
-        pieces = _BLANK_LINE.split(text.replace("\r\n", "\n"))
-    for i, piece in enumerate(pieces):
-        if piece.strip():
-            yield Document(f"{path}:{i}", piece, {"source": str(path)})
-
-
-def read_all(files: list[Path], text_mode: str, text_field: str, stats: collections.Counter) -> Iterator[Document]:
+def read_all(files: list[Path], text_mode: str, text_field: str, stats: collections.Counter,
+             max_chars: int = MAX_RECORD_CHARS, per_file: dict | None = None) -> Iterator[Document]:
+    """All files in order. With `per_file`, each file's outcome lands there too, keyed by str(path):
+    `docs` read plus the reader's counts (file:<reason>, bad_json_line, undecodable_chars, ...)."""
     for path in files:
-        yield from read_file(path, text_mode, text_field, stats)
+        counts: collections.Counter = collections.Counter()
+        n = 0
+        for doc in read_file(path, text_mode, text_field, counts, max_chars):
+            n += 1
+            yield doc
+        stats.update(counts)
+        if per_file is not None:
+            entry = per_file.setdefault(str(path), collections.Counter())
+            entry["docs"] += n
+            entry.update(counts)

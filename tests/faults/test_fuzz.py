@@ -16,6 +16,7 @@ import string
 import tempfile
 import unicodedata
 import uuid
+import zlib
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from kslm_jax import config
-from kslm_jax.data import clean, prepare, sources
+from kslm_jax.data import clean, prepare, rawio, sources
 from kslm_jax.errors import KslmError
 
 
@@ -169,7 +170,7 @@ def test_decode_bytes_total(raw):
     text = sources.decode_bytes(raw, stats)
     assert isinstance(text, str)
     text.encode("utf-8")
-    assert set(stats) <= {"encoding:cp949", "undecodable_chars"}
+    assert set(stats) <= {"encoding:cp949", "encoding:utf-16", "undecodable_chars", "other_encoding_chars"}
 
 
 @fuzz(200)
@@ -224,9 +225,15 @@ def test_read_file_arbitrary_bytes(raw, suffix, mode):
     text = sources.decode_bytes(raw, collections.Counter())
     assert all(isinstance(doc.text, str) for doc in docs)
     assert len({doc.id for doc in docs}) == len(docs)
+    if stats["file:binary"] or stats["file:empty"]:  # skipped whole, and only when it is not text
+        assert not docs and (not raw or rawio.looks_binary(raw[:rawio.SAMPLE]))
+        return
     if ".json" not in suffix:
         assert all(doc.text.strip() for doc in docs)
-    if ".json" in suffix:
+    if suffix == ".json":  # an array, an object or JSON lines, told apart by the first line
+        for doc in docs:
+            doc.text.encode("utf-8")
+    elif ".jsonl" in suffix:
         nonblank = sum(1 for line in _JSONL_LINES.split(text) if line.strip())
         assert len(docs) + stats["bad_json_line"] + stats["missing_text_field"] == nonblank
         for doc in docs:
@@ -242,14 +249,19 @@ def test_read_file_arbitrary_bytes(raw, suffix, mode):
 @fuzz(100)
 @given(raw=st.binary(max_size=2048), mode=st.sampled_from(MODES))
 def test_read_file_not_gzip(raw, mode):
-    """Bytes that are no gzip stream, in a .gz file: KslmError naming the file, nothing else."""
+    """Bytes that are no gzip stream, in a .gz file: counted as corrupt or truncated, the file skipped."""
+    try:
+        gzip.decompress(raw)
+        valid = True
+    except (OSError, EOFError, zlib.error):
+        valid = False
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "notgzip.jsonl.gz"
         path.write_bytes(raw)
-        try:
-            _read(path, mode)
-        except KslmError as e:
-            assert "notgzip.jsonl.gz" in str(e)
+        docs, stats = _read(path, mode)
+    if not valid:
+        assert {k for k in stats if k.startswith("file:")} in ({"file:corrupt"}, {"file:truncated"})
+        assert stats["file:corrupt"] + stats["file:truncated"] == 1
 
 
 @fuzz(150)
@@ -266,13 +278,13 @@ def test_read_file_truncated_or_corrupt_gzip(payload, cut, flips, suffix, mode):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"broken{suffix}"
         path.write_bytes(truncated)
-        with pytest.raises(KslmError, match=re.escape(path.name)):  # every proper prefix is an error
-            _read(path, mode)
+        _, stats = _read(path, mode)  # every proper prefix is counted, and the run goes on
+        # (a binary start is found, and counted, before the cut is reached)
+        assert stats["file:truncated"] + stats["file:corrupt"] + stats["file:binary"] == 1
         path.write_bytes(bytes(corrupt))
-        try:  # flipped bytes may survive (header flags, mtime) or decode to other text; never another error
-            _read(path, mode)
-        except KslmError as e:
-            assert path.name in str(e)
+        # flipped bytes may survive (header flags, mtime) or decode to other text: at most one file reason
+        _, stats = _read(path, mode)
+        assert sum(v for k, v in stats.items() if k.startswith("file:")) <= 1
 
 
 # JSON lines with a known fate: ("doc", text) | ("bad", None) | ("counted", None: bad or missing) | ("missing",) | blank
@@ -316,6 +328,9 @@ def test_read_file_jsonl_accounts_for_every_line(lines, seps, bom, gz, final_new
         path = Path(d) / ("data.jsonl.gz" if gz else "data.jsonl")
         path.write_bytes(gzip.compress(raw) if gz else raw)
         docs, stats = _read(path, "paragraph")
+    if stats["file:binary"]:  # lines of NULs and other controls: skipped whole, and only then
+        assert not docs and rawio.looks_binary(raw[:rawio.SAMPLE])
+        return
     fates = [fate for _, fate in lines]
     assert [doc.text for doc in docs] == [text for kind, text in fates if kind == "doc"]
     kinds = collections.Counter(kind for kind, _ in fates)
