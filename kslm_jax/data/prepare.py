@@ -76,7 +76,8 @@ def _clean_all(files, dcfg, writers) -> dict:
     per_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     seen: set[bytes] = set()
     chars_in = 0
-    for doc in sources.read_all(files, dcfg.text_mode, dcfg.text_field, stats):
+    read_per_file: dict[str, collections.Counter] = {}  # documents and reader problems of each file
+    for doc in sources.read_all(files, dcfg.text_mode, dcfg.text_field, stats, per_file=read_per_file):
         src = doc.meta["source"]
         per_source[src]["docs_in"] += 1
         chars_in += len(doc.text)
@@ -105,6 +106,7 @@ def _clean_all(files, dcfg, writers) -> dict:
         cleaning=dict(stats),
         examples=dict(examples),
         per_source={k: dict(v) for k, v in per_source.items()},
+        read_per_file={k: dict(v) for k, v in read_per_file.items()},
     )
 
 
