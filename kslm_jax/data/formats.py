@@ -25,16 +25,22 @@ Record = tuple[str, str, dict]
 
 def field(record, dotted: str, spread: bool = False):
     """The value at a dotted path; with `spread`, a list met on the way is walked element by element."""
+    if not spread:
+        for part in dotted.split("."):
+            if not isinstance(record, dict) or part not in record:
+                return None
+            record = record[part]
+        return record
     nodes = [record]
     for part in dotted.split("."):
         nxt = []
         for node in nodes:
-            if spread and isinstance(node, list):
+            if isinstance(node, list):
                 nxt.extend(el[part] for el in node if isinstance(el, dict) and part in el)
             elif isinstance(node, dict) and part in node:
                 nxt.append(node[part])
         nodes = nxt
-    return nodes if spread else (nodes[0] if nodes else None)
+    return nodes
 
 
 def _checked(value, stats: collections.Counter, max_chars: int) -> str | None:
@@ -111,7 +117,12 @@ def read_jsonl(chunks, text_field: str, max_chars: int, stats, spread: bool = Fa
         except (ValueError, RecursionError):  # JSONDecodeError, over-long integers, deep nesting
             stats["bad_json_line"] += 1
             continue
-        values = field(record, text_field, spread=True) if spread else [field(record, text_field)]
+        if not spread:
+            text = _checked(field(record, text_field), stats, max_chars)
+            if text is not None:
+                yield str(lineno), text, {}
+            continue
+        values = field(record, text_field, spread=True)
         if not values:
             stats["missing_text_field"] += 1
         for k, value in enumerate(values):

@@ -103,10 +103,12 @@ def read_file(path: Path, text_mode: str, text_field: str, stats: collections.Co
               max_chars: int = MAX_RECORD_CHARS) -> Iterator[Document]:
     """Documents of one file. Damage ends the file, never the run: it is counted as `file:<reason>`
     (empty, binary, truncated, corrupt, unreadable, not_an_array, bad_json, bad_xml, missing_column, ...)."""
+    source = str(path)
     try:
         with rawio.RawReader(path) as raw:
             for suffix, text, meta in _records(path, raw, text_mode, text_field, max_chars, stats):
-                yield Document(f"{path}:{suffix}", text, {"source": str(path), **meta})
+                meta = {"source": source, **meta} if meta else {"source": source}
+                yield Document(f"{source}:{suffix}", text, meta)
     except rawio.BadFile as e:
         stats[f"file:{e.reason}"] += 1
 
