@@ -153,3 +153,29 @@ def test_mixed_stream_resumes_exactly(serial):
 def test_bad_mixture_is_one_clear_error(serial, spec, words):
     with pytest.raises(KslmError, match=re.escape(words)):
         pipeline.train_dataset(serial[0], _cfg(spec), 8)
+
+
+def test_split_field_keeps_each_movie_on_one_side(tmp_path):
+    """data.split_field=movie_id: every review of a movie is held out, or none is (NSMC rule)."""
+    import gzip
+    import itertools
+    from kslm_jax.data import prepare
+    src = tmp_path / "reviews.jsonl.gz"
+    with gzip.open("/work/shared/data/ko/nsmc_reviews.jsonl.gz", "rt", encoding="utf-8") as f:
+        lines = list(itertools.islice(f, 3000))
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.writelines(lines)
+    c = config_lib.base_config()
+    with c.unlocked():
+        c.data.sources, c.data.split_field, c.data.val_fraction = str(src), "movie_id", 0.3
+        c.data.dedup.near = False
+    prepare.prepare(c, tmp_path / "clean")
+    movie = {json.loads(x)["id"]: json.loads(x)["movie_id"] for x in lines}
+    side = {}
+    for split in ("train", "val"):
+        for f in (tmp_path / "clean").glob(f"{split}-*.jsonl"):
+            for line in f.read_text(encoding="utf-8").splitlines():
+                line_no = int(json.loads(line)["id"].rsplit(":", 1)[1])
+                side.setdefault(movie[json.loads(lines[line_no - 1])["id"]], set()).add(split)
+    assert len(side) > 10 and all(len(s) == 1 for s in side.values())
+    assert {"train", "val"} == set().union(*side.values())

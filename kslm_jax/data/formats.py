@@ -108,7 +108,16 @@ def _paragraphs(chunks, max_chars: int, stats) -> Iterator[Record]:
 
 # ---------------------------------------------------------------------------------------------- JSON
 
-def read_jsonl(chunks, text_field: str, max_chars: int, stats, spread: bool = False) -> Iterator[Record]:
+def _key_meta(record, key_field: str) -> dict:
+    """`{"key": value}` of the record's data.split_field, which decides its split instead of its text."""
+    if not key_field:
+        return {}
+    value = field(record, key_field) if isinstance(record, dict) else None
+    return {} if value is None else {"key": str(value)}
+
+
+def read_jsonl(chunks, text_field: str, max_chars: int, stats, spread: bool = False,
+               key_field: str = "") -> Iterator[Record]:
     for lineno, line in rawio.lines(chunks, rawio.JSONL_SEP, max_chars, stats):
         if not line.strip():
             continue
@@ -120,7 +129,7 @@ def read_jsonl(chunks, text_field: str, max_chars: int, stats, spread: bool = Fa
         if not spread:
             text = _checked(field(record, text_field), stats, max_chars)
             if text is not None:
-                yield str(lineno), text, {}
+                yield str(lineno), text, _key_meta(record, key_field)
             continue
         values = field(record, text_field, spread=True)
         if not values:
@@ -131,7 +140,7 @@ def read_jsonl(chunks, text_field: str, max_chars: int, stats, spread: bool = Fa
                 yield (f"{lineno}.{k}" if k else str(lineno)), text, {}
 
 
-def read_json(chunks, text_field: str, max_chars: int, stats) -> Iterator[Record]:
+def read_json(chunks, text_field: str, max_chars: int, stats, key_field: str = "") -> Iterator[Record]:
     """A .json file: an array of records (streamed), one object (the field path may cross lists), or, when
     its first line is a complete JSON value of its own, JSON lines."""
     chunks = iter(chunks)
@@ -147,7 +156,7 @@ def read_json(chunks, text_field: str, max_chars: int, stats) -> Iterator[Record
         for i, record in enumerate(iter_array(stream, max_chars)):
             text = _checked(field(record, text_field), stats, max_chars)
             if text is not None:
-                yield str(i), text, {}
+                yield str(i), text, _key_meta(record, key_field)
         return
     if stripped.startswith("{") and not _complete_first_line(stripped):
         parts, size = [], 0
@@ -168,7 +177,7 @@ def read_json(chunks, text_field: str, max_chars: int, stats) -> Iterator[Record
             if text is not None:
                 yield str(i), text, {}
         return
-    yield from read_jsonl(stream, text_field, max_chars, stats, spread=True)
+    yield from read_jsonl(stream, text_field, max_chars, stats, spread=True, key_field=key_field)
 
 
 def _complete_first_line(text: str) -> bool:
@@ -182,7 +191,7 @@ def _complete_first_line(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- CSV / TSV
 
-def read_csv(chunks, column: str, delimiter: str, max_chars: int, stats) -> Iterator[Record]:
+def read_csv(chunks, column: str, delimiter: str, max_chars: int, stats, key_field: str = "") -> Iterator[Record]:
     """First row is the header; `column` names the text column. TSV has no quoting (quotes are text there)."""
     if csv.field_size_limit() < max_chars:  # process-wide; only ever raised, to the record bound
         csv.field_size_limit(max_chars)
@@ -199,6 +208,7 @@ def read_csv(chunks, column: str, delimiter: str, max_chars: int, stats) -> Iter
     if column not in names:
         raise BadFile("missing_column", f"no column {column!r} in header {header[:8]}")
     idx = names.index(column)
+    key_idx = names.index(key_field) if key_field in names else None
     n = 0
     while True:
         try:
@@ -216,7 +226,7 @@ def read_csv(chunks, column: str, delimiter: str, max_chars: int, stats) -> Iter
             continue
         text = _checked(row[idx], stats, max_chars)
         if text is not None:
-            yield str(n), text, {}
+            yield str(n), text, ({"key": row[key_idx]} if key_idx is not None and len(row) > key_idx else {})
 
 
 # ---------------------------------------------------------------------------------------------- Parquet

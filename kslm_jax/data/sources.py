@@ -81,7 +81,8 @@ def format_of(path: Path) -> str:
     return "text"
 
 
-def _records(path: Path, raw: rawio.RawReader, text_mode: str, text_field: str, max_chars: int, stats):
+def _records(path: Path, raw: rawio.RawReader, text_mode: str, text_field: str, max_chars: int, stats,
+             key_field: str = ""):
     kind = format_of(path)
     if kind == "parquet":
         return formats.read_parquet(raw, text_field, max_chars, stats)
@@ -91,22 +92,23 @@ def _records(path: Path, raw: rawio.RawReader, text_mode: str, text_field: str, 
     if kind == "namuwiki":
         return namuwiki.read_dump(chunks, max_chars, stats)
     if kind == "jsonl":
-        return formats.read_jsonl(chunks, text_field, max_chars, stats)
+        return formats.read_jsonl(chunks, text_field, max_chars, stats, key_field=key_field)
     if kind == "json":
-        return formats.read_json(chunks, text_field, max_chars, stats)
+        return formats.read_json(chunks, text_field, max_chars, stats, key_field)
     if kind in ("csv", "tsv"):
-        return formats.read_csv(chunks, text_field, "\t" if kind == "tsv" else ",", max_chars, stats)
+        return formats.read_csv(chunks, text_field, "\t" if kind == "tsv" else ",", max_chars, stats,
+                                key_field)
     return formats.read_text(chunks, text_mode, max_chars, stats)
 
 
 def read_file(path: Path, text_mode: str, text_field: str, stats: collections.Counter,
-              max_chars: int = MAX_RECORD_CHARS) -> Iterator[Document]:
+              max_chars: int = MAX_RECORD_CHARS, key_field: str = "") -> Iterator[Document]:
     """Documents of one file. Damage ends the file, never the run: it is counted as `file:<reason>`
     (empty, binary, truncated, corrupt, unreadable, not_an_array, bad_json, bad_xml, missing_column, ...)."""
     source = str(path)
     try:
         with rawio.RawReader(path) as raw:
-            for suffix, text, meta in _records(path, raw, text_mode, text_field, max_chars, stats):
+            for suffix, text, meta in _records(path, raw, text_mode, text_field, max_chars, stats, key_field):
                 meta = {"source": source, **meta} if meta else {"source": source}
                 yield Document(f"{source}:{suffix}", text, meta)
     except rawio.BadFile as e:
@@ -114,13 +116,14 @@ def read_file(path: Path, text_mode: str, text_field: str, stats: collections.Co
 
 
 def read_all(files: list[Path], text_mode: str, text_field: str, stats: collections.Counter,
-             max_chars: int = MAX_RECORD_CHARS, per_file: dict | None = None) -> Iterator[Document]:
+             max_chars: int = MAX_RECORD_CHARS, per_file: dict | None = None,
+             key_field: str = "") -> Iterator[Document]:
     """All files in order. With `per_file`, each file's outcome lands there too, keyed by str(path):
     `docs` read plus the reader's counts (file:<reason>, bad_json_line, undecodable_chars, ...)."""
     for path in files:
         counts: collections.Counter = collections.Counter()
         n = 0
-        for doc in read_file(path, text_mode, text_field, counts, max_chars):
+        for doc in read_file(path, text_mode, text_field, counts, max_chars, key_field):
             n += 1
             yield doc
         stats.update(counts)
