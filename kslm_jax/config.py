@@ -51,10 +51,30 @@ def base_config() -> ml_collections.ConfigDict:
         text_mode="paragraph",  # txt files: file | paragraph (blank-line blocks) | line
         text_field="text",      # jsonl: key holding the text (a.b for nested)
         val_fraction=0.05,      # share of documents held out, chosen by a hash of the text
+        split_field="",         # jsonl/json/csv: hash this field (e.g. movie_id) instead of the text to pick the split
         min_chars=10,           # documents shorter than this (after cleaning) are dropped
+        max_chars=1_000_000,    # documents longer than this (after cleaning) are dropped; 0: no limit
         min_hangul_ratio=0.3,   # Hangul syllables and jamo over non-space characters
-        replace_urls=True,
-        replace_emails=True,
+        max_symbol_ratio=0.5,   # punctuation and symbols over non-space characters
+        max_dup_line_ratio=0.3,  # characters in lines that repeat an earlier line of the document, over all
+        max_top_2gram_ratio=0.2,   # repeats of the most frequent eojeol 2-gram, in characters over all (Gopher-like)
+        max_top_3gram_ratio=0.18,  # the same for 3-grams
+        max_top_4gram_ratio=0.16,  # the same for 4-grams
+        max_repeat=3,           # runs of one non-digit character are cut to this many (ㅋㅋㅋㅋㅋ → ㅋㅋㅋ); 0: off
+        email_action="replace",  # e-mail addresses: replace (by <이메일>) | drop (the document) | keep
+        url_action="replace",   # URLs: replace (<URL>) | drop | keep
+        rrn_action="replace",   # resident registration numbers 900101-1234567: replace (<주민번호>) | drop | keep
+        card_action="replace",  # card numbers, 4 groups of 4 digits: replace (<카드번호>) | drop | keep
+        phone_action="replace",  # Korean phone numbers (010-, 02-, +82 …): replace (<전화번호>) | drop | keep
+        dedup=dict(
+            exact=True,         # drop documents whose normalized text (lower case, letters, digits) came before
+            near=True,          # drop near-duplicates of earlier kept documents (MinHash LSH)
+            ngram=5,            # character n-gram (shingle) size, on the normalized text
+            bands=14,           # LSH bands; bands * rows MinHash permutations
+            rows=9,             # rows per band; Jaccard threshold ≈ (1/bands)^(1/rows) = 0.75
+            seed=0,             # MinHash permutations
+        ),
+        prepare_workers=0,      # processes that clean and hash in `kslm prepare` (0: one per CPU core)
         shard_docs=100_000,     # documents per clean/token shard
         seq_len=256,
         seed=0,
@@ -138,6 +158,11 @@ _CHOICES = {
     "model.remat": ("none", "dots", "full"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.text_mode": ("file", "paragraph", "line"),
+    "data.email_action": ("replace", "drop", "keep"),
+    "data.url_action": ("replace", "drop", "keep"),
+    "data.rrn_action": ("replace", "drop", "keep"),
+    "data.card_action": ("replace", "drop", "keep"),
+    "data.phone_action": ("replace", "drop", "keep"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "train.nonfinite": ("skip", "restore", "raise"),
 }
@@ -168,6 +193,20 @@ def validate(cfg) -> None:
             raise KslmError(f"config key {key}={_get(cfg, key)} must be positive")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    _validate_cleaning(cfg.data)
+
+
+def _validate_cleaning(d) -> None:
+    for key in ("min_chars", "max_chars", "max_repeat", "prepare_workers"):
+        if d[key] < 0:
+            raise KslmError(f"config key data.{key}={d[key]} must be 0 or more")
+    for key in ("min_hangul_ratio", "max_symbol_ratio", "max_dup_line_ratio", "max_top_2gram_ratio",
+                "max_top_3gram_ratio", "max_top_4gram_ratio"):
+        if not 0.0 <= d[key] <= 1.0:
+            raise KslmError(f"config key data.{key}={d[key]} must be in [0, 1]")
+    for key in ("ngram", "bands", "rows"):
+        if not 1 <= d.dedup[key] <= 1024:
+            raise KslmError(f"config key data.dedup.{key}={d.dedup[key]} must be in [1, 1024]")
 
 
 def _check_types(cfg, ref, prefix):
@@ -282,7 +321,7 @@ def parse_value(key: str, raw: str, old):
 # Keys a resumed run may change: they steer logging and scheduling, not the trajectory of the weights.
 HARMLESS = ("logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
             "train.step_timeout_s", "train.nonfinite", "train.spike_zscore", "generate.", "data.workers", "mesh.",
-            "data.verify_shards", "data.tokenize_workers")
+            "data.verify_shards", "data.tokenize_workers", "data.prepare_workers")
 
 
 def to_dict(cfg) -> dict:
@@ -311,7 +350,11 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
 
 # Keys that define the prepared corpus and tokenizer; before a run has a checkpoint only these are fixed.
 DATA_DEFINING = ("tokenizer.", "data.sources", "data.text_mode", "data.text_field", "data.val_fraction",
-                 "data.min_chars", "data.min_hangul_ratio", "data.replace_urls", "data.replace_emails")
+                 "data.split_field",
+                 "data.min_chars", "data.min_hangul_ratio", "data.max_chars", "data.max_symbol_ratio",
+                 "data.max_dup_line_ratio", "data.max_top_2gram_ratio", "data.max_top_3gram_ratio",
+                 "data.max_top_4gram_ratio", "data.max_repeat", "data.email_action", "data.url_action",
+                 "data.rrn_action", "data.card_action", "data.phone_action", "data.dedup.")
 
 
 def breaking_differences(old: dict, new: dict, trained: bool = True) -> list[str]:

@@ -46,51 +46,12 @@ def test_clean_is_nfc_not_nfkc():
     assert out != unicodedata.normalize("NFKC", text)
 
 
-def test_clean_rules_and_stats():
-    cfg = _dcfg()
-    stats = collections.Counter()
-    text = ("<p>제1조 <b>목적</b></p> <개정 2010.1.1> <!-- 주석 -->"
-            "\nA &amp; B 그리고 &lt;참고&gt;"
-            "\n자세한 내용: https://example.com/a?b=1 또는 www.example.org 참조"
-            "\n문의: hong.gildong@example.co.kr 로 연락"
-            "\n널\x00문자\x07와\u200b제어\x1f 끝"
-            "\n  여러\t\t개의   공백\u00a0과\u3000전각  "
-            "\n\n\n\n\n마지막\r\n줄")
-    out = clean.clean_text(text, cfg, stats)
-    assert out == ("제1조 목적 <개정 2010.1.1>"
-                   "\nA & B 그리고 <참고>"
-                   "\n자세한 내용: [URL] 또는 [URL] 참조"
-                   "\n문의: [EMAIL] 로 연락"
-                   "\n널문자와제어 끝"
-                   "\n여러 개의 공백 과 전각"
-                   "\n\n마지막\n줄")
-    assert stats["html_tags"] == 5  # <p> <b> </b> </p> <!-- -->
-    assert stats["html_entities"] == 1  # counted per document that had any
-    assert stats["urls"] == 2
-    assert stats["emails"] == 1
-    assert stats["control_chars"] == 4
-
-
-def test_clean_keeps_legal_notes_and_respects_switches():
-    stats = collections.Counter()
-    cfg = _dcfg(replace_urls=False, replace_emails=False)
-    text = "<신설 2015.3.27> 자세한 것은 https://example.com 또는 a@b.com 참조"
-    assert clean.clean_text(text, cfg, stats) == text
-    assert stats["html_tags"] == 0 and stats["urls"] == 0 and stats["emails"] == 0
-
-
 def test_clean_unescaped_entities_are_renormalized():
     stats = collections.Counter()
     assert clean.clean_text("&#4370;&#4449;&#4523;글", _dcfg(), stats) == "한글"
 
 
-def test_clean_email_with_www_domain_is_fully_replaced():
-    stats = collections.Counter()
-    out = clean.clean_text("문의는 kim.chulsoo@www.example.com 으로", _dcfg(), stats)
-    assert out == "문의는 [EMAIL] 으로"
-    assert stats["emails"] == 1
-    out = clean.clean_text("kim@example.com으로 보내고 https://example.com/a?b=1에서 확인", _dcfg(), stats)
-    assert out == "[EMAIL]으로 보내고 [URL]에서 확인"
+# The other cleaning rules and the filters are tested in test_clean.py.
 
 
 def test_hangul_ratio():

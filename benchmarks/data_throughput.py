@@ -1,0 +1,89 @@
+"""Data-stage throughput, one subcommand per stage, each printing a table.
+
+    python benchmarks/data_throughput.py prepare --input ../shared/data/ko/nsmc_reviews.jsonl.gz
+    python benchmarks/data_throughput.py prepare --input 'corpus/*.jsonl.gz' --workers 1 --set data.dedup.near=false
+
+prepare: the whole `kslm prepare` (read, clean, filter, exact and near dedup, shards, report) into a temporary
+folder; MB/s counts the UTF-8 bytes of the documents read, per second of wall time and per worker process.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kslm_jax import config as config_lib  # noqa: E402
+from kslm_jax.data import prepare as prepare_lib  # noqa: E402
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def bench_prepare(args) -> None:
+    overrides = [f"data.sources={args.input}", f"data.prepare_workers={args.workers}"] + args.set
+    cfg = config_lib.load(args.config, overrides)
+    workers = prepare_lib.worker_count(cfg.data.prepare_workers)
+    with tempfile.TemporaryDirectory(prefix="kslm-prepare-bench-") as tmp:
+        out = Path(tmp) / "clean"
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        report = prepare_lib.prepare(cfg, out)
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        mb_out = sum(p.stat().st_size for p in out.glob("*.jsonl")) / 1e6
+    # report["chars_in"] counts characters; the UTF-8 bytes are what a disk delivers (an untimed second read)
+    mb = _utf8_megabytes(prepare_lib.sources.expand(cfg.data.sources), cfg)
+    print(prepare_lib.format_report(report))
+    print()
+    rows = [("documents read", f"{report['docs_in']:,}"),
+            ("documents kept", f"{sum(report['docs_out'].values()):,}"),
+            ("exact duplicates removed", f"{report['dedup']['exact']['docs_removed']:,} "
+                                         f"({report['dedup']['exact']['clusters']:,} clusters)"),
+            ("near duplicates removed", f"{report['dedup']['near']['docs_removed']:,} "
+                                        f"({report['dedup']['near']['clusters']:,} clusters)"),
+            ("text read (UTF-8 MB)", f"{mb:,.1f}"),
+            ("shards written (MB)", f"{mb_out:,.1f}"),
+            ("worker processes", str(workers)),
+            ("wall time (s)", f"{wall:.1f}"),
+            ("CPU time, all processes (s)", f"{cpu:.1f}"),
+            ("MB/s", f"{mb / wall:.2f}"),
+            ("MB/s per worker", f"{mb / wall / workers:.2f}"),
+            ("MB/s per CPU-second", f"{mb / cpu:.2f}"),
+            ("documents/s", f"{report['docs_in'] / wall:,.0f}")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:{width}s}  {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(report=report, wall_s=wall, cpu_s=cpu, mb=mb, workers=workers),
+                                              indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _utf8_megabytes(files, cfg) -> float:
+    """UTF-8 size of every document read."""
+    docs = prepare_lib.sources.read_all(files, cfg.data.text_mode, cfg.data.text_field, collections.Counter())
+    return sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs) / 1e6
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    p = sub.add_parser("prepare", help="kslm prepare on a corpus: MB/s per worker, documents in/out per rule")
+    p.add_argument("--input", required=True, help="files or globs, as data.sources takes them")
+    p.add_argument("--config", default=None, help="recipe to start from (default: base config)")
+    p.add_argument("--workers", type=int, default=0, help="data.prepare_workers (0: one per CPU core)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
+    p.add_argument("--json", default=None, help="also write the numbers and the report here")
+    p.set_defaults(run=bench_prepare)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
