@@ -36,10 +36,11 @@ COMMANDS = {
     "generate": ("Sample text from the newest checkpoint (KV cache; temperature, top-k, top-p).",
                  "reads:  WORKDIR/checkpoints (newest), WORKDIR/tokenizer/spm.model\n"
                  "writes: nothing; prints the samples"),
-    "export": ("Export the newest checkpoint: hf (Hugging Face LlamaForCausalLM) or gguf (llama.cpp).",
+    "export": ("Export the newest checkpoint: hf (Hugging Face LlamaForCausalLM), gguf (llama.cpp) or onnx.",
                "reads:  WORKDIR/config.json, checkpoints (newest), tokenizer/spm.model\n"
                "writes: --out; hf: a folder with config.json, model.safetensors, tokenizer.model, ...;\n"
-               "        gguf: one file (default WORKDIR/export/model-<quant>.gguf)"),
+               "        gguf: one file (default WORKDIR/export/model-<quant>.gguf);\n"
+               "        onnx: a folder with model.onnx (+ model.onnx.data past 2 GB) and tokenizer.model"),
     "import": ("Import a local Hugging Face Llama directory (safetensors + tokenizer.model) as a new workdir.",
                "reads:  --hf DIR: config.json, model.safetensors (or sharded + index), tokenizer.model\n"
                "writes: WORKDIR/config.json, tokenizer/spm.model, checkpoints/0 (usable by train, eval, generate)"),
@@ -63,8 +64,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--quant", action="append", choices=["int8", "int4"], default=[],
                        help="also run with weight-only int8/int4 weights (repeatable)")
     if command == "export":
-        p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="target format")
-        p.add_argument("--quant", choices=["f16", "q8_0", "q4_0"], default="f16", help="gguf tensor type")
+        p.add_argument("--format", choices=["hf", "gguf", "onnx"], default="hf", help="target format")
+        p.add_argument("--quant", choices=["f16", "q8_0", "q4_0"], default=None,
+                       help="gguf tensor type (default f16); hf and onnx are float32 only")
         p.add_argument("--out", default=None, help="output folder (default WORKDIR/export/<format>)")
     if command == "import":
         p.add_argument("--hf", required=True, help="a local Hugging Face Llama model folder")

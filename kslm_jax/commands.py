@@ -132,17 +132,29 @@ def generate(args, overrides) -> int:
 
 
 def export(args, overrides) -> int:
-    from kslm_jax.export import hf_io
+    from kslm_jax.export import check_out, hf_io
     from kslm_jax.errors import KslmError
     if overrides:
         raise KslmError("export takes no --config.* overrides: it exports the run as configured in its workdir")
     export_dir = Path(args.workdir) / "export"
+    quant = getattr(args, "quant", None)
+    if quant and args.format != "gguf":
+        raise KslmError(f"--quant {quant} applies to --format gguf only; {args.format} exports float32 "
+                        "(measure int8/int4 with `kslm eval --quant`)")
     if args.format == "gguf":
         from kslm_jax.export import gguf_io
-        out = Path(args.out) if args.out else export_dir / f"model-{args.quant}.gguf"
-        gguf_io.export_gguf(Path(args.workdir), out, args.quant)
+        quant = quant or "f16"
+        out = Path(args.out) if args.out else export_dir / f"model-{quant}.gguf"
+        check_out(out, args.format)
+        gguf_io.export_gguf(Path(args.workdir), out, quant)
+    elif args.format == "onnx":
+        from kslm_jax.export import onnx_io
+        out = Path(args.out) if args.out else export_dir / "onnx"
+        check_out(out, args.format)
+        onnx_io.export_onnx(Path(args.workdir), out)
     else:
         out = Path(args.out) if args.out else export_dir / "hf"
+        check_out(out, args.format)
         hf_io.export_hf(Path(args.workdir), out)
     print(f"exported {args.workdir} -> {out} ({args.format})")
     return 0

@@ -35,6 +35,23 @@ def prepared(tmp_path_factory):
     return wd
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(prepared, tmp_path_factory):
+    """A copy of `prepared` trained 20 steps (checkpoint at step 20), for tests that compare exported models
+    with JAX: its logits are those of a trained model, not of an initialization. Tests must not change it."""
+    import numpy as np
+    from kslm_jax import workdir as workdir_lib
+    from kslm_jax.train import loop
+    wd = tmp_path_factory.mktemp("trained_tiny") / "run"
+    shutil.copytree(prepared, wd)
+    cfg = workdir_lib.config_for(wd, None, ["train.steps=20", "checkpoint.every_steps=20"], force=True)
+    trainer = loop.Trainer(cfg, wd)
+    trainer.fit()
+    params = jax.tree.map(np.asarray, trainer.state.params)
+    return SimpleNamespace(workdir=wd, cfg=cfg, model=trainer.model, params=params,
+                           sp=loop.check_tokenizer(cfg, wd))
+
+
 @pytest.fixture
 def workdir(prepared, tmp_path):
     """A private copy of the prepared workdir, so tests can train into it."""
@@ -51,3 +68,20 @@ def init_params(c, seed: int = 0):
     params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
     return model, jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                                is_leaf=lambda x: hasattr(x, "unbox"))
+
+
+def random_params(c, seed: int = 0, std: float = 0.1):
+    """A model of config `c` and float32 numpy parameters of its shapes without compiling model.init (seconds
+    per shape on 2 cores): matrices N(0, std), norm scales 1 + N(0, std). A large std gives peaked attention
+    and logits, so a runtime comparison cannot pass on near-uniform output."""
+    import jax.numpy as jnp
+    import numpy as np
+    from kslm_jax.model import llama
+    model = llama.Transformer(c)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    shapes = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, shapes,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    rng = np.random.default_rng(seed)
+    def draw(path, s):
+        return (rng.normal(0.0, std, s.shape) + (path[-1].key == "scale")).astype(np.float32)
+    return model, jax.tree_util.tree_map_with_path(draw, shapes)

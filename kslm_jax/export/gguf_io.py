@@ -4,6 +4,8 @@ The SentencePiece vocabulary goes in whole (pieces, scores, token types, byte pi
 logits width with unused tokens. llama.cpp's RoPE pairs dimensions (2i, 2i+1) where Hugging Face pairs
 (i, i + d/2), so the query and key rows are permuted per head, as llama.cpp's own converter does.
 Norm scales stay float32; with Q4_0/Q8_0 the embedding table is quantized too, the output matrix likewise.
+Q8_0/Q4_0 quantize rows in blocks of 32: a matrix whose rows are not a multiple of 32 wide stays F16, per
+tensor, as llama.cpp's own converter does, rather than refusing the whole model.
 """
 from __future__ import annotations
 
@@ -67,10 +69,29 @@ def _vocab(sp, size: int, gguf):
     return tokens, scores, types
 
 
+def _tokenizer_spec(sp):
+    """(model type, add_dummy_prefix) from the SentencePiece model itself, so imported tokenizers are read
+    as they are, not as our config assumes."""
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+    return kind, proto.normalizer_spec.add_dummy_prefix
+
+
 def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise KslmError("GGUF export needs the gguf package: pip install 'kslm_jax[export]'") from None
     if quant not in QUANTS:
         raise KslmError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
+    kind, dummy_prefix = _tokenizer_spec(sp)
+    if kind != "BPE":
+        # llama.cpp's "llama" tokenizer merges pieces by score, which reproduces SentencePiece BPE only.
+        raise KslmError(f"the tokenizer is a SentencePiece {kind.lower()} model; GGUF export needs "
+                        "tokenizer.model_type=bpe (llama.cpp would split text differently); retrain the "
+                        "tokenizer with --config.tokenizer.model_type=bpe, or export --format hf")
     c = llama.ModelConfig.from_config(cfg)
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
              "q4_0": gguf.GGMLQuantizationType.Q4_0}[quant]
@@ -105,6 +126,7 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
         w.add_pad_token_id(sp.pad_id())
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
+        w.add_add_space_prefix(bool(dummy_prefix))
         for name, arr in gguf_tensors(params, c).items():
             arr = np.ascontiguousarray(arr, np.float32)
             if arr.ndim == 1:
