@@ -85,12 +85,18 @@ def test_signatures_do_not_depend_on_chunking(sentences):
     assert (mh.band_hashes_of(texts[40:41]) == whole[40]).all()
 
 
-def test_planted_near_duplicates_recall(sentences):
+@pytest.fixture(scope="module")
+def planted(sentences):
+    """400 unrelated documents, then one variant of each with 0 to 32 random character edits."""
     rng = random.Random(0)
     bases = _bases(sentences, 400, rng)
     variants = [_edit(b, rng.choice([0, 1, 1, 2, 2, 3, 4, 6, 8, 12, 16, 24, 32]), rng) for b in bases]
     sims = np.array([_jaccard(b, v) for b, v in zip(bases, variants)])
-    verdict, owner, stats = dedup.near_duplicates(bases + variants)
+    return bases + variants, sims, dedup.near_duplicates(bases + variants)
+
+
+def test_planted_near_duplicates_recall(planted):
+    _, sims, (verdict, owner, stats) = planted
     assert (verdict[:400] == dedup.KEEP).all()  # unrelated documents are never merged
     found = verdict[400:] != dedup.KEEP
     high, low = sims >= 0.85, sims < 0.5
@@ -100,11 +106,10 @@ def test_planted_near_duplicates_recall(sentences):
     near = np.flatnonzero(verdict[400:] == dedup.NEAR)
     assert (owner[400 + near] == near).all()  # each variant is attributed to its own base
     assert stats["near"]["clusters"] == stats["near"]["docs_removed"] == near.size
-    return bases + variants, verdict, owner
 
 
-def test_lsh_pass_in_slices_is_the_same(sentences, monkeypatch):
-    texts, verdict, owner = test_planted_near_duplicates_recall(sentences)
+def test_lsh_pass_in_slices_is_the_same(planted, monkeypatch):
+    texts, _, (verdict, owner, _) = planted
     monkeypatch.setattr(dedup, "_GROUPS", 3)
     v, o, _ = dedup.near_duplicates(texts)
     assert (v == verdict).all() and (o == owner).all()
