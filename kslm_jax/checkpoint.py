@@ -22,8 +22,8 @@ log = logging.getLogger("kslm")
 
 
 class DataHandler(grain.checkpoint.CheckpointHandler):
-    """grain's iterator handler (one `process_<i>-of-<n>.json` per process), except that a process whose
-    own file is missing takes another's, preferring process 0's.
+    """The data iterator's JSON state in grain's layout (one `process_<i>-of-<n>.json` per process); a
+    process whose own file is missing takes another's, preferring process 0's.
 
     The pipeline builds the same global stream on every process and only slices each batch, so every
     process's iterator state is identical and a checkpoint resumes under any process count.
@@ -31,8 +31,6 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
 
     def save(self, directory, item=None, args=None):
         item = item or args.item
-        if not hasattr(item, "iters"):
-            return super().save(directory, item=item, args=args)
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         (directory / name).write_text(json.dumps(item.get_state(), indent=1))
 
@@ -54,8 +52,6 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
                      own.name, found[0].name)
             own = found[0]
         item.set_state(json.loads(own.read_text()))
-        if hasattr(item, "start_prefetch"):
-            item.start_prefetch()
         return item
 
 

@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,
         packing_bins=8,         # rows the first-fit packer keeps open
         max_segments_per_row=64,  # documents one packed row may hold (cudnn_packed sizes its tables by it)
-        workers=0,              # grain worker processes per stream (0: in the training process)
+        workers=0,              # batches each stream prepares ahead in a background thread (0: on demand)
         tokenize_workers=0,     # processes that encode token shards in `kslm tokenize` (0: one per CPU core)
         mixture="",             # weighted sources, "pattern:weight,..." (fnmatch on each document's source); "": as read
         verify_shards=True,     # CRC32 of every token shard at start (sizes and record counts are always checked)

@@ -1,7 +1,8 @@
-"""The grain input pipeline: token shards → chunks → shuffle → first-fit packing with segment ids → batches.
+"""The input pipeline: token shards → chunks → seeded order (mixed by weight) → first-fit packing → batches.
 
-Every transformation is a deterministic function of (seed, position), and the iterator's state is a small
-JSON dict that the checkpoint stores, so resuming at step N yields exactly the batches of step N onward.
+Records are read through grain's ArrayRecord data source; ordering and packing live in data/packing.py.
+Every step is a function of (seed, position), and the iterator's state is a small JSON dict that the
+checkpoint stores, so resuming at step N yields exactly the batches of step N onward.
 """
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import fnmatch
 import functools
 from pathlib import Path
 
-import grain
+from array_record.python import array_record_module
 import jax
 import numpy as np
 
-from kslm_jax.data import shards
+from kslm_jax.data import packing, shards
 from kslm_jax.errors import KslmError
 
 FEATURES = ("inputs", "targets")
@@ -27,7 +28,7 @@ class ChunkSource:
     """
 
     def __init__(self, files: list[Path], seq_len: int):
-        self.records = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+        self._readers = None
         self.files = files
         per_file = shards.lengths_per_file(files)
         self.lengths = np.concatenate(per_file)
@@ -37,51 +38,42 @@ class ChunkSource:
         self.doc = np.repeat(np.arange(len(pairs)), per_doc)
         first = np.cumsum(per_doc) - per_doc
         self.start = (np.arange(len(self.doc)) - np.repeat(first, per_doc)) * seq_len
+        self.chunk_tokens = np.minimum(seq_len, pairs[self.doc] - self.start)
         self.seq_len = seq_len
+
+    def read_docs(self, docs) -> list[np.ndarray]:
+        """Token arrays of these documents, with one batched ArrayRecord lookup per shard file."""
+        docs = np.asarray(docs, np.int64)
+        if self._readers is None:  # opened on first use, in the process (or thread) that reads
+            self._readers = [array_record_module.ArrayRecordReader(str(f), "readahead_buffer_size:0")
+                             for f in self.files]
+        file_of = np.searchsorted(self.first_record, docs, side="right") - 1
+        raw: list = [None] * len(docs)
+        for f in np.unique(file_of):
+            where = np.flatnonzero(file_of == f)
+            got = self._readers[f].read((docs[where] - self.first_record[f]).tolist())
+            for i, r in zip(where.tolist(), got):
+                raw[i] = r
+        out = []
+        for d, r in zip(docs.tolist(), raw):
+            self._check(d, r)
+            out.append(np.frombuffer(r, shards.TOKEN_DTYPE))
+        return out
+
+    def _check(self, d: int, raw: bytes) -> None:
+        if len(raw) != 4 * self.lengths[d]:  # a shard changed after its index was written
+            f = int(np.searchsorted(self.first_record, d, side="right")) - 1
+            raise KslmError(f"token shard {self.files[f]} record {d - self.first_record[f]} holds {len(raw)} bytes, "
+                            f"its index says {4 * self.lengths[d]}; run `kslm tokenize` again for this workdir")
 
     def __len__(self) -> int:
         return len(self.doc)
 
     def __getitem__(self, i: int) -> dict:
-        d = int(self.doc[i])
-        raw = self.records[d]
-        if len(raw) != 4 * self.lengths[d]:  # a shard changed after its index was written
-            f = int(np.searchsorted(self.first_record, d, side="right")) - 1
-            raise KslmError(f"token shard {self.files[f]} record {d - self.first_record[f]} holds {len(raw)} bytes, "
-                            f"its index says {4 * self.lengths[d]}; run `kslm tokenize` again for this workdir")
-        tokens = np.frombuffer(raw, shards.TOKEN_DTYPE)
+        tokens = self.read_docs([self.doc[i]])[0]
         s = int(self.start[i])
         piece = tokens[s: s + self.seq_len + 1]
         return {"inputs": piece[:-1].astype(np.int32), "targets": piece[1:].astype(np.int32)}
-
-
-def _to_batch(b: dict) -> dict:
-    return {
-        "inputs": b["inputs"],
-        "targets": b["targets"],
-        "positions": b["inputs_positions"],
-        "segment_ids": b["inputs_segment_ids"],
-    }
-
-
-def _packed(ds: grain.IterDataset, dcfg, seed: int) -> grain.IterDataset:
-    length = {k: dcfg.seq_len for k in FEATURES}
-    return grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=length, num_packing_bins=dcfg.packing_bins, seed=seed,
-        shuffle_bins=True, max_sequences_per_bin=dcfg.max_segments_per_row)
-
-
-class _Subset:
-    """The chunks of a ChunkSource whose documents belong to one mixture component."""
-
-    def __init__(self, source: ChunkSource, index: np.ndarray):
-        self.source, self.index = source, index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.source[int(self.index[i])]
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
@@ -100,8 +92,8 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def mixture_components(source: ChunkSource, tokens_dir: Path, spec: str) -> list[tuple[str, float, np.ndarray]]:
-    """(pattern, weight, chunk indices) per mixture component; every source must fall in exactly one."""
+def mixture_components(source: ChunkSource, tokens_dir: Path, spec: str) -> list[tuple[float, np.ndarray]]:
+    """(draw weight, chunk indices) per mixture component; every source must fall in exactly one."""
     names, per_record = shards.sources_of(source.files, shards.read_manifest(tokens_dir)["train"])
     patterns = parse_mixture(spec)
     group_of_source = []
@@ -112,7 +104,7 @@ def mixture_components(source: ChunkSource, tokens_dir: Path, spec: str) -> list
                             "(a final '*:weight' catches the rest)")
         group_of_source.append(hit)
     chunk_group = np.asarray(group_of_source, np.int32)[per_record[source.doc]]
-    chunk_tokens = np.minimum(source.seq_len, source.lengths[source.doc] - 1 - source.start)
+    chunk_tokens = source.chunk_tokens
     out = []
     for g, (pat, w) in enumerate(patterns):
         idx = np.flatnonzero(chunk_group == g)
@@ -120,7 +112,7 @@ def mixture_components(source: ChunkSource, tokens_dir: Path, spec: str) -> list
             raise KslmError(f"data.mixture pattern {pat!r} matches no training document (sources: "
                             f"{', '.join(names)})")
         # Weights are shares of training tokens: a component of short documents is drawn more often.
-        out.append((pat, w / float(chunk_tokens[idx].mean()), idx))
+        out.append((w / float(chunk_tokens[idx].mean()), idx))
     return out
 
 
@@ -182,26 +174,13 @@ class StreamIterator:
             it.set_state(state["streams"][str(s)])
 
 
-def _shuffled(source, seed: int, index: int, count: int) -> grain.IterDataset:
-    ds = grain.MapDataset.source(source)
-    if count > 1:
-        ds = ds[index::count]
-    return ds.shuffle(seed=seed).repeat(None).to_iter_dataset()
-
-
-def _stream(source, dcfg, index: int, count: int, rows: int, components=None) -> grain.IterDataset:
-    if components:
-        # Each component is shuffled and repeated on its own, then drawn by weight, so a small source is
-        # seen more often than its share of tokens when its weight says so.
-        parts = [_shuffled(_Subset(source, idx), dcfg.seed + index + 7919 * (g + 1), index, count)
-                 for g, (_, _, idx) in enumerate(components)]
-        ds = grain.IterDataset.mix(parts, [w for _, w, _ in components])
-    else:
-        ds = _shuffled(source, dcfg.seed + index, index, count)
-    out = _packed(ds, dcfg, dcfg.seed + index).batch(rows, drop_remainder=True).map(_to_batch)
-    if dcfg.workers > 0:
-        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=dcfg.workers))
-    return out
+def _stream(source, dcfg, index: int, count: int, rows: int, components=None):
+    components = components or [(1.0, np.arange(len(source)))]
+    # Stream `index` of `count` owns every count-th chunk of each component, so streams never overlap.
+    mine = [(w, idx[index::count]) for w, idx in components]
+    stream = packing.PackedStream(source, rows, dcfg.packing_bins, dcfg.max_segments_per_row, mine,
+                                  seed=dcfg.seed + index)
+    return packing.Prefetch(stream, dcfg.workers) if dcfg.workers > 0 else stream
 
 
 def train_dataset(tokens_dir: Path, dcfg, global_batch: int, accum: int = 1):
@@ -231,12 +210,9 @@ def eval_batches(tokens_dir: Path, dcfg, global_batch: int, max_batches: int = 0
     """
     source = ChunkSource(shards.shard_files(tokens_dir, "val"), dcfg.seq_len)
     rows = _host_slice(global_batch)
-    ordered = grain.MapDataset.source(source).to_iter_dataset()
-    batches = _packed(ordered, dcfg, 0).batch(global_batch, drop_remainder=False)
-    for i, b in enumerate(batches.map(_to_batch)):
+    batches = packing.PackedStream(source, global_batch, dcfg.packing_bins, dcfg.max_segments_per_row,
+                                   [(1.0, np.arange(len(source)))], seed=0, shuffle=False, repeat=False)
+    for i, b in enumerate(batches):  # the last batch comes padded with empty rows
         if max_batches and i >= max_batches:
             return
-        short = global_batch - b["inputs"].shape[0]
-        if short:
-            b = {k: np.pad(v, ((0, short), (0, 0))) for k, v in b.items()}
         yield b if rows is None else rows(b)
