@@ -3,14 +3,21 @@
     python benchmarks/data_throughput.py prepare --input ../shared/data/ko/nsmc_reviews.jsonl.gz
     python benchmarks/data_throughput.py prepare --input 'corpus/*.jsonl.gz' --workers 1 --set data.dedup.near=false
 
+    python benchmarks/data_throughput.py tokenize --workdir runs/nsmc      # after kslm prepare and kslm tokenizer
+    python benchmarks/data_throughput.py loader --workdir runs/nsmc --seq-len 1024 --batch 32
+
 prepare: the whole `kslm prepare` (read, clean, filter, exact and near dedup, shards, report) into a temporary
 folder; MB/s counts the UTF-8 bytes of the documents read, per second of wall time and per worker process.
+tokenize: `kslm tokenize` of the workdir's clean shards into a temporary folder; tokens/s per worker.
+loader: training batches delivered by the loader (order, packing, reads) in this process; tokens/s counts
+real tokens (padding excluded), the number a device step consumes.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -65,6 +72,46 @@ def bench_prepare(args) -> None:
                                               indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _table(rows) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:{width}s}  {v}")
+
+
+def bench_tokenize(args) -> None:
+    from kslm_jax import workdir as workdir_lib
+    from kslm_jax.data import shards
+    paths = workdir_lib.paths(args.workdir)
+    with tempfile.TemporaryDirectory(prefix="kslm-tokenize-bench-") as tmp:
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        manifest = shards.tokenize(paths["clean"], paths["tokenizer"], Path(tmp) / "tokens", args.workers)
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    tokens = manifest["train"]["tokens"] + manifest["val"]["tokens"]
+    workers = args.workers or os.cpu_count()
+    _table([("documents", f"{manifest['train']['docs'] + manifest['val']['docs']:,}"),
+            ("tokens", f"{tokens:,}"), ("worker processes", str(workers)), ("wall time (s)", f"{wall:.1f}"),
+            ("tokens/s", f"{tokens / wall:,.0f}"), ("tokens/s per worker", f"{tokens / wall / workers:,.0f}"),
+            ("tokens per CPU-second", f"{tokens / cpu:,.0f}")])
+
+
+def bench_loader(args) -> None:
+    from kslm_jax import workdir as workdir_lib
+    from kslm_jax.data import pipeline
+    cfg = config_lib.load(args.config, [f"data.seq_len={args.seq_len}", f"data.workers={args.prefetch}"] + args.set)
+    it = iter(pipeline.train_dataset(workdir_lib.paths(args.workdir)["tokens"], cfg.data, args.batch))
+    next(it)  # index planning and the first epoch's order are paid once per run
+    real = 0
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(args.batches):
+        real += int((next(it)["segment_ids"] > 0).sum())
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    slots = args.batches * args.batch * args.seq_len
+    _table([("batch x seq_len", f"{args.batch} x {args.seq_len}"), ("batches", str(args.batches)),
+            ("prefetch depth (data.workers)", str(args.prefetch)), ("rows filled", f"{real / slots:.1%}"),
+            ("wall time (s)", f"{wall:.2f}"), ("tokens/s", f"{real / wall:,.0f}"),
+            ("tokens per CPU-second", f"{real / cpu:,.0f}")])
+
+
 def _utf8_megabytes(files, cfg) -> float:
     """UTF-8 size of every document read."""
     docs = prepare_lib.sources.read_all(files, cfg.data.text_mode, cfg.data.text_field, collections.Counter())
@@ -81,6 +128,19 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--json", default=None, help="also write the numbers and the report here")
     p.set_defaults(run=bench_prepare)
+    p = sub.add_parser("tokenize", help="kslm tokenize of a prepared workdir: tokens/s")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--workers", type=int, default=0, help="data.tokenize_workers (0: one per CPU core)")
+    p.set_defaults(run=bench_tokenize)
+    p = sub.add_parser("loader", help="training batches from a tokenized workdir: tokens/s")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default=None)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--prefetch", type=int, default=0, help="data.workers: batches made ahead in a thread")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(run=bench_loader)
     args = parser.parse_args(argv)
     args.run(args)
 
