@@ -1,6 +1,7 @@
 """Held-out quality, file size and CPU speed of every deployable form of one trained workdir.
 
     python benchmarks/export_quality.py --workdir runs/nsmc [--docs 500] [--threads 2]
+        [--speed-recipe configs/ko_125m.py]
 
 Rows: JAX float32, JAX bfloat16 (weights rounded to bf16, bf16 matrix products), JAX weight-only int8 /
 int4 (dequantized, see export/quantize.py), and llama.cpp (llama-cpp-python) on the GGUF exports F16,
@@ -45,11 +46,12 @@ def held_out(workdir: Path, sp, window: int, n_docs: int):
     return docs, chars, skipped
 
 
-def jax_nll(c, params, docs, window: int, batch: int = 32) -> float:
+def jax_nll(c, params, docs, window: int) -> float:
     import jax
     import jax.numpy as jnp
     from kslm_jax.model import llama
     model = llama.Transformer(c)
+    batch = max(1, min(32, 2**26 // (window * c.vocab_size)))  # float32 logits of a batch within 256 MiB
 
     @jax.jit
     def nll_sum(p, tokens, mask):
@@ -117,6 +119,9 @@ def main(argv=None) -> None:
     ap.add_argument("--gen", type=int, default=64, help="tokens generated for the generation speed")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="keep the GGUF files here (default: a temp folder)")
+    ap.add_argument("--speed-recipe", action="append", default=[],
+                    help="also time llama.cpp on random weights of this recipe's shape, e.g. configs/ko_125m.py "
+                         "(speed does not depend on the weights' values; repeatable)")
     args = ap.parse_args(argv)
 
     import dataclasses
@@ -164,6 +169,10 @@ def main(argv=None) -> None:
         add(f"llama.cpp {quant.upper()}", nll, path.stat().st_size, pp, tg)
         if args.out is None:
             path.unlink()
+    speed_rows = [row for recipe in args.speed_recipe
+                  for row in speed_of_shape(recipe, sp, prompt, folder, args)]
+    if args.out is None:
+        folder.rmdir()
 
     base = rows[0][1]
     print(f"\n(measured in {time.perf_counter() - t0:.0f}s)\n")
@@ -174,6 +183,38 @@ def main(argv=None) -> None:
         speed = (f"{pp:,.0f} | {tg:,.0f}" if pp else "— | —")
         print(f"| {name} | {size / 2**20:.2f} | {math.exp(nll / tokens):.3f} | {bpc:.4f} | "
               f"{bpc - base / LN2 / chars:+.4f} | {speed} |")
+    if speed_rows:
+        print("\n| shape (random weights) | weights | size MiB | prompt tok/s | gen tok/s |\n|---|---|---|---|---|")
+        for shape, quant, size, pp, tg in speed_rows:
+            print(f"| {shape} | llama.cpp {quant.upper()} | {size / 2**20:.1f} | {pp:,.0f} | {tg:,.1f} |")
+
+
+def speed_of_shape(recipe: str, sp, prompt, folder: Path, args):
+    """llama.cpp speed of each GGUF type for a model of `recipe`'s shape, with N(0, 0.02) weights."""
+    import jax
+    import jax.numpy as jnp
+    from kslm_jax import config as config_lib
+    from kslm_jax.export import gguf_io
+    from kslm_jax.model import llama
+    import dataclasses
+    cfg = config_lib.load(recipe, [])
+    c = dataclasses.replace(llama.ModelConfig.from_config(cfg), attention="xla")  # shapes only: any kernel will do
+    shapes = jax.eval_shape(llama.Transformer(c).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    shapes = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, shapes["params"],
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0.0, 0.02, s.shape).astype(np.float32), shapes)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    shape = f"{Path(recipe).stem} ({n / 1e6:.0f}M)"
+    rows = []
+    for quant in gguf_io.QUANTS:
+        path = gguf_io.write_gguf(params, cfg, sp, folder / f"{Path(recipe).stem}-{quant}.gguf", quant)
+        pp, tg = llama_speed(path, prompt, args.gen, args.threads, args.repeats)
+        rows.append((shape, quant, path.stat().st_size, pp, tg))
+        print(f"  {shape} llama.cpp {quant.upper()}: prompt {pp:,.0f} tok/s, generation {tg:,.1f} tok/s", flush=True)
+        if args.out is None:
+            path.unlink()
+    return rows
 
 
 if __name__ == "__main__":
