@@ -44,6 +44,12 @@ COMMANDS = {
     "import": ("Import a local Hugging Face Llama directory (safetensors + tokenizer.model) as a new workdir.",
                "reads:  --hf DIR: config.json, model.safetensors (or sharded + index), tokenizer.model\n"
                "writes: WORKDIR/config.json, tokenizer/spm.model, checkpoints/0 (usable by train, eval, generate)"),
+    "distill-cache": ("Write the teacher's top-k predictions for every training batch (offline distillation).",
+                      "reads:  distill.teacher, WORKDIR/data/tokens (the same batches `kslm train` will see)\n"
+                      "writes: WORKDIR/distill_cache (or distill.cache): ArrayRecord shards + manifest.json"),
+    "prune": ("Make a smaller model from a trained one: drop layers, MLP channels, heads, embedding channels.",
+              "reads:  --teacher WORKDIR (config, newest checkpoint, tokens for calibration)\n"
+              "writes: WORKDIR/config.json, tokenizer/, data/tokens (hard links), prune.json, checkpoints/0"),
     "demo": ("Run every stage on the bundled Korean corpus: prepare, tokenizer, tokenize, train, eval, generate.",
              "reads:  the constitution and bill texts inside the KoNLPy wheel (configs/tiny_ko.py)\n"
              "writes: everything above under WORKDIR (default runs/demo)"),
@@ -70,6 +76,21 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="output folder (default WORKDIR/export/<format>)")
     if command == "import":
         p.add_argument("--hf", required=True, help="a local Hugging Face Llama model folder")
+    if command == "distill-cache":
+        p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                       help="storage of the top-k log-probabilities (ids are int32)")
+    if command == "prune":
+        p.add_argument("--teacher", required=True, help="the trained workdir to prune")
+        p.add_argument("--keep-layers", default=None, help="layers to keep, e.g. 0,2,4")
+        p.add_argument("--n-layers", type=int, default=None, help="layers to keep, chosen by --drop-layers-by")
+        p.add_argument("--drop-layers-by", choices=["importance", "every_other"], default="importance",
+                       help="importance: keep the highest block influence (1 - cos(h_in, h_out)); every_other: "
+                            "evenly spaced from the first")
+        p.add_argument("--d-model", type=int, default=None, help="embedding channels to keep")
+        p.add_argument("--d-ff", type=int, default=None, help="MLP channels to keep per layer")
+        p.add_argument("--n-heads", type=int, default=None, help="query heads to keep per layer")
+        p.add_argument("--n-kv-heads", type=int, default=None, help="KV heads (groups) to keep per layer")
+        p.add_argument("--calib-batches", type=int, default=8, help="training batches that measure importance")
     return p
 
 
@@ -129,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from kslm_jax import commands
         # `import` and `eval` are Python names; their functions carry a trailing underscore.
-        code = getattr(commands, command + "_" if command in ("import", "eval") else command)(args, overrides)
+        name = command.replace("-", "_")
+        code = getattr(commands, name + "_" if command in ("import", "eval") else name)(args, overrides)
     except KslmError as e:
         _fail(str(e))
     except OSError as e:

@@ -63,7 +63,11 @@ def train(args, overrides) -> int:
     from kslm_jax.train import loop
     cfg = _cfg(args, overrides)
     loop.check_tokenizer(cfg, Path(args.workdir))
-    trainer = loop.Trainer(cfg, args.workdir)
+    trainer_cls = loop.Trainer
+    if cfg.distill.teacher or cfg.distill.cache:  # distillation changes the objective and adds the teacher
+        from kslm_jax.train import distill_trainer
+        trainer_cls = distill_trainer.DistillTrainer
+    trainer = trainer_cls(cfg, args.workdir)
     summary = trainer.fit(on_eval=_print_eval)
     if summary.get("eval"):
         _write_eval(args.workdir, {"model": summary["eval"], "step": summary["step"]})
@@ -210,3 +214,37 @@ def demo(args, overrides) -> int:
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; TensorBoard: "
           f"tensorboard --logdir {Path(args.workdir) / 'tensorboard'} --host 127.0.0.1")
     return 0 if after["bits_per_char"] < unigram["bits_per_char"] else 1
+
+
+def distill_cache(args, overrides) -> int:
+    from kslm_jax.train import distill_cache as cache_lib
+    cfg = _cfg(args, overrides)
+    out = cache_lib.write(cfg, Path(args.workdir), args.dtype)
+    rel = out.relative_to(Path(args.workdir)) if out.is_relative_to(Path(args.workdir)) else out
+    print(f"distill-cache: teacher top-{cfg.distill.topk} ({args.dtype}) for {cfg.train.steps} batches -> {out}\n"
+          f"train from it with: kslm train --workdir {args.workdir} --config.distill.cache={rel}")
+    return 0
+
+
+def prune(args, overrides) -> int:
+    from kslm_jax.errors import KslmError
+    from kslm_jax.train import prune as prune_lib
+    if args.config:
+        raise KslmError("prune takes the teacher's config; change the output's keys with --config.S.K=V overrides")
+    keep = None
+    if args.keep_layers:
+        try:
+            keep = [int(x) for x in args.keep_layers.split(",") if x.strip()]
+        except ValueError:
+            raise KslmError(f"--keep-layers {args.keep_layers!r}: give layer numbers such as 0,2,4") from None
+    if keep and args.n_layers:
+        raise KslmError("give either --keep-layers or --n-layers (with --drop-layers-by), not both")
+    report = prune_lib.prune(Path(args.teacher), Path(args.workdir), keep_layers=keep, n_layers=args.n_layers,
+                             by=args.drop_layers_by, d_model=args.d_model, d_ff=args.d_ff, n_heads=args.n_heads,
+                             n_kv_heads=args.n_kv_heads, calib_batches=args.calib_batches, overrides=overrides,
+                             force=args.force)
+    s, p = report["shape"], report["params"]
+    print(f"pruned {args.teacher} ({p['teacher'] / 1e6:.1f}M) -> {args.workdir} ({p['student'] / 1e6:.1f}M): "
+          f"layers {report['kept']['layers']}, d_model {s['d_model']}, heads {s['n_heads']}/{s['n_kv_heads']}, "
+          f"d_ff {s['d_ff']}; checkpoint step 0")
+    return 0

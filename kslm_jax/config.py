@@ -134,6 +134,16 @@ def base_config() -> ml_collections.ConfigDict:
         top_p=0.95,
         seed=0,
     )
+    c.distill = dict(
+        teacher="",             # teacher: a workdir of this project or a local HF Llama folder; "" = no distillation
+        teacher_format="workdir",  # workdir | hf (imported once into WORKDIR/teacher_import)
+        loss="forward_kl",      # forward_kl KL(t||s) | reverse_kl KL(s||t) | jsd (generalized, beta) | skew_kl
+        beta=0.5,               # jsd: teacher weight in the mixture m = beta*t + (1-beta)*s; skew_kl: KL(t || m)
+        temperature=1.0,        # both distributions softened by it; the KD term is scaled by temperature**2
+        alpha=0.5,              # loss = alpha * KD + (1 - alpha) * ground-truth CE (+ z-loss)
+        topk=0,                 # >0: KD over the teacher's top-k tokens, both sides renormalized over them
+        cache="",               # `kslm distill-cache` output (relative: inside the workdir); read instead of the teacher
+    )
     c.lock()
     return c
 
@@ -165,6 +175,8 @@ _CHOICES = {
     "data.phone_action": ("replace", "drop", "keep"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "train.nonfinite": ("skip", "restore", "raise"),
+    "distill.teacher_format": ("workdir", "hf"),
+    "distill.loss": ("forward_kl", "reverse_kl", "jsd", "skew_kl"),
 }
 
 
@@ -193,6 +205,7 @@ def validate(cfg) -> None:
             raise KslmError(f"config key {key}={_get(cfg, key)} must be positive")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    _validate_distill(cfg)
     _validate_cleaning(cfg.data)
 
 
@@ -207,6 +220,25 @@ def _validate_cleaning(d) -> None:
     for key in ("ngram", "bands", "rows"):
         if not 1 <= d.dedup[key] <= 1024:
             raise KslmError(f"config key data.dedup.{key}={d.dedup[key]} must be in [1, 1024]")
+
+
+def _validate_distill(cfg) -> None:
+    d = cfg.distill
+    if not 0.0 <= d.alpha <= 1.0:
+        raise KslmError(f"config key distill.alpha={d.alpha} must be in [0, 1] (the weight of the KD term)")
+    if d.temperature <= 0:
+        raise KslmError(f"config key distill.temperature={d.temperature} must be positive")
+    if d.loss == "jsd" and not 0.0 < d.beta < 1.0:
+        raise KslmError(f"config key distill.beta={d.beta} must be in (0, 1) for distill.loss=jsd")
+    if d.loss == "skew_kl" and not 0.0 <= d.beta < 1.0:
+        raise KslmError(f"config key distill.beta={d.beta} must be in [0, 1) for distill.loss=skew_kl")
+    if d.topk < 0:
+        raise KslmError(f"config key distill.topk={d.topk} must be 0 (whole vocabulary) or positive")
+    if d.cache and d.topk < 1:
+        raise KslmError("config key distill.cache needs distill.topk > 0: the cache holds the teacher's top-k only")
+    if (d.teacher or d.cache) and cfg.train.loss_chunk:
+        raise KslmError(f"config key train.loss_chunk={cfg.train.loss_chunk} is not supported with distillation "
+                        "(the KD term needs the student's whole logits); set it to 0")
 
 
 def _check_types(cfg, ref, prefix):
@@ -319,7 +351,8 @@ def parse_value(key: str, raw: str, old):
 
 
 # Keys a resumed run may change: they steer logging and scheduling, not the trajectory of the weights.
-HARMLESS = ("logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
+HARMLESS = ("distill.cache",  # checked batch by batch against the teacher outputs it stands for
+            "logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
             "train.step_timeout_s", "train.nonfinite", "train.spike_zscore", "generate.", "data.workers", "mesh.",
             "data.verify_shards", "data.tokenize_workers", "data.prepare_workers")
 

@@ -119,6 +119,10 @@ class Trainer:
         cfg = self.cfg
         return iter(pipeline.train_dataset(self.paths["tokens"], cfg.data, cfg.train.batch_size, cfg.train.grad_accum))
 
+    def next_batch(self, data_iter) -> dict:
+        """The next host batch; an objective may add arrays to it (a distillation cache's teacher outputs)."""
+        return next(data_iter)
+
     def tokens_per_step(self) -> int:
         return self.cfg.train.batch_size * self.cfg.data.seq_len
 
@@ -191,7 +195,7 @@ class Trainer:
             watchdog = _Watchdog(tcfg.step_timeout_s)
             with jax.set_mesh(self.mesh):
                 while step < tcfg.steps and stop.received is None:
-                    batch = sharding.global_batch(next(data_iter), self.mesh, tcfg.grad_accum)
+                    batch = sharding.global_batch(self.next_batch(data_iter), self.mesh, tcfg.grad_accum)
                     step_fn = self.train_step
                     if step + 1 == nan_step:  # once: a restored run passes this step again with good data
                         step_fn, nan_step = self._poisoned_step(), 0

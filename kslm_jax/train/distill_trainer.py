@@ -1,0 +1,87 @@
+"""`kslm train` with a `distill` section: the student learns from a teacher's predictions and the data.
+
+The loop, checkpoints, resume and evaluation are the pretraining Trainer's; this subclass only changes the
+objective (train/distill.py), puts the teacher's bf16 weights in the step's read-only `extra` input, and,
+with distill.cache, adds the stored teacher top-k to each batch instead of running the teacher.
+TensorBoard shows train/loss (the ground-truth CE), train/kd (the distillation term per token, T² included)
+and train/top1 (how often the student's most likely token is the teacher's).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from kslm_jax.errors import KslmError
+from kslm_jax.model import llama
+from kslm_jax.train import distill, distill_cache, loop, step as step_lib, teacher as teacher_lib
+
+log = logging.getLogger("kslm")
+
+
+def enabled(cfg) -> bool:
+    return bool(cfg.distill.teacher or cfg.distill.cache)
+
+
+def distill_loss(model, cfg, teacher_model=None):
+    """`loss(params, extra, batch)`: alpha * KD + (1 - alpha) * CE (+ z-loss), sums in aux.
+
+    The teacher's view comes from `extra["teacher"]` (online) or from the batch's teacher_logp/teacher_ids
+    (the offline cache); KD is over the whole vocabulary when distill.topk is 0, else over the top k.
+    """
+    d = cfg.distill
+    n_vocab, k, z_loss = cfg.tokenizer.vocab_size, d.topk, cfg.train.z_loss
+
+    def loss(params, extra, batch):
+        mask = step_lib.loss_mask(batch)
+        logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        ce, z = step_lib.token_losses(logits, batch["targets"], mask, z_loss)
+        student = logits[..., :n_vocab]  # vocabulary padding is no token: left out of the KD term
+        if "teacher_logp" in batch:
+            logp_t, ids = batch["teacher_logp"], batch["teacher_ids"]
+        else:
+            t = teacher_lib.logits(teacher_model, extra["teacher"], batch, n_vocab)
+            if k:
+                logp_t, ids = distill.teacher_topk(t, k)
+        if k:
+            kd = distill.kd_topk(student, logp_t, ids, mask, d.loss, d.beta, d.temperature)
+            top1 = ids[..., 0]  # top_k sorts descending
+        else:
+            kd = distill.kd_full(student, t, mask, d.loss, d.beta, d.temperature)
+            top1 = jnp.argmax(t, axis=-1).astype(jnp.int32)
+        agree = distill.top1_agreement(student, top1, mask)
+        tokens = mask.sum()
+        sums = {"ce_sum": ce.sum(), "z_sum": z.sum(), "kd_sum": kd.sum(), "top1_sum": agree.sum()}
+        return distill.mixed(sums["ce_sum"], sums["kd_sum"], sums["z_sum"], tokens, d.alpha), dict(sums, tokens=tokens)
+    return loss
+
+
+class DistillTrainer(loop.Trainer):
+    def __init__(self, cfg, workdir):
+        if not enabled(cfg):
+            raise KslmError("distillation needs --config.distill.teacher=PATH (or distill.cache)")
+        workdir = Path(workdir)
+        self.cache = self.teacher = None
+        if cfg.distill.cache:
+            self.cache = distill_cache.Reader(distill_cache.folder(workdir, cfg.distill.cache), cfg)
+        else:
+            self.teacher = teacher_lib.resolve(cfg, workdir)
+        super().__init__(cfg, workdir)
+
+    def build_loss(self):
+        teacher_model = None if self.teacher is None else llama.Transformer(self.teacher.model_cfg)
+        return distill_loss(self.model, self.cfg, teacher_model)
+
+    def build_extra(self):
+        if self.teacher is None:
+            return None, None
+        params, shardings, step = teacher_lib.load_params(self.teacher, self.mesh, self.rules)
+        n = llama.param_count(params)
+        log.info("teacher %s: checkpoint step %d, %.1fM parameters, forward only in bfloat16",
+                 self.teacher.workdir, step, n / 1e6)
+        return {"teacher": params}, {"teacher": shardings}
+
+    def next_batch(self, data_iter) -> dict:
+        batch = next(data_iter)
+        return batch if self.cache is None else self.cache.attach(batch)
