@@ -92,6 +92,70 @@ def read_eval(wd: Path) -> dict:
     return json.loads((wd / "eval" / "lm.json").read_text())
 
 
+def param_count(cfg) -> int:
+    """Parameters from the config alone: this process never starts JAX, so the GPU stays with the stages."""
+    from kslm_jax import config as config_lib
+    m, v = cfg.model, config_lib.padded_vocab(cfg)
+    d, h, ff = m.d_model, config_lib.head_dim(cfg), config_lib.d_ff(cfg)
+    layer = d * h * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * d * ff + 2 * d
+    return v * d * (1 if m.tie_embeddings else 2) + m.n_layers * layer + d
+
+
+class Report:
+    """The table so far, printed at the end and rewritten under $OUT after every stage (a run cut short
+    still leaves what it measured)."""
+
+    LABELS = (("teacher", "teacher"), ("scratch", "student, from scratch"), ("distilled", "student, distilled"),
+              ("pruned_before", "student, pruned (before training)"), ("pruned", "student, pruned + distilled"))
+
+    def __init__(self, wd: dict, title: str, common: list[str]):
+        self.wd, self.title, self.shared = wd, title, " ".join(flags(common))
+        self.log, self.rows, self.t0, self.done = [], {}, time.perf_counter(), False
+
+    def stage(self, cmd: list[str]) -> None:
+        run(cmd, self.log)
+        self.write()
+
+    def collect(self, name: str, result: dict | None = None) -> None:
+        from kslm_jax import config as config_lib
+        folder = self.wd["pruned" if name == "pruned_before" else name]
+        cfg = config_lib.read_workdir_config(folder)
+        steps = 0 if name == "pruned_before" else cfg.train.steps
+        self.rows[name] = dict(result or read_eval(folder)["model"], params=param_count(cfg), steps=steps,
+                               tokens=steps * cfg.train.batch_size * cfg.data.seq_len,
+                               distill=cfg.distill.to_dict() if cfg.distill.teacher and steps else None)
+        self.write()
+
+    def text(self) -> str:
+        table = ["| model | params | steps | train tokens | held-out loss | ppl | bits/char |",
+                 "|---|---|---|---|---|---|---|"]
+        for name, label in self.LABELS:
+            if name in self.rows:
+                r = self.rows[name]
+                table.append(f"| {label} | {r['params'] / 1e6:.1f}M | {r['steps']} | {r['tokens'] / 1e6:.1f}M "
+                             f"| {r['loss']:.4f} | {r['perplexity']:.2f} | {r['bits_per_char']:.4f} |")
+        stages = [f"- {e['seconds']:>6.1f}s  {e['command'].replace(self.shared, '$COMMON')}" for e in self.log]
+        when = "in all" if self.done else "so far"
+        return (f"{self.title}; {time.perf_counter() - self.t0:.0f}s {when}\n\n" + "\n".join(table)
+                + f"\n\nstage times (COMMON={self.shared}):\n" + "\n".join(stages) + "\n")
+
+    def write(self) -> None:
+        out = os.environ.get("OUT")
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "distill_nsmc.md").write_text(self.text())
+            (Path(out) / "distill_nsmc.json").write_text(json.dumps(
+                {"title": self.title, "rows": self.rows, "stages": self.log,
+                 "seconds": time.perf_counter() - self.t0}, indent=1))
+
+
+def device_name() -> str:
+    """The accelerator, asked in a child process that exits (and frees the device) before the stages start."""
+    code = "import jax; d = jax.devices()[0]; print(f'{d.device_kind} ({d.platform})')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    return out.stdout.strip() or "unknown device"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny models on a 20k-review subset, for a CPU")
@@ -122,17 +186,20 @@ def main() -> int:
         teacher_cfg += [f"train.steps={t_steps}", f"checkpoint.every_steps={t_steps}"]
     if s_steps:
         student_cfg += [f"train.steps={s_steps}", f"checkpoint.every_steps={s_steps}"]
-    log: list = []
-    t0 = time.perf_counter()
     wd = {name: runs / name for name in ("teacher", "scratch", "distilled", "pruned")}
+    title = (f"distill_nsmc{' --smoke' if args.smoke else ''} on {device_name()}, data {data.name}, "
+             f"held out by {args.split_field or 'text hash'}")
+    rep = Report(wd, title, common)
 
     for stage in ("prepare", "tokenizer", "tokenize"):
-        run([stage, "--config", t_recipe, "--workdir", str(wd["teacher"]), *flags(teacher_cfg)], log)
-    run(["train", "--workdir", str(wd["teacher"])], log)
+        rep.stage([stage, "--config", t_recipe, "--workdir", str(wd["teacher"]), *flags(teacher_cfg)])
+    rep.stage(["train", "--workdir", str(wd["teacher"])])
+    rep.collect("teacher")
 
     for name, extra in (("scratch", ["distill.teacher="]), ("distilled", [f"distill.teacher={wd['teacher']}"])):
         share_data(wd["teacher"], wd[name])
-        run(["train", "--config", s_recipe, "--workdir", str(wd[name]), *flags(student_cfg + extra)], log)
+        rep.stage(["train", "--config", s_recipe, "--workdir", str(wd[name]), *flags(student_cfg + extra)])
+        rep.collect(name)
 
     from kslm_jax import config as config_lib
     s = config_lib.load(s_recipe, student_cfg)
@@ -141,49 +208,20 @@ def main() -> int:
     keep = student_overrides(t_recipe, s_recipe, args.smoke)
     keep += [f"train.steps={s.train.steps}", f"checkpoint.every_steps={s.checkpoint.every_steps}",
              f"distill.teacher={wd['teacher']}"]
-    run(["prune", "--teacher", str(wd["teacher"]), "--workdir", str(wd["pruned"]), *shape, *flags(keep)], log)
-    run(["eval", "--workdir", str(wd["pruned"])], log)
-    pruned_before = read_eval(wd["pruned"])["model"]
-    run(["train", "--workdir", str(wd["pruned"])], log)
+    rep.stage(["prune", "--teacher", str(wd["teacher"]), "--workdir", str(wd["pruned"]), *shape, *flags(keep)])
+    rep.stage(["eval", "--workdir", str(wd["pruned"])])
+    rep.collect("pruned_before")
+    rep.stage(["train", "--workdir", str(wd["pruned"])])
+    rep.done = True
+    rep.collect("pruned")
 
-    rows = {}
-    for name, label in (("teacher", "teacher"), ("scratch", "student, from scratch"),
-                        ("distilled", "student, distilled"), ("pruned", "student, pruned + distilled")):
-        cfg = config_lib.read_workdir_config(wd[name])
-        from kslm_jax.model import llama
-        import jax
-        import jax.numpy as jnp
-        model = llama.Transformer(llama.ModelConfig.from_config(cfg))
-        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-        n = sum(x.size for x in jax.tree.leaves(params))
-        r = read_eval(wd[name])["model"]
-        rows[label] = dict(r, params=n, steps=cfg.train.steps, tokens=cfg.train.steps * cfg.train.batch_size
-                           * cfg.data.seq_len, distill=cfg.distill.to_dict() if cfg.distill.teacher else None)
-        if name == "pruned":
-            rows["student, pruned (before training)"] = dict(pruned_before, params=n, steps=0, tokens=0, distill=None)
-    table = ["| model | params | steps | train tokens | held-out loss | ppl | bits/char |", "|---|---|---|---|---|---|---|"]
-    for label, r in rows.items():
-        table.append(f"| {label} | {r['params'] / 1e6:.1f}M | {r['steps']} | {r['tokens'] / 1e6:.1f}M | {r['loss']:.4f} "
-                     f"| {r['perplexity']:.2f} | {r['bits_per_char']:.4f} |")
-    total = time.perf_counter() - t0
-    import jax
-    device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
-    shared = " ".join(flags(common))  # every data-stage command carries these; shown once
-    stages = [f"- {e['seconds']:>6.1f}s  {e['command'].replace(shared, '$COMMON')}" for e in log]
-    text = (f"distill_nsmc{' --smoke' if args.smoke else ''} on {device}, data {data.name}, split by "
-            f"{args.split_field or 'text hash'}; {total:.0f}s in all\n\n" + "\n".join(table)
-            + f"\n\nstage times (COMMON={shared}):\n" + "\n".join(stages) + "\n")
-    print("\n" + text)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "distill_nsmc.md").write_text(text)
-        (Path(out) / "distill_nsmc.json").write_text(json.dumps({"rows": rows, "stages": log, "device": device,
-                                                                 "seconds": total}, indent=1, default=str))
-    scratch = rows["student, from scratch"]["bits_per_char"]
-    for label in ("student, distilled", "student, pruned + distilled"):
-        verdict = "beats" if rows[label]["bits_per_char"] < scratch else "does NOT beat"
-        print(f"{label} {verdict} the student from scratch: {rows[label]['bits_per_char']:.4f} vs {scratch:.4f} bits/char")
+    print("\n" + rep.text())
+    scratch = rep.rows["scratch"]["bits_per_char"]
+    for name in ("distilled", "pruned"):
+        bpc = rep.rows[name]["bits_per_char"]
+        label = dict(Report.LABELS)[name]
+        print(f"{label} {'beats' if bpc < scratch else 'does NOT beat'} the student from scratch: "
+              f"{bpc:.4f} vs {scratch:.4f} bits/char")
     return 0
 
 
