@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KO = str(REPO / "configs" / "tiny_ko.py")
-COMMANDS = ("prepare", "tokenizer", "tokenize", "train", "eval", "generate", "demo")
+COMMANDS = ("prepare", "tokenizer", "tokenize", "train", "eval", "generate", "demo", "distill-cache", "prune")
 
 # About 300 characters in eight paragraphs (the default text_mode splits on blank lines).
 KOREAN = """오늘은 날씨가 맑고 바람이 시원하게 불어서 공원에 산책을 나갔다.
