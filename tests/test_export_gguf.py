@@ -1,12 +1,9 @@
 """GGUF export: transformers' GGUF loader reads each file; its tokenizer and logits agree with JAX."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kslm_jax import workdir as workdir_lib
 from kslm_jax.export import gguf_io
-from kslm_jax.train import loop
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -15,17 +12,6 @@ gguf = pytest.importorskip("gguf")
 SENTENCES = ["대한민국의 주권은 국민에게 있고,", "이 법은 공포한 날부터 시행한다. 2024년 ㅋㅋ"]
 # Largest |logit difference| allowed: float16 weights are close; 8-bit and 4-bit blocks are coarser.
 TOLERANCE = {"f16": 0.02, "q8_0": 0.1, "q4_0": 0.6}
-
-
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory):
-    import shutil
-    wd = tmp_path_factory.mktemp("gguf") / "run"
-    shutil.copytree(prepared, wd)
-    cfg = workdir_lib.config_for(wd, None, ["train.steps=20", "checkpoint.every_steps=20"], force=True)
-    trainer = loop.Trainer(cfg, wd)
-    trainer.fit()
-    return wd, cfg, trainer
 
 
 def test_rope_permutation_matches_interleaved_rotation():
@@ -49,20 +35,18 @@ def test_rope_permutation_matches_interleaved_rotation():
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
-def test_gguf_loads_in_transformers_and_matches(trained, tmp_path, quant):
-    wd, cfg, trainer = trained
-    sp = loop.check_tokenizer(cfg, wd)
+def test_gguf_loads_in_transformers_and_matches(trained_tiny, tmp_path, quant):
+    wd, sp, params = trained_tiny.workdir, trained_tiny.sp, trained_tiny.params
     path = gguf_io.export_gguf(wd, tmp_path / f"model-{quant}.gguf", quant)
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == "llama"
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
                                                               torch_dtype=torch.float32).eval()
-    params = jax.tree.map(np.asarray, trainer.state.params)
     for text in SENTENCES:
         ids = [2] + sp.EncodeAsIds(text)
         assert tok(text)["input_ids"] == ids, text
-        ours = np.asarray(trainer.model.apply({"params": params}, jnp.asarray([ids])))
+        ours = np.asarray(trained_tiny.model.apply({"params": params}, jnp.asarray([ids])))
         with torch.no_grad():
             theirs = model(torch.tensor([ids])).logits.numpy()
         assert np.abs(theirs - ours).max() < TOLERANCE[quant]

@@ -93,7 +93,7 @@ def verify(tokens_dir: Path, split: str, checksums: bool = True) -> None:
     expected = read_manifest(tokens_dir).get(split, {}).get("files")
     if expected is None:  # written before manifests listed their files: nothing to compare with
         return
-    redo = f"run `kslm tokenize` again for this workdir (the clean corpus is not affected)"
+    redo = "run `kslm tokenize` again for this workdir (the clean corpus is not affected)"
     for name, want in sorted(expected.items()):
         path = tokens_dir / name
         if not path.is_file():
