@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_segments_per_row=64,  # documents one packed row may hold (cudnn_packed sizes its tables by it)
         workers=0,              # batches each stream prepares ahead in a background thread (0: on demand)
         tokenize_workers=0,     # processes that encode token shards in `kslm tokenize` (0: one per CPU core)
+        cache_mb=2048,          # a split whose tokens fit in this many MiB is read into memory once (0: never)
         mixture="",             # weighted sources, "pattern:weight,..." (fnmatch on each document's source); "": as read
         verify_shards=True,     # CRC32 of every token shard at start (sizes and record counts are always checked)
         streams=1,              # independent data streams; a multi-host run needs a multiple of its host count
@@ -354,7 +355,8 @@ def parse_value(key: str, raw: str, old):
 HARMLESS = ("distill.cache",  # checked batch by batch against the teacher outputs it stands for
             "logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
             "train.step_timeout_s", "train.nonfinite", "train.spike_zscore", "generate.", "data.workers", "mesh.",
-            "data.verify_shards", "data.tokenize_workers", "data.prepare_workers")
+            "data.verify_shards", "data.tokenize_workers", "data.prepare_workers",
+            "data.cache_mb")
 
 
 def to_dict(cfg) -> dict:

@@ -179,3 +179,12 @@ def test_split_field_keeps_each_movie_on_one_side(tmp_path):
                 side.setdefault(movie[json.loads(lines[line_no - 1])["id"]], set()).add(split)
     assert len(side) > 10 and all(len(s) == 1 for s in side.values())
     assert {"train", "val"} == set().union(*side.values())
+
+
+def test_memory_cache_reads_the_same_tokens(serial):
+    files = shards.shard_files(serial[0], "train")
+    disk, memory = pipeline.ChunkSource(files, 16, cache_mb=0), pipeline.ChunkSource(files, 16, cache_mb=64)
+    assert not disk.cache and memory.cache
+    docs = np.random.default_rng(0).integers(0, len(disk.lengths), 200)
+    assert all(np.array_equal(a, b) for a, b in zip(disk.read_docs(docs), memory.read_docs(docs)))
+    assert all(np.array_equal(disk[i]["inputs"], memory[i]["inputs"]) for i in range(0, len(disk), 7))

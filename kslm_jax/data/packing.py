@@ -35,6 +35,9 @@ class PackedStream:
         self.open: list[list[int]] = []         # chunk ids in each open bin, in arrival order
         self.used: list[int] = []               # tokens in each open bin
         self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
+        # Python lists of the next few thousand (chunk, length) per component: numpy scalar indexing per
+        # chunk would cost more than the packing itself. Rebuilt from `pos`, so never part of the state.
+        self._buf: dict[int, tuple[int, list, list]] = {}
 
     # -- state ---------------------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -63,36 +66,40 @@ class PackedStream:
             self._perm_cache[comp] = cached
         return cached[1]
 
-    def _draw(self) -> int | None:
-        """The next chunk id, or None when a single pass is over."""
+    def _draw(self) -> tuple[int, int] | None:
+        """The next (chunk id, tokens), or None when a single pass is over."""
         comp = 0
         if len(self.index) > 1:
             # Weighted round robin: the component furthest behind its share goes next. Exact shares, no RNG.
             k = sum(self.pos) + 1
             comp = max(range(len(self.index)), key=lambda i: self.weights[i] * k - self.pos[i])
         p = self.pos[comp]
-        n = len(self.index[comp])
-        epoch, j = divmod(p, n)
-        if epoch and not self.repeat:
-            return None
+        start, ids, lens = self._buf.get(comp, (0, [], []))
+        if not start <= p < start + len(ids):
+            n = len(self.index[comp])
+            epoch, j = divmod(p, n)
+            if epoch and not self.repeat:
+                return None
+            block = self._perm(comp, epoch)[j: j + 4096]  # never past the epoch's end
+            start, ids, lens = p, block.tolist(), self.source.chunk_tokens[block].tolist()
+            self._buf[comp] = (start, ids, lens)
         self.pos[comp] = p + 1
-        return int(self._perm(comp, epoch)[j])
+        return ids[p - start], lens[p - start]
 
     # -- packing -------------------------------------------------------------------------------------
     def _next_row(self) -> list[int] | None:
-        lengths = self.source.chunk_tokens
         while True:
-            c = self._draw()
-            if c is None:  # end of a single pass: flush the open bins in order
+            drawn = self._draw()
+            if drawn is None:  # end of a single pass: flush the open bins in order
                 return self._emit(0) if self.open else None
-            n = int(lengths[c])
+            c, n = drawn
             for b, used in enumerate(self.used):
                 if used + n <= self.seq_len and len(self.open[b]) < self.max_segments:
                     self.open[b].append(c)
                     self.used[b] = used + n
                     break
             else:
-                row = self._emit(int(np.argmax(self.used))) if len(self.open) >= self.bins_max else None
+                row = self._emit(self.used.index(max(self.used))) if len(self.open) >= self.bins_max else None
                 self.open.append([c])
                 self.used.append(n)
                 if row is not None:

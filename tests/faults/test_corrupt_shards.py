@@ -60,14 +60,16 @@ def test_manifest_records_every_shard(prepared):
         assert sum(f["records"] for f in files.values()) == manifest[split]["docs"]
 
 
-def test_record_that_disagrees_with_its_index_is_named(workdir):
-    # With checksums off, the reader still catches a record whose length its index contradicts.
+@pytest.mark.parametrize("cache_mb", [0, 64])
+def test_record_that_disagrees_with_its_index_is_named(workdir, cache_mb):
+    # With checksums off, the reader (from disk, or loading the split into memory) still catches a record
+    # whose length its index contradicts.
     shard = _shard(workdir)
     idx = shard.with_name(shard.name + ".lengths.npy")
     lengths = np.load(idx)
     lengths[3] += 1
     np.save(idx, lengths)
-    source = pipeline.ChunkSource([shard], 64)
+    source = pipeline.ChunkSource([shard], 64, cache_mb)
     first_piece_of_doc3 = int(np.searchsorted(source.doc, 3))
     with pytest.raises(KslmError, match=rf"{shard.name} record 3 holds"):
         source[first_piece_of_doc3]
