@@ -41,6 +41,11 @@ def _params(wd):
     return step, [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
+def _stepped(wd) -> bool:
+    path = Path(wd) / "metrics.jsonl"
+    return path.exists() and "train/loss" in path.read_text(encoding="utf-8")
+
+
 def _committed(wd):
     return sorted(int(p.name) for p in (Path(wd) / "checkpoints").glob("*") if p.name.isdigit())
 
@@ -62,11 +67,12 @@ def test_kill_9_then_resume(prepared, reference, tmp_path, trial):
     shutil.copytree(prepared, wd)
     rng = random.Random(1000 + trial)
     proc = _start(wd)
-    # Wait for training to begin (first metrics line), then kill at a random moment of the run.
+    # Wait for the first step's metrics (compilation done), then kill at a random moment of the 16 steps,
+    # whose checkpoints every 2 steps are written asynchronously: many kills land in the middle of one.
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (wd / "metrics.jsonl").exists():
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 2.5))
+    while time.time() < deadline and proc.poll() is None and not _stepped(wd):
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 1.5))
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     killed = proc.returncode == -signal.SIGKILL
