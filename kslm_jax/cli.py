@@ -30,9 +30,9 @@ COMMANDS = {
     "train": ("Train (or resume) the model; SIGTERM/SIGINT save a checkpoint and exit 0.",
               "reads:  WORKDIR/data/tokens, WORKDIR/checkpoints (resumes from the newest)\n"
               "writes: WORKDIR/checkpoints/<step>/, tensorboard/, metrics.jsonl, eval/lm.json"),
-    "eval": ("Held-out loss, perplexity and bits per character/byte, beside a unigram baseline.",
-             "reads:  WORKDIR/checkpoints (newest), WORKDIR/data/tokens/val-*\n"
-             "writes: WORKDIR/eval/lm.json"),
+    "eval": ("Held-out loss, perplexity and bits per character/byte, beside a unigram baseline; or --tasks.",
+             "reads:  WORKDIR/checkpoints (newest), WORKDIR/data/tokens/val-*; --tasks: the task files\n"
+             "writes: WORKDIR/eval/lm.json; --tasks: WORKDIR/eval/<task>.json and TensorBoard eval/<task>/*"),
     "generate": ("Sample text from the newest checkpoint (KV cache; temperature, top-k, top-p).",
                  "reads:  WORKDIR/checkpoints (newest), WORKDIR/tokenizer/spm.model\n"
                  "writes: nothing; prints the samples"),
@@ -50,6 +50,9 @@ COMMANDS = {
     "prune": ("Make a smaller model from a trained one: drop layers, MLP channels, heads, embedding channels.",
               "reads:  --teacher WORKDIR (config, newest checkpoint, tokens for calibration)\n"
               "writes: WORKDIR/config.json, tokenizer/, data/tokens (hard links), prune.json, checkpoints/0"),
+    "merge-lora": ("Fold a LoRA run's adapters into its base: a plain workdir for eval, generate and export.",
+                   "reads:  WORKDIR (config, newest adapters), its finetune.init_from base\n"
+                   "writes: --out: config.json, tokenizer/, checkpoints/0, merged_from.json"),
     "demo": ("Run every stage on the bundled Korean corpus: prepare, tokenizer, tokenize, train, eval, generate.",
              "reads:  the constitution and bill texts inside the KoNLPy wheel (configs/tiny_ko.py)\n"
              "writes: everything above under WORKDIR (default runs/demo)"),
@@ -76,6 +79,14 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="output folder (default WORKDIR/export/<format>)")
     if command == "import":
         p.add_argument("--hf", required=True, help="a local Hugging Face Llama model folder")
+    if command == "eval":
+        p.add_argument("--tasks", default=None,
+                       help="benchmark tasks 'kind=path,...' (kinds: README, Evaluation tasks); default eval.tasks")
+        p.add_argument("--fewshot", default=None, help="'kind=path,...': the split few-shot examples come from")
+        p.add_argument("--shots", type=int, default=None, help="few-shot examples per question (default eval.shots)")
+        p.add_argument("--limit", type=int, default=None, help="records per task (default eval.limit; 0: all)")
+    if command == "merge-lora":
+        p.add_argument("--out", required=True, help="the new workdir for the merged model")
     if command == "distill-cache":
         p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                        help="storage of the top-k log-probabilities (ids are int32)")

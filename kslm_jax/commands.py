@@ -62,6 +62,9 @@ def train(args, overrides) -> int:
     distributed.initialize_from_env()
     from kslm_jax.train import loop
     cfg = _cfg(args, overrides)
+    if cfg.finetune.kind != "none":  # SFT or classification: examples from files, base from finetune.init_from
+        from kslm_jax.train import finetune
+        return finetune.train(cfg, args.workdir)
     loop.check_tokenizer(cfg, Path(args.workdir))
     trainer_cls = loop.Trainer
     if cfg.distill.teacher or cfg.distill.cache:  # distillation changes the objective and adds the teacher
@@ -94,6 +97,9 @@ def _restored_trainer(args, overrides):
 
 def eval_(args, overrides) -> int:
     distributed.initialize_from_env()
+    if getattr(args, "tasks", None) or _cfg(args, overrides).finetune.kind != "none":
+        from kslm_jax.eval import runner  # benchmark tasks, or a fine-tuning run's own held-out evaluation
+        return runner.cli(args, overrides)
     from kslm_jax import evaluate
     cfg, trainer, step = _restored_trainer(args, overrides)
     model_row = f"model (step {step})"
@@ -124,6 +130,9 @@ def generate(args, overrides) -> int:
     import jax
     from kslm_jax import generate as gen
     from kslm_jax.train import loop
+    if _cfg(args, overrides).finetune.kind != "none":  # a fine-tuned decoder, prompted through its template
+        from kslm_jax.eval import runner
+        return runner.generate_cli(args, overrides)
     cfg, trainer, _ = _restored_trainer(args, overrides)
     if getattr(args, "quant", []):
         trainer.state = trainer.state.replace(params=_quantized(trainer, args.quant[-1])[0])
@@ -247,4 +256,15 @@ def prune(args, overrides) -> int:
     print(f"pruned {args.teacher} ({p['teacher'] / 1e6:.1f}M) -> {args.workdir} ({p['student'] / 1e6:.1f}M): "
           f"layers {report['kept']['layers']}, d_model {s['d_model']}, heads {s['n_heads']}/{s['n_kv_heads']}, "
           f"d_ff {s['d_ff']}; checkpoint step 0")
+    return 0
+
+
+def merge_lora(args, overrides) -> int:
+    from kslm_jax.errors import KslmError
+    from kslm_jax.train import finetune_io
+    if overrides or args.config:
+        raise KslmError("merge-lora takes no --config: it merges the run as configured in its workdir")
+    info = finetune_io.merge_lora(Path(args.workdir), Path(args.out), args.force)
+    print(f"merged LoRA adapters of {args.workdir} (rank {info['rank']}, step {info['step']}) into "
+          f"{info['base']} -> {args.out} (a plain workdir at step 0: kslm eval/generate/export read it)")
     return 0

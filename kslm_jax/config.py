@@ -45,11 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
         split_digits=True,
         sample_sentences=2_000_000,     # sentences SentencePiece samples for training
         max_sentence_length=8192,       # longer lines are cut into pieces for tokenizer training only
+        special_tokens="",              # chat-template markers made single pieces, e.g. "<|user|>,<|assistant|>,<|end|>"
     )
     c.data = dict(
-        sources="",             # comma-separated files or globs: *.txt, *.jsonl, *.jsonl.gz; "demo" = bundled corpus
+        sources="",             # comma-separated files or globs (README: Input formats); "demo" = bundled corpus
         text_mode="paragraph",  # txt files: file | paragraph (blank-line blocks) | line
-        text_field="text",      # jsonl: key holding the text (a.b for nested)
+        text_field="text",      # jsonl/json: key holding the text (a.b nested); csv/tsv/parquet: the column
         val_fraction=0.05,      # share of documents held out, chosen by a hash of the text
         split_field="",         # jsonl/json/csv: hash this field (e.g. movie_id) instead of the text to pick the split
         min_chars=10,           # documents shorter than this (after cleaning) are dropped
@@ -145,6 +146,44 @@ def base_config() -> ml_collections.ConfigDict:
         topk=0,                 # >0: KD over the teacher's top-k tokens, both sides renormalized over them
         cache="",               # `kslm distill-cache` output (relative: inside the workdir); read instead of the teacher
     )
+    c.finetune = dict(
+        kind="none",            # none (pretraining on data.sources) | sft (prompt/response) | cls (sequence classification)
+        init_from="",           # workdir of a trained model: its newest weights start the run; its model shape and
+                                # tokenizer keys replace this config's
+        train_files="",         # comma-separated example files: jsonl, json, csv, tsv (each may be .gz)
+        val_files="",           # held-out examples; "": val_fraction of train_files, chosen by a hash of split_field
+        val_fraction=0.1,       # share of train_files held out when val_files is ""
+        split_field="",         # hash this field (e.g. movie_id) to choose the held-out split; "": the whole record
+        prompt_field="prompt",  # sft: the user turn
+        response_field="response",  # sft: the answer; the loss is on its tokens (and the end marker) only
+        template="<|user|>{prompt}<|end|><|assistant|>{response}<|end|>",  # sft: <|name|> are tokenizer.special_tokens
+        text_field="text",      # cls: the text to classify
+        label_field="label",    # cls: a class name, a class index, or a number that label_bins maps to a name
+        labels="",              # cls: class names in index order, e.g. "negative,positive"
+        label_bins="",          # cls: numeric label ranges to names, "1-4:negative,9-10:positive"; other values dropped
+        cls_template="{text}",  # cls: the text as the model reads it, e.g. "{text} 감정:" for label_words
+        head="linear",          # cls: linear (a head on the last token's final state) | label_words (LM scores)
+        label_words="",         # cls head=label_words: one word per class in label order; their first pieces are scored
+        too_long="drop",        # examples over data.seq_len tokens: drop | truncate (sft: the response's end; cls: the text's)
+        eval_examples=0,        # held-out examples scored at each evaluation (0: all)
+        eval_generate=32,       # sft: held-out prompts answered greedily for ROUGE-L and BLEU at each evaluation (0: off)
+        max_new_tokens=48,      # sft: length cap of those answers
+    )
+    c.lora = dict(
+        rank=0,                 # >0: train low-rank adapters only (finetune.kind sft or cls); the base stays frozen
+        alpha=16.0,             # adapter output scaled by alpha / rank
+        dropout=0.0,            # dropout on the adapters' input during training
+        targets="q,k,v,o",      # projections that get adapters: q, k, v, o (attention), gate, up, down (MLP)
+        base_dtype="float32",   # the frozen base in device memory: float32 | bfloat16 | int8 (per output channel)
+    )
+    c.eval = dict(
+        tasks="",               # benchmark tasks "kind=path,..." (README: Evaluation tasks); kslm eval --tasks, and
+                                # during training every train.eval_every steps
+        fewshot="",             # "kind=path,...": the split few-shot examples are drawn from
+        shots=0,                # few-shot examples put before each question
+        limit=0,                # records evaluated per task (0: all)
+        batch_size=16,          # rows per scoring batch
+    )
     c.lock()
     return c
 
@@ -178,6 +217,10 @@ _CHOICES = {
     "train.nonfinite": ("skip", "restore", "raise"),
     "distill.teacher_format": ("workdir", "hf"),
     "distill.loss": ("forward_kl", "reverse_kl", "jsd", "skew_kl"),
+    "finetune.kind": ("none", "sft", "cls"),
+    "finetune.head": ("linear", "label_words"),
+    "finetune.too_long": ("drop", "truncate"),
+    "lora.base_dtype": ("float32", "bfloat16", "int8"),
 }
 
 
@@ -207,6 +250,8 @@ def validate(cfg) -> None:
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     _validate_distill(cfg)
+    from kslm_jax import config_finetune
+    config_finetune.validate(cfg)
     _validate_cleaning(cfg.data)
 
 
@@ -272,6 +317,9 @@ def load(path: str | None, overrides: list[str] = ()) -> ml_collections.ConfigDi
     cfg = base_config() if path is None else _load_file(path)
     for item in overrides:
         apply_override(cfg, item)
+    if cfg.finetune.init_from:
+        from kslm_jax import config_finetune
+        config_finetune.inherit_base(cfg)
     validate(cfg)
     return cfg
 
@@ -355,8 +403,8 @@ def parse_value(key: str, raw: str, old):
 HARMLESS = ("distill.cache",  # checked batch by batch against the teacher outputs it stands for
             "logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
             "train.step_timeout_s", "train.nonfinite", "train.spike_zscore", "generate.", "data.workers", "mesh.",
-            "data.verify_shards", "data.tokenize_workers", "data.prepare_workers",
-            "data.cache_mb")
+            "data.prepare_workers", "data.verify_shards", "eval.", "finetune.eval_",
+            "data.tokenize_workers", "data.cache_mb")
 
 
 def to_dict(cfg) -> dict:

@@ -1,4 +1,4 @@
-"""SentencePiece training and loading, and the fertility report on held-out text."""
+"""SentencePiece training and loading, special tokens for chat templates, and the fertility report."""
 from __future__ import annotations
 
 import re
@@ -13,6 +13,47 @@ import sentencepiece as spm
 from kslm_jax.errors import KslmError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+_SPECIAL_FORM = re.compile(r"<\|[^|<>\s]+\|>")
+
+
+def special_tokens(tcfg) -> list[str]:
+    """`tokenizer.special_tokens` as a list; each must look like <|name|> so a template can find it."""
+    out = [t.strip() for t in tcfg.special_tokens.split(",") if t.strip()]
+    for t in out:
+        if not _SPECIAL_FORM.fullmatch(t):
+            raise KslmError(f"config key tokenizer.special_tokens: {t!r} is not of the form <|name|> "
+                            "(letters, digits, _ or - between <| and |>)")
+    if len(set(out)) != len(out):
+        raise KslmError(f"config key tokenizer.special_tokens={tcfg.special_tokens!r} names a token twice")
+    return out
+
+
+def special_ids(sp: spm.SentencePieceProcessor, names, where: str) -> dict[str, int]:
+    """Piece ids of special tokens, or one error naming the first the tokenizer does not have."""
+    out = {}
+    have = user_defined(sp)
+    for name in names:
+        i = sp.PieceToId(name)
+        if name not in have or sp.IdToPiece(i) != name:
+            raise KslmError(f"{where} uses the special token {name}, which the tokenizer does not have "
+                            f"(its special tokens: {', '.join(have) or 'none'}); add it to tokenizer.special_tokens "
+                            "and retrain the tokenizer (`kslm tokenizer`), or change the template")
+        out[name] = i
+    return out
+
+
+def user_defined(sp: spm.SentencePieceProcessor) -> list[str]:
+    """The tokenizer's user-defined pieces (its special tokens), read from the model itself."""
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    kind = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return [p.piece for p in proto.pieces if p.type == kind]
+
+
+def find_special(text: str) -> list[str]:
+    """Every <|name|> in a template, in order."""
+    return _SPECIAL_FORM.findall(text)
 
 
 def _sentences(texts: Iterable[str], max_len: int):
@@ -47,6 +88,8 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
             shuffle_input_sentence=True,
             max_sentence_length=tcfg.max_sentence_length * 4,
             pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+            # Chat-template markers become single pieces that encode and decode as their own text.
+            user_defined_symbols=special_tokens(tcfg),
             num_threads=2,
             minloglevel=2,
         )

@@ -85,6 +85,9 @@ def export_hf(workdir: Path, out: Path, shard_bytes: int = 5 * 2**30) -> Path:
 
 def restore_params_host(cfg, workdir: Path) -> dict:
     """The newest checkpoint's parameters as float32 numpy arrays (one device is enough to export)."""
+    if cfg.finetune.kind != "none":  # fine-tuned: the tuned decoder, or LoRA adapters merged into their base
+        from kslm_jax.train import finetune_io
+        return finetune_io.lm_params_host(cfg, workdir)
     from kslm_jax import sharding
     from kslm_jax.train import optim, state as state_lib
     with cfg.unlocked():

@@ -85,19 +85,13 @@ class Trainer:
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.paths = workdir_lib.paths(self.workdir)
-        self.manifest = shards.read_manifest(self.paths["tokens"])
-        if self.manifest["vocab_size"] != cfg.tokenizer.vocab_size:
-            raise KslmError(f"token shards in {self.paths['tokens']} use a vocabulary of {self.manifest['vocab_size']} "
-                            f"but tokenizer.vocab_size={cfg.tokenizer.vocab_size}; run `kslm tokenize` again")
-        for split in ("train", "val"):
-            shards.verify(self.paths["tokens"], split, cfg.data.verify_shards)
+        self.check_data()
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.rules = sharding.rules(cfg.mesh.rules)
         self.model_cfg = llama.ModelConfig.from_config(cfg)
         self.model = llama.Transformer(self.model_cfg)
         self.tx, self.lr_fn = optim.make(cfg.optim, cfg.train.steps)
-        self.abstract, self.shardings = state_lib.abstract_and_shardings(self.model, self.tx, cfg.train.seed, self.mesh,
-                                                                         self.rules)
+        self.abstract, self.shardings = self.state_shapes()
         self.loss = self.build_loss()
         self.extra, self.extra_shardings = self.build_extra()
         self.train_step = self._jit_step()
@@ -106,6 +100,20 @@ class Trainer:
         self.start_step = 0
 
     # Seams for other objectives (distillation, fine-tuning): a subclass overrides these, the loop stays one.
+    def check_data(self) -> None:
+        """Refuse missing or damaged token shards before anything is compiled."""
+        cfg = self.cfg
+        self.manifest = shards.read_manifest(self.paths["tokens"])
+        if self.manifest["vocab_size"] != cfg.tokenizer.vocab_size:
+            raise KslmError(f"token shards in {self.paths['tokens']} use a vocabulary of {self.manifest['vocab_size']} "
+                            f"but tokenizer.vocab_size={cfg.tokenizer.vocab_size}; run `kslm tokenize` again")
+        for split in ("train", "val"):
+            shards.verify(self.paths["tokens"], split, cfg.data.verify_shards)
+
+    def state_shapes(self):
+        """(abstract TrainState, its shardings): what init_fresh builds and a checkpoint restores into."""
+        return state_lib.abstract_and_shardings(self.model, self.tx, self.cfg.train.seed, self.mesh, self.rules)
+
     def build_loss(self):
         """`loss(params, extra, batch) -> (scalar, aux)`; see step.lm_loss for the contract."""
         return step_lib.lm_loss(self.model, self.cfg.train.z_loss, self.cfg.train.loss_chunk)
@@ -268,6 +276,9 @@ class Trainer:
     def _eval_and_log(self, writer, step, on_eval):
         t0 = time.perf_counter()
         result = self.evaluate()
+        if self.cfg.eval.tasks:  # benchmark tasks on the same schedule; their files are written under eval/
+            from kslm_jax.eval import runner
+            result.update(runner.during_training(self, step))
         writer.scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "tokens"})
         if on_eval:
             on_eval(step, result, time.perf_counter() - t0)

@@ -1,0 +1,80 @@
+"""Config rules of fine-tuning: the finetune, lora and special-token keys, and what a run takes from its base."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kslm_jax import config as config_lib
+from kslm_jax.errors import KslmError
+
+LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                "down": "down_proj"}
+
+
+def lora_targets(cfg) -> list[str]:
+    """Module names from `lora.targets` (q or q_proj, ...); an unknown name is an error naming the key."""
+    out = []
+    for t in (x.strip() for x in cfg.lora.targets.split(",")):
+        if not t:
+            continue
+        name = LORA_TARGETS.get(t, t)
+        if name not in LORA_TARGETS.values():
+            raise KslmError(f"config key lora.targets: {t!r} matches no module of the model (targets: "
+                            f"{', '.join(LORA_TARGETS)}, or their module names {', '.join(LORA_TARGETS.values())})")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise KslmError("config key lora.targets is empty; name at least one projection, e.g. q,v")
+    return out
+
+
+def validate(cfg) -> None:
+    """The finetune, lora and tokenizer.special_tokens keys against each other."""
+    from kslm_jax.data.tokenizer import special_tokens
+    special_tokens(cfg.tokenizer)  # each <|name|>, none twice
+    f, lo = cfg.finetune, cfg.lora
+    if f.kind == "none":
+        if lo.rank:
+            raise KslmError(f"config key lora.rank={lo.rank} needs finetune.kind=sft or cls (and finetune.init_from)")
+        return
+    if not f.train_files:
+        raise KslmError(f"config key finetune.train_files is empty; finetune.kind={f.kind} needs example files")
+    if not 0.0 <= f.val_fraction < 1.0:
+        raise KslmError(f"config key finetune.val_fraction={f.val_fraction} must be in [0, 1)")
+    if f.kind == "sft":
+        for key in ("{prompt}", "{response}"):
+            if f.template.count(key) != 1:
+                raise KslmError(f"config key finetune.template must hold {key} once: {f.template!r}")
+        if f.template.index("{prompt}") > f.template.index("{response}"):
+            raise KslmError("config key finetune.template: {prompt} must come before {response}")
+    if f.kind == "cls":
+        if f.cls_template.count("{text}") != 1:
+            raise KslmError(f"config key finetune.cls_template must hold {{text}} once: {f.cls_template!r}")
+        if len([x for x in f.labels.split(",") if x.strip()]) < 2:
+            raise KslmError(f"config key finetune.labels={f.labels!r}: name at least two classes, e.g. negative,positive")
+    if lo.rank < 0 or lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0:
+        raise KslmError(f"config keys lora.rank={lo.rank}, lora.alpha={lo.alpha}, lora.dropout={lo.dropout}: "
+                        "rank must be 0 (off) or more, alpha positive, dropout in [0, 1)")
+    if lo.rank:
+        lora_targets(cfg)
+    elif lo.base_dtype != "float32":
+        raise KslmError(f"config key lora.base_dtype={lo.base_dtype} applies to LoRA runs only (lora.rank > 0)")
+
+
+# Keys a fine-tuning run takes from finetune.init_from: the weights it loads fix the model's shape and tokenizer.
+INHERITED = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
+             "model.vocab_multiple", "model.rope_theta", "model.norm_eps", "model.tie_embeddings", "model.scan_layers",
+             "tokenizer.")
+
+
+def inherit_base(cfg) -> None:
+    """Set the shape and tokenizer keys of `cfg` to those of its finetune.init_from workdir."""
+    base = Path(cfg.finetune.init_from)
+    if not (base / "config.json").is_file():
+        raise KslmError(f"config key finetune.init_from={cfg.finetune.init_from}: no config.json there; point it at a "
+                        "workdir trained (or imported) by kslm")
+    theirs = config_lib.flat(config_lib.to_dict(config_lib.read_workdir_config(base)))
+    for key, value in theirs.items():
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in INHERITED):
+            section, name = key.split(".", 1)
+            with cfg[section].unlocked():
+                cfg[section][name] = value
