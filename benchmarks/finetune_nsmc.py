@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "ko"
+# .devdata/ (ignored by git) carries the files to a machine that has no ../shared beside the checkout.
+DATA_DIRS = (REPO / ".devdata", REPO.parent / "shared" / "data" / "ko")
 
 SMOKE_BASE = ["tokenizer.vocab_size=2000", "data.seq_len=128", "train.batch_size=16", "model.d_model=64",
               "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=192", "model.dtype=float32",
@@ -122,11 +123,15 @@ def main() -> int:
     p.add_argument("--base", default=None, help="a pretrained workdir to fine-tune (skips stage 1)")
     p.add_argument("--runs", default=str(REPO / "runs" / "finetune_nsmc"), help="folder for the workdirs (replaced)")
     p.add_argument("--smoke-rows", type=int, default=20_000)
+    p.add_argument("--data-dir", default=None, help="folder with nsmc_reviews.jsonl.gz and chatbot_qa.csv "
+                                                    "(default: .devdata/, else ../shared/data/ko/)")
     args = p.parse_args()
-    nsmc, qa = DATA / "nsmc_reviews.jsonl.gz", DATA / "chatbot_qa.csv"
-    for f in (nsmc, qa):
-        if not f.is_file():
-            sys.exit(f"{f} not found")
+    dirs = [Path(args.data_dir)] if args.data_dir else DATA_DIRS
+    data = next((d for d in dirs if (d / "nsmc_reviews.jsonl.gz").is_file() and (d / "chatbot_qa.csv").is_file()),
+                None)
+    if data is None:
+        sys.exit(f"nsmc_reviews.jsonl.gz and chatbot_qa.csv not found in {', '.join(map(str, dirs))}; pass --data-dir")
+    nsmc, qa = data / "nsmc_reviews.jsonl.gz", data / "chatbot_qa.csv"
     runs = Path(args.runs).absolute()
     if runs.exists():
         shutil.rmtree(runs)

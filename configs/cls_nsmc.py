@@ -9,6 +9,7 @@ from kslm_jax.config import load
 def get_config():
     c = load("cls_tiny")
     c.data.seq_len = 128             # ~6 reviews per row; a longer review keeps its first 128 tokens
+    c.data.workers = 2               # batches packed ahead in a background thread
     c.model.dtype = "bfloat16"
     c.model.attention = "cudnn"
     c.finetune.eval_examples = 0     # every held-out review (~45k)

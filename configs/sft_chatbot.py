@@ -10,6 +10,7 @@ from kslm_jax.config import load
 def get_config():
     c = load("sft_tiny")
     c.data.seq_len = 128
+    c.data.workers = 2               # batches packed ahead in a background thread
     c.model.dtype = "bfloat16"
     c.model.attention = "cudnn"
     c.finetune.eval_examples = 0     # every held-out pair

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from kslm_jax import distributed, sharding, workdir as workdir_lib
-from kslm_jax.data import pipeline, tokenizer as tok_lib
+from kslm_jax.data import packing, pipeline, tokenizer as tok_lib
 from kslm_jax.errors import KslmError
 from kslm_jax.eval import metrics_text, scoring
 from kslm_jax.model import llama, lora
@@ -120,9 +120,11 @@ class FinetuneTrainer(loop.Trainer):
 
     def train_iterator(self):
         cfg = self.cfg
-        return examples.ExampleStream(self.data.train.examples, cfg.train.batch_size, cfg.data.seq_len,
-                                      cfg.data.max_segments_per_row, cfg.data.seed,
-                                      extra_seed=cfg.lora.rank > 0 and cfg.lora.dropout > 0)
+        stream = examples.ExampleStream(self.data.train.examples, cfg.train.batch_size, cfg.data.seq_len,
+                                        cfg.data.max_segments_per_row, cfg.data.seed,
+                                        extra_seed=cfg.lora.rank > 0 and cfg.lora.dropout > 0)
+        # Packing is per-example Python; a background thread keeps it off a small model's step time.
+        return packing.Prefetch(stream, cfg.data.workers) if cfg.data.workers > 0 else stream
 
     def next_batch(self, data_iter) -> dict:
         batch = next(data_iter)
