@@ -1,6 +1,7 @@
 """`kslm tokenize` in parallel and resumable after a crash; sources mixed by weight in the loader."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,7 +162,8 @@ def test_split_field_keeps_each_movie_on_one_side(tmp_path):
     import itertools
     from kslm_jax.data import prepare
     src = tmp_path / "reviews.jsonl.gz"
-    with gzip.open("/work/shared/data/ko/nsmc_reviews.jsonl.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko" / "nsmc_reviews.jsonl.gz",
+                   "rt", encoding="utf-8") as f:
         lines = list(itertools.islice(f, 3000))
     with gzip.open(src, "wt", encoding="utf-8") as f:
         f.writelines(lines)
