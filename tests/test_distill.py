@@ -240,8 +240,9 @@ def test_hf_teacher_loads_the_same_weights(teacher, prepared, tmp_path):
 
 def test_different_tokenizers_are_one_clear_error(teacher, prepared, tmp_path):
     from kslm_jax.data import tokenizer as tok_lib
-    tcfg = SimpleNamespace(vocab_size=300, model_type="bpe", character_coverage=1.0, byte_fallback=True,
-                           split_digits=True, sample_sentences=10_000, max_sentence_length=1000)
+    tcfg = config_lib.base_config().tokenizer
+    with tcfg.unlocked():
+        tcfg.update(vocab_size=300, character_coverage=1.0, sample_sentences=10_000, max_sentence_length=1000)
     texts = ["대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다.", "국회는 법률을 만든다."] * 50
     other = tmp_path / "other" / "spm.model"
     tok_lib.train(texts, other, tcfg)
