@@ -21,9 +21,10 @@ COMMANDS = {
     "prepare": ("Clean, filter and deduplicate raw text into train/val shards.",
                 "reads:  data.sources (txt, jsonl, jsonl.gz; 'demo' = the bundled corpus)\n"
                 "writes: WORKDIR/data/clean/{train,val}-NNNNN.jsonl and report.json"),
-    "tokenizer": ("Train a SentencePiece tokenizer (BPE, byte fallback) and report its fertility.",
-                  "reads:  WORKDIR/data/clean/train-*.jsonl (fertility on val-*.jsonl)\n"
-                  "writes: WORKDIR/tokenizer/spm.model, spm.vocab, report.json"),
+    "tokenizer": ("Train a SentencePiece tokenizer (BPE or unigram, byte fallback, optional Kiwi morpheme\n"
+                  "pre-tokenization) and report its fertility; --report measures the existing one, trains nothing.",
+                  "reads:  WORKDIR/data/clean/train-*.jsonl (fertility on val-*.jsonl, or on --text FILES)\n"
+                  "writes: WORKDIR/tokenizer/spm.model, spm.vocab, report.json (not with --text)"),
     "tokenize": ("Encode the clean shards into token-id ArrayRecord shards.",
                  "reads:  WORKDIR/data/clean, WORKDIR/tokenizer/spm.model\n"
                  "writes: WORKDIR/data/tokens/{train,val}-NNNNN.arrayrecord (+ .lengths.npy), manifest.json"),
@@ -67,6 +68,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=command != "demo", default="runs/demo" if command == "demo" else None,
                    help="the run's folder")
     p.add_argument("--force", action="store_true", help="overwrite a differing config.json in the workdir")
+    if command == "tokenizer":
+        p.add_argument("--report", action="store_true",
+                       help="measure the workdir's trained tokenizer (no training): tokens per character, eojeol "
+                            "and byte, byte-fallback rate, vocabulary used")
+        p.add_argument("--text", default=None, metavar="FILES",
+                       help="measure on these files or globs (read and cleaned like data.sources) instead of the "
+                            "held-out split")
     if command == "generate":
         p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     if command in ("eval", "generate"):

@@ -31,13 +31,43 @@ def tokenizer(args, overrides) -> int:
     from kslm_jax.data import tokenizer as tok_lib
     cfg = _cfg(args, overrides)
     p = workdir_lib.paths(args.workdir)
-    sp = tok_lib.train(prepare_lib.read_clean(p["clean"], "train"), p["tokenizer"], cfg.tokenizer, cfg.data.seed)
-    report = tok_lib.fertility(sp, prepare_lib.read_clean(p["clean"], "val")) if list(p["clean"].glob("val-*")) else {}
-    workdir_lib.atomic_write_text(p["tokenizer"].parent / "report.json", json.dumps(report, indent=2) + "\n")
-    print(f"tokenizer: {sp.GetPieceSize()} pieces -> {p['tokenizer']}")
-    if report:
-        print("held-out fertility: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "tokens"))
+    if getattr(args, "report", False):  # measure the tokenizer the workdir has; train nothing
+        sp = tok_lib.load(p["tokenizer"])
+    else:
+        sp = tok_lib.train(prepare_lib.read_clean(p["clean"], "train"), p["tokenizer"], cfg.tokenizer, cfg.data.seed)
+        print(f"tokenizer: {sp.GetPieceSize()} pieces ({cfg.tokenizer.model_type}, pretokenize "
+              f"{cfg.tokenizer.pretokenize}) -> {p['tokenizer']}")
+    if getattr(args, "text", None):
+        where, texts = args.text, _cleaned_texts(cfg, args.text)
+    elif list(p["clean"].glob("val-*")):
+        where, texts = "the held-out split (data/clean/val-*)", prepare_lib.read_clean(p["clean"], "val")
+    else:
+        print("no held-out split to measure (data.val_fraction=0); pass --text FILE to --report on other text")
+        return 0
+    report = tok_lib.fertility(sp, texts)
+    if not report:
+        print(f"{where}: no text to measure")
+        return 0
+    report = dict(model_type=tok_lib.model_type(sp), pretokenize=tok_lib.pretokenize(sp),
+                  pieces=sp.GetPieceSize(), measured_on=where, **report)
+    if not getattr(args, "text", None):
+        workdir_lib.atomic_write_text(p["tokenizer"].parent / "report.json", json.dumps(report, indent=2) + "\n")
+    print(tok_lib.format_report(report))
     return 0
+
+
+def _cleaned_texts(cfg, spec: str):
+    """Documents of `spec` (files or globs, read like data.sources) through the same cleaning as prepare."""
+    import collections
+
+    from kslm_jax.data import clean, sources
+    files = sources.expand(spec)
+    stats: collections.Counter = collections.Counter()
+    settings = clean.CleanSettings.from_config(cfg.data)
+    for doc in sources.read_all(files, cfg.data.text_mode, cfg.data.text_field, stats):
+        text = clean.clean_text(doc.text, settings, stats)
+        if text:
+            yield text
 
 
 def tokenize(args, overrides) -> int:
@@ -170,6 +200,11 @@ def export(args, overrides) -> int:
         check_out(out, args.format)
         hf_io.export_hf(Path(args.workdir), out)
     print(f"exported {args.workdir} -> {out} ({args.format})")
+    from kslm_jax.data import tokenizer as tok_lib
+    if args.format != "gguf" and tok_lib.pretokenize(tok_lib.load(workdir_lib.paths(args.workdir)["tokenizer"])) != "none":
+        print("note: tokenizer.model was trained on Kiwi morpheme cuts; a plain SentencePiece (or Hugging Face) "
+              "encoder still round-trips text but splits differently than training did; encode with "
+              "kslm_jax.data.tokenizer.load() to match")
     return 0
 
 

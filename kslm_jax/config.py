@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = dict(
         vocab_size=8000,
         model_type="bpe",               # bpe | unigram
+        pretokenize="none",             # none | kiwi: pieces never cross a morpheme boundary (needs kiwipiepy)
         character_coverage=0.9995,      # rarer characters fall back to UTF-8 bytes
         byte_fallback=True,
         split_digits=True,
@@ -207,6 +208,7 @@ _CHOICES = {
     "model.attention": ("xla", "cudnn", "cudnn_packed"),
     "model.remat": ("none", "dots", "full"),
     "tokenizer.model_type": ("bpe", "unigram"),
+    "tokenizer.pretokenize": ("none", "kiwi"),
     "data.text_mode": ("file", "paragraph", "line"),
     "data.email_action": ("replace", "drop", "keep"),
     "data.url_action": ("replace", "drop", "keep"),

@@ -363,7 +363,7 @@ def test_tokenizer_special_ids(sp):
 def test_fertility(sp, prepared):
     texts = list(prepare.read_clean(prepared / "data" / "clean", "val"))
     f = tok_lib.fertility(sp, texts)
-    assert set(f) == {"tokens", "tokens_per_char", "tokens_per_word", "tokens_per_byte", "byte_fallback_rate",
+    assert set(f) == {"docs", "chars", "eojeols", "tokens", "tokens_per_char", "tokens_per_word", "tokens_per_byte", "byte_fallback_rate",
                       "vocab_used"}
     assert f["tokens"] == sum(len(sp.EncodeAsIds(t)) for t in texts)
     assert 0 < f["tokens_per_char"] < 2

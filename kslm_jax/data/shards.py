@@ -33,13 +33,13 @@ def _clean_records(path: Path):
             yield r["text"], r.get("source", "")
 
 
-def tokenize_file(model_path: str, clean_file: str, out_file: str) -> dict:
+def tokenize_file(model_path: str, clean_file: str, out_file: str, threads: int = 0) -> dict:
     """One clean shard → one token shard with its length and source indexes; returns its manifest entry.
 
     Runs in a worker process: the tokenizer is loaded from its file, and documents are encoded in batches
-    so SentencePiece's C++ loop does the work.
+    so SentencePiece's C++ loop does the work. `threads` bounds a morpheme analyser's threads (0: all cores).
     """
-    sp = tok_lib.load(Path(model_path))
+    sp = tok_lib.load(Path(model_path), threads)
     out = Path(out_file)
     writer = array_record_module.ArrayRecordWriter(str(out), "group_size:1")
     lengths, source_idx, names = [], [], {}
@@ -142,6 +142,8 @@ def tokenize(clean_dir: Path, model_path: Path, out_dir: Path, workers: int = 0)
                     continue
             todo.append((str(model_path), str(f), str(staging / name)))
     workers = min(len(todo), workers or os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))  # Kiwi's threads, when the tokenizer uses it
+    todo = [(*t, threads) for t in todo]
 
     def record(out, entry):  # as each shard finishes, so a crash later keeps it
         atomic_write_text(Path(f"{out}.done.json"), json.dumps(entry) + "\n")

@@ -10,6 +10,7 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from kslm_jax.data import morph
 from kslm_jax.errors import KslmError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -45,10 +46,8 @@ def special_ids(sp: spm.SentencePieceProcessor, names, where: str) -> dict[str, 
 def user_defined(sp: spm.SentencePieceProcessor) -> list[str]:
     """The tokenizer's user-defined pieces (its special tokens), read from the model itself."""
     from sentencepiece import sentencepiece_model_pb2
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
     kind = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-    return [p.piece for p in proto.pieces if p.type == kind]
+    return [p.piece for p in model_proto(sp).pieces if p.type == kind]
 
 
 def find_special(text: str) -> list[str]:
@@ -67,14 +66,32 @@ def _sentences(texts: Iterable[str], max_len: int):
                 yield line
 
 
+def _marked(sentences, segmenter, batch: int = 4096):
+    buf = []
+    for s in sentences:
+        buf.append(s)
+        if len(buf) == batch:
+            yield from segmenter.mark(buf)
+            buf = []
+    yield from segmenter.mark(buf)
+
+
 def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.SentencePieceProcessor:
-    """Train BPE (or unigram) with byte fallback on already-NFC text; writes out_path (+ .vocab)."""
+    """Train BPE (or unigram) with byte fallback on already-NFC text; writes out_path (+ .vocab).
+
+    With tokenizer.pretokenize=kiwi the sample is cut at morpheme boundaries first (data/morph.py).
+    """
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    sentences = _sentences(texts, tcfg.max_sentence_length)
+    extra = {}
+    if tcfg.pretokenize == "kiwi":
+        sentences = _marked(sentences, morph.Segmenter())
+        extra = dict(pretokenization_delimiter=morph.DELIMITER)
     tmp = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_path.parent))
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts, tcfg.max_sentence_length),
+            sentence_iterator=sentences,
             model_prefix=str(tmp / "spm"),
             model_type=tcfg.model_type,
             vocab_size=tcfg.vocab_size,
@@ -92,6 +109,7 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
             user_defined_symbols=special_tokens(tcfg),
             num_threads=2,
             minloglevel=2,
+            **extra,
         )
     except RuntimeError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,7 +133,11 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
     return load(out_path)
 
 
-def load(path: Path) -> spm.SentencePieceProcessor:
+def load(path: Path, threads: int = 0) -> spm.SentencePieceProcessor:
+    """The tokenizer at `path`; a morpheme-aware one (trained with pretokenize=kiwi) segments as it encodes.
+
+    `threads` bounds Kiwi's threads (0: one per core), for callers that already run one process per core.
+    """
     if not Path(path).is_file():
         raise KslmError(f"tokenizer {path} not found; run `kslm tokenizer` for this workdir first")
     sp = spm.SentencePieceProcessor()
@@ -123,24 +145,61 @@ def load(path: Path) -> spm.SentencePieceProcessor:
         sp.Load(str(path))
     except (OSError, RuntimeError) as e:
         raise KslmError(f"tokenizer {path} is not a SentencePiece model ({e}); retrain it with `kslm tokenizer`") from None
+    if morph.is_morph_model(model_proto(sp)):
+        return morph.MorphTokenizer(sp.serialized_model_proto(), threads)
     return sp
 
 
-def fertility(sp: spm.SentencePieceProcessor, texts: Iterable[str]) -> dict:
-    """Tokens per character, per eojeol (space-separated word) and per UTF-8 byte; byte-fallback rate."""
-    chars = words = nbytes = tokens = fallback = 0
+def model_proto(sp: spm.SentencePieceProcessor):
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    return proto
+
+
+def model_type(sp: spm.SentencePieceProcessor) -> str:
+    from sentencepiece import sentencepiece_model_pb2
+    kind = model_proto(sp).trainer_spec.model_type
+    return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(kind).lower()
+
+
+def pretokenize(sp: spm.SentencePieceProcessor) -> str:
+    """"kiwi" for a morpheme-aware tokenizer, else "none" (what tokenizer.pretokenize was when it was trained)."""
+    return "kiwi" if isinstance(sp, morph.MorphTokenizer) else "none"
+
+
+def fertility(sp: spm.SentencePieceProcessor, texts: Iterable[str], batch: int = 1024) -> dict:
+    """Tokens per character, per eojeol (space-separated word) and per UTF-8 byte; byte-fallback rate;
+    the share of the vocabulary the text uses."""
+    docs = chars = words = nbytes = tokens = fallback = 0
+    is_byte = np.asarray([sp.IsByte(i) for i in range(sp.GetPieceSize())], bool)
     used = np.zeros(sp.GetPieceSize(), bool)
+
+    def count(chunk):
+        nonlocal docs, chars, words, nbytes, tokens, fallback
+        for text, ids in zip(chunk, sp.EncodeAsIds(chunk)):
+            docs += 1
+            chars += len(text)
+            words += len(text.split())
+            nbytes += len(text.encode("utf-8"))
+            tokens += len(ids)
+            fallback += int(is_byte[ids].sum())
+            used[ids] = True
+
+    chunk = []
     for text in texts:
-        ids = sp.EncodeAsIds(text)
-        chars += len(text)
-        words += len(text.split())
-        nbytes += len(text.encode("utf-8"))
-        tokens += len(ids)
-        fallback += sum(1 for i in ids if sp.IsByte(i))
-        used[ids] = True
+        chunk.append(text)
+        if len(chunk) == batch:
+            count(chunk)
+            chunk = []
+    if chunk:
+        count(chunk)
     if not tokens:
         return {}
     return dict(
+        docs=docs,
+        chars=chars,
+        eojeols=words,
         tokens=tokens,
         tokens_per_char=tokens / max(chars, 1),
         tokens_per_word=tokens / max(words, 1),
@@ -148,3 +207,22 @@ def fertility(sp: spm.SentencePieceProcessor, texts: Iterable[str]) -> dict:
         byte_fallback_rate=fallback / tokens,
         vocab_used=float(used.mean()),
     )
+
+
+_REPORT_ROWS = (("tokens per character", "tokens_per_char", "{:.4f}"),
+                ("tokens per eojeol (space-separated word)", "tokens_per_word", "{:.4f}"),
+                ("tokens per UTF-8 byte", "tokens_per_byte", "{:.4f}"),
+                ("byte-fallback tokens", "byte_fallback_rate", "{:.3%}"),
+                ("vocabulary used", "vocab_used", "{:.1%}"),
+                ("documents", "docs", "{:,}"), ("characters", "chars", "{:,}"), ("eojeols", "eojeols", "{:,}"),
+                ("tokens", "tokens", "{:,}"))
+
+
+def format_report(report: dict) -> str:
+    """The fertility report as a two-column table."""
+    head = f"tokenizer: {report['pieces']:,} pieces, {report['model_type']}, pretokenize {report['pretokenize']}"
+    rows = [(name, fmt.format(report[key])) for name, key, fmt in _REPORT_ROWS if key in report]
+    width = max(len(n) for n, _ in rows)
+    lines = [head, f"measured on {report['measured_on']}", ""]
+    lines += [f"  {n:<{width}}  {v:>12}" for n, v in rows]
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kslm_jax import config as config_lib
+from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.errors import KslmError
 from kslm_jax.export import hf
 from kslm_jax.model import llama
@@ -92,6 +93,11 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
         raise KslmError(f"the tokenizer is a SentencePiece {kind.lower()} model; GGUF export needs "
                         "tokenizer.model_type=bpe (llama.cpp would split text differently); retrain the "
                         "tokenizer with --config.tokenizer.model_type=bpe, or export --format hf")
+    if tok_lib.pretokenize(sp) != "none":
+        # llama.cpp cannot run Kiwi: it would encode across morpheme boundaries the model never saw split that way.
+        raise KslmError("the tokenizer cuts text at Kiwi morpheme boundaries (tokenizer.pretokenize=kiwi), which "
+                        "llama.cpp cannot do; GGUF export needs a tokenizer trained with "
+                        "--config.tokenizer.pretokenize=none, or export --format hf and encode with kslm_jax")
     c = llama.ModelConfig.from_config(cfg)
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
              "q4_0": gguf.GGMLQuantizationType.Q4_0}[quant]
