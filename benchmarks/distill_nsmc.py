@@ -16,19 +16,13 @@ Students share the teacher's tokenizer and token shards (hard links), so their n
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-DATA_CANDIDATES = (REPO / ".devdata" / "nsmc_reviews.jsonl.gz", REPO.parent / "shared" / "data" / "ko" / "nsmc_reviews.jsonl.gz")
+from stages import REPO, device_name, find_data, flags, fresh, link_tree, run, subset, write_out
 
 # Tiny shapes for --smoke (CPU): the same stages, the same ratios (student = half width, half depth).
 SMOKE_COMMON = ["tokenizer.vocab_size=2000", "data.seq_len=128", "train.batch_size=16", "model.dtype=float32",
@@ -40,42 +34,10 @@ SMOKE_STUDENT = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "mod
                  "optim.warmup_steps=10"]
 
 
-def run(cmd: list[str], log: list) -> float:
-    """Run one kslm command, streaming its output; returns its wall time."""
-    shown = " ".join(cmd)
-    print(f"\n$ {shown}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kslm_jax", *cmd], cwd=REPO, check=True,
-                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    seconds = time.perf_counter() - t0
-    log.append({"command": "kslm " + shown, "seconds": round(seconds, 1)})
-    print(f"  ({seconds:.0f}s)", flush=True)
-    return seconds
-
-
-def flags(overrides: list[str]) -> list[str]:
-    return [f"--config.{o}" for o in overrides]
-
-
-def subset(src: Path, dst: Path, rows: int) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(src, "rt", encoding="utf-8") as fin, gzip.open(dst, "wt", encoding="utf-8") as fout:
-        for i, line in enumerate(fin):
-            if i >= rows:
-                break
-            fout.write(line)
-    return dst
-
-
 def share_data(teacher: Path, student: Path) -> None:
     """The student reads the teacher's tokenizer and token shards (hard links, copies across devices)."""
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    shutil.copytree(teacher / "tokenizer", student / "tokenizer", copy_function=link)
-    shutil.copytree(teacher / "data" / "tokens", student / "data" / "tokens", copy_function=link)
+    link_tree(teacher / "tokenizer", student / "tokenizer")
+    link_tree(teacher / "data" / "tokens", student / "data" / "tokens")
 
 
 def student_overrides(teacher_recipe: str, student_recipe: str, smoke: bool) -> list[str]:
@@ -140,20 +102,8 @@ class Report:
                 + f"\n\nstage times (COMMON={self.shared}):\n" + "\n".join(stages) + "\n")
 
     def write(self) -> None:
-        out = os.environ.get("OUT")
-        if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / "distill_nsmc.md").write_text(self.text())
-            (Path(out) / "distill_nsmc.json").write_text(json.dumps(
-                {"title": self.title, "rows": self.rows, "stages": self.log,
-                 "seconds": time.perf_counter() - self.t0}, indent=1))
-
-
-def device_name() -> str:
-    """The accelerator, asked in a child process that exits (and frees the device) before the stages start."""
-    code = "import jax; d = jax.devices()[0]; print(f'{d.device_kind} ({d.platform})')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    return out.stdout.strip() or "unknown device"
+        write_out("distill_nsmc", self.text(), {"title": self.title, "rows": self.rows, "stages": self.log,
+                                                "seconds": time.perf_counter() - self.t0})
 
 
 def main() -> int:
@@ -167,13 +117,9 @@ def main() -> int:
     p.add_argument("--smoke-rows", type=int, default=20_000)
     args = p.parse_args()
 
-    data = Path(args.data) if args.data else next((d for d in DATA_CANDIDATES if d.is_file()), None)
-    if data is None or not data.is_file():
-        sys.exit(f"NSMC reviews not found (tried {args.data or ', '.join(map(str, DATA_CANDIDATES))}); pass --data")
-    runs = Path(args.runs).absolute()
-    if runs.exists():
-        shutil.rmtree(runs)
-    runs.mkdir(parents=True)
+    data = find_data("nsmc_reviews.jsonl.gz", args.data)
+    runs = fresh(args.runs)
+    os.chdir(REPO)  # the recipes below are named relative to the checkout
     if args.smoke:
         data = subset(data, runs / "nsmc_subset.jsonl.gz", args.smoke_rows)
     t_recipe, s_recipe = "configs/distill_nsmc_teacher.py", "configs/distill_nsmc.py"

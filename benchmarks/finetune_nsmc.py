@@ -19,19 +19,13 @@ and .json when OUT is set.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# .devdata/ (ignored by git) carries the files to a machine that has no ../shared beside the checkout.
-DATA_DIRS = (REPO / ".devdata", REPO.parent / "shared" / "data" / "ko")
+from stages import DATA_DIRS, REPO, device_name, flags, fresh, run, subset, write_out
 
 SMOKE_BASE = ["tokenizer.vocab_size=2000", "data.seq_len=128", "train.batch_size=16", "model.d_model=64",
               "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=192", "model.dtype=float32",
@@ -41,29 +35,6 @@ SMOKE_FT = ["model.dtype=float32", "model.attention=xla", "data.seq_len=64", "tr
             "train.steps=60", "checkpoint.every_steps=60", "optim.warmup_steps=10", "train.log_every=10",
             "finetune.eval_examples=400", "logging.progress_bar=false"]
 SMOKE_SFT = ["finetune.eval_generate=16", "finetune.max_new_tokens=24"]
-
-
-def run(cmd: list[str], log: list) -> None:
-    print(f"\n$ kslm {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kslm_jax", *cmd], cwd=REPO, check=True,
-                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    log.append({"command": "kslm " + " ".join(cmd), "seconds": round(time.perf_counter() - t0, 1)})
-    print(f"  ({log[-1]['seconds']:.0f}s)", flush=True)
-
-
-def flags(overrides: list[str]) -> list[str]:
-    return [f"--config.{o}" for o in overrides]
-
-
-def subset(src: Path, dst: Path, rows: int) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(src, "rt", encoding="utf-8") as fin, gzip.open(dst, "wt", encoding="utf-8") as fout:
-        for i, line in enumerate(fin):
-            if i >= rows:
-                break
-            fout.write(line)
-    return dst
 
 
 def step_seconds(wd: Path) -> float | None:
@@ -111,12 +82,6 @@ def table(title: str, base: dict, rows: dict, log: list, seconds: float, done: b
     return "\n".join(out) + "\n"
 
 
-def device_name() -> str:
-    code = "import jax; d = jax.devices()[0]; print(f'{d.device_kind} ({d.platform})')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    return out.stdout.strip() or "unknown device"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny models on a review subset, for a CPU")
@@ -132,10 +97,7 @@ def main() -> int:
     if data is None:
         sys.exit(f"nsmc_reviews.jsonl.gz and chatbot_qa.csv not found in {', '.join(map(str, dirs))}; pass --data-dir")
     nsmc, qa = data / "nsmc_reviews.jsonl.gz", data / "chatbot_qa.csv"
-    runs = Path(args.runs).absolute()
-    if runs.exists():
-        shutil.rmtree(runs)
-    runs.mkdir(parents=True)
+    runs = fresh(args.runs)
     if args.smoke:
         nsmc = subset(nsmc, runs / "nsmc_subset.jsonl.gz", args.smoke_rows)
     title = f"finetune_nsmc{' --smoke' if args.smoke else ''} on {device_name()}, reviews {nsmc.name}"
@@ -143,12 +105,7 @@ def main() -> int:
 
     def report(done=False):
         text = table(title, base_row, rows, log, time.perf_counter() - t0, done)
-        out = os.environ.get("OUT")
-        if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / "finetune_nsmc.md").write_text(text)
-            (Path(out) / "finetune_nsmc.json").write_text(json.dumps(
-                {"title": title, "base": base_row, "rows": rows, "stages": log}, indent=1))
+        write_out("finetune_nsmc", text, {"title": title, "base": base_row, "rows": rows, "stages": log})
         return text
 
     base = Path(args.base).absolute() if args.base else runs / "base"

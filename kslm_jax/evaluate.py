@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from kslm_jax.data import shards

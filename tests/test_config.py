@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kslm_jax import config as config_lib
+from kslm_jax import config_schema
 from kslm_jax import workdir as workdir_lib
 from kslm_jax.errors import KslmError
 
@@ -145,7 +146,7 @@ def test_missing_recipe_names_the_file(name):
 def test_override_parses_the_field_type(item, key, expected):
     cfg = config_lib.base_config()
     config_lib.apply_override(cfg, item)
-    value = config_lib._get(cfg, key)
+    value = config_schema._get(cfg, key)
     assert value == expected
     assert type(value) is type(expected)
 

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY
 from kslm_jax import checkpoint, workdir as workdir_lib
 from kslm_jax.train import loop
 

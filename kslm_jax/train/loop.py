@@ -334,4 +334,8 @@ def check_tokenizer(cfg, workdir: Path):
     if sp.GetPieceSize() != cfg.tokenizer.vocab_size:
         raise KslmError(f"tokenizer in {workdir} has {sp.GetPieceSize()} pieces but tokenizer.vocab_size="
                         f"{cfg.tokenizer.vocab_size}; retrain it with `kslm tokenizer`")
+    if tok_lib.pretokenize(sp) != cfg.tokenizer.pretokenize:
+        raise KslmError(f"tokenizer in {workdir} was trained with tokenizer.pretokenize={tok_lib.pretokenize(sp)} "
+                        f"but the config says {cfg.tokenizer.pretokenize}; retrain it with `kslm tokenizer`, or set "
+                        f"--config.tokenizer.pretokenize={tok_lib.pretokenize(sp)}")
     return sp

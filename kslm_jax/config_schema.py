@@ -1,0 +1,309 @@
+"""The configuration schema: every key with its default, the sizes derived from them, and validation.
+
+Every recipe in `configs/` starts from `base_config()` and changes fields; adding a key that the schema
+does not have is an error, so a typo in a recipe or on the command line never passes silently. Loading
+recipes, command-line overrides and the rules for resuming a workdir are in config.py.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from kslm_jax.errors import KslmError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = dict(
+        d_model=256,            # residual width
+        n_layers=4,
+        n_heads=4,              # query heads
+        n_kv_heads=2,           # key/value heads (GQA); must divide n_heads
+        head_dim=0,             # 0: d_model // n_heads
+        d_ff=0,                 # SwiGLU hidden width; 0: 8/3 * d_model rounded up to a multiple of 64
+        vocab_multiple=128,     # logits width is the tokenizer vocab rounded up to this (pads never win a sample)
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=False,
+        init_std=0.02,
+        dtype="float32",        # compute dtype: float32 | bfloat16
+        param_dtype="float32",  # master weights and optimizer state dtype
+        attention="xla",        # xla (reference, any device) | cudnn (flash, mask) | cudnn_packed (flash, ragged; Hopper+)
+        scan_layers=True,       # one compiled layer body scanned over depth: fast compiles at any depth
+        remat="none",           # none | dots | full: what the backward pass recomputes instead of storing
+    )
+    c.tokenizer = dict(
+        vocab_size=8000,
+        model_type="bpe",               # bpe | unigram
+        pretokenize="none",             # none | kiwi: pieces never cross a morpheme boundary (needs kiwipiepy)
+        character_coverage=0.9995,      # rarer characters fall back to UTF-8 bytes
+        byte_fallback=True,
+        split_digits=True,
+        sample_sentences=2_000_000,     # sentences SentencePiece samples for training
+        max_sentence_length=8192,       # longer lines are cut into pieces for tokenizer training only
+        special_tokens="",              # chat-template markers made single pieces, e.g. "<|user|>,<|assistant|>,<|end|>"
+    )
+    c.data = dict(
+        sources="",             # comma-separated files or globs (README: Input formats); "demo" = bundled corpus
+        text_mode="paragraph",  # txt files: file | paragraph (blank-line blocks) | line
+        text_field="text",      # jsonl/json: key holding the text (a.b nested); csv/tsv/parquet: the column
+        val_fraction=0.05,      # share of documents held out, chosen by a hash of the text
+        split_field="",         # jsonl/json/csv: hash this field (e.g. movie_id) instead of the text to pick the split
+        min_chars=10,           # documents shorter than this (after cleaning) are dropped
+        max_chars=1_000_000,    # documents longer than this (after cleaning) are dropped; 0: no limit
+        min_hangul_ratio=0.3,   # Hangul syllables and jamo over non-space characters
+        max_symbol_ratio=0.5,   # punctuation and symbols over non-space characters
+        max_dup_line_ratio=0.3,  # characters in lines that repeat an earlier line of the document, over all
+        max_top_2gram_ratio=0.2,   # repeats of the most frequent eojeol 2-gram, in characters over all (Gopher-like)
+        max_top_3gram_ratio=0.18,  # the same for 3-grams
+        max_top_4gram_ratio=0.16,  # the same for 4-grams
+        max_repeat=3,           # runs of one non-digit character are cut to this many (ㅋㅋㅋㅋㅋ → ㅋㅋㅋ); 0: off
+        email_action="replace",  # e-mail addresses: replace (by <이메일>) | drop (the document) | keep
+        url_action="replace",   # URLs: replace (<URL>) | drop | keep
+        rrn_action="replace",   # resident registration numbers 900101-1234567: replace (<주민번호>) | drop | keep
+        card_action="replace",  # card numbers, 4 groups of 4 digits: replace (<카드번호>) | drop | keep
+        phone_action="replace",  # Korean phone numbers (010-, 02-, +82 …): replace (<전화번호>) | drop | keep
+        dedup=dict(
+            exact=True,         # drop documents whose normalized text (lower case, letters, digits) came before
+            near=True,          # drop near-duplicates of earlier kept documents (MinHash LSH)
+            ngram=5,            # character n-gram (shingle) size, on the normalized text
+            bands=14,           # LSH bands; bands * rows MinHash permutations
+            rows=9,             # rows per band; Jaccard threshold ≈ (1/bands)^(1/rows) = 0.75
+            seed=0,             # MinHash permutations
+        ),
+        prepare_workers=0,      # processes that clean and hash in `kslm prepare` (0: one per CPU core)
+        shard_docs=100_000,     # documents per clean/token shard
+        seq_len=256,
+        seed=0,
+        packing_bins=8,         # rows the first-fit packer keeps open
+        max_segments_per_row=64,  # documents one packed row may hold (cudnn_packed sizes its tables by it)
+        workers=0,              # batches each stream prepares ahead in a background thread (0: on demand)
+        tokenize_workers=0,     # processes that encode token shards in `kslm tokenize` (0: one per CPU core)
+        cache_mb=2048,          # a split whose tokens fit in this many MiB is read into memory once (0: never)
+        mixture="",             # weighted sources, "pattern:weight,..." (fnmatch on each document's source); "": as read
+        verify_shards=True,     # CRC32 of every token shard at start (sizes and record counts are always checked)
+        streams=1,              # independent data streams; a multi-host run needs a multiple of its host count
+    )
+    c.optim = dict(
+        lr=3e-3,
+        min_lr_ratio=0.1,       # cosine decays to lr * min_lr_ratio
+        warmup_steps=20,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,       # applied to matrices only
+        grad_clip=1.0,          # global-norm clipping; 0 disables
+    )
+    c.train = dict(
+        steps=200,
+        step_timeout_s=0.0,     # >0: a step that takes longer (after the first) ends the run with exit code 3
+        batch_size=16,          # global sequences per optimizer step
+        grad_accum=1,           # micro-batches per step (batch_size must divide by it)
+        seed=0,
+        z_loss=1e-4,            # weight of log(Z)^2, keeps logits from drifting
+        loss_chunk=0,           # >0: logits and loss in sequence chunks of this many tokens (never all fp32 logits)
+        nonfinite="skip",       # a NaN/Inf step is never applied; then: skip (count it) | restore | raise
+        spike_zscore=6.0,       # a loss this many running std above its running mean is a spike (0: off)
+        log_every=10,
+        eval_every=0,           # 0: evaluate only at the end
+        eval_batches=0,         # 0: the whole validation split
+    )
+    c.mesh = dict(
+        data=-1,                # -1: all devices left after the other axes
+        fsdp=1,
+        tensor=1,
+        slices=1,               # multi-slice TPU: slices joined over DCN; mesh.data spans them
+        rules="fsdp_tp",        # parameter sharding preset: dp | fsdp | fsdp_tp (see sharding.PRESETS)
+    )
+    c.checkpoint = dict(
+        every_steps=100,
+        keep=3,
+        async_save=True,
+    )
+    c.logging = dict(
+        tensorboard=True,
+        progress_bar=True,
+        peak_tflops=0.0,        # per-device peak for MFU; 0: look the device up in metrics.PEAK_TFLOPS
+    )
+    c.generate = dict(
+        max_new_tokens=64,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.95,
+        seed=0,
+    )
+    c.distill = dict(
+        teacher="",             # teacher: a workdir of this project or a local HF Llama folder; "" = no distillation
+        teacher_format="workdir",  # workdir | hf (imported once into WORKDIR/teacher_import)
+        loss="forward_kl",      # forward_kl KL(t||s) | reverse_kl KL(s||t) | jsd (generalized, beta) | skew_kl
+        beta=0.5,               # jsd: teacher weight in the mixture m = beta*t + (1-beta)*s; skew_kl: KL(t || m)
+        temperature=1.0,        # both distributions softened by it; the KD term is scaled by temperature**2
+        alpha=0.5,              # loss = alpha * KD + (1 - alpha) * ground-truth CE (+ z-loss)
+        topk=0,                 # >0: KD over the teacher's top-k tokens, both sides renormalized over them
+        cache="",               # `kslm distill-cache` output (relative: inside the workdir); read instead of the teacher
+    )
+    c.finetune = dict(
+        kind="none",            # none (pretraining on data.sources) | sft (prompt/response) | cls (sequence classification)
+        init_from="",           # workdir of a trained model: its newest weights start the run; its model shape and
+                                # tokenizer keys replace this config's
+        train_files="",         # comma-separated example files: jsonl, json, csv, tsv (each may be .gz)
+        val_files="",           # held-out examples; "": val_fraction of train_files, chosen by a hash of split_field
+        val_fraction=0.1,       # share of train_files held out when val_files is ""
+        split_field="",         # hash this field (e.g. movie_id) to choose the held-out split; "": the whole record
+        prompt_field="prompt",  # sft: the user turn
+        response_field="response",  # sft: the answer; the loss is on its tokens (and the end marker) only
+        template="<|user|>{prompt}<|end|><|assistant|>{response}<|end|>",  # sft: <|name|> are tokenizer.special_tokens
+        text_field="text",      # cls: the text to classify
+        label_field="label",    # cls: a class name, a class index, or a number that label_bins maps to a name
+        labels="",              # cls: class names in index order, e.g. "negative,positive"
+        label_bins="",          # cls: numeric label ranges to names, "1-4:negative,9-10:positive"; other values dropped
+        cls_template="{text}",  # cls: the text as the model reads it, e.g. "{text} 감정:" for label_words
+        head="linear",          # cls: linear (a head on the last token's final state) | label_words (LM scores)
+        label_words="",         # cls head=label_words: one word per class in label order; their first pieces are scored
+        too_long="drop",        # examples over data.seq_len tokens: drop | truncate (sft: the response's end; cls: the text's)
+        eval_examples=0,        # held-out examples scored at each evaluation (0: all)
+        eval_generate=32,       # sft: held-out prompts answered greedily for ROUGE-L and BLEU at each evaluation (0: off)
+        max_new_tokens=48,      # sft: length cap of those answers
+    )
+    c.lora = dict(
+        rank=0,                 # >0: train low-rank adapters only (finetune.kind sft or cls); the base stays frozen
+        alpha=16.0,             # adapter output scaled by alpha / rank
+        dropout=0.0,            # dropout on the adapters' input during training
+        targets="q,k,v,o",      # projections that get adapters: q, k, v, o (attention), gate, up, down (MLP)
+        base_dtype="float32",   # the frozen base in device memory: float32 | bfloat16 | int8 (per output channel)
+    )
+    c.eval = dict(
+        tasks="",               # benchmark tasks "kind=path,..." (README: Evaluation tasks); kslm eval --tasks, and
+                                # during training every train.eval_every steps
+        fewshot="",             # "kind=path,...": the split few-shot examples are drawn from
+        shots=0,                # few-shot examples put before each question
+        limit=0,                # records evaluated per task (0: all)
+        batch_size=16,          # rows per scoring batch
+    )
+    c.lock()
+    return c
+
+
+def padded_vocab(cfg) -> int:
+    m = cfg.model.vocab_multiple
+    return -(-cfg.tokenizer.vocab_size // m) * m
+
+
+def head_dim(cfg) -> int:
+    return cfg.model.head_dim or cfg.model.d_model // cfg.model.n_heads
+
+
+def d_ff(cfg) -> int:
+    return cfg.model.d_ff or -(-(8 * cfg.model.d_model // 3) // 64) * 64
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn", "cudnn_packed"),
+    "model.remat": ("none", "dots", "full"),
+    "tokenizer.model_type": ("bpe", "unigram"),
+    "tokenizer.pretokenize": ("none", "kiwi"),
+    "data.text_mode": ("file", "paragraph", "line"),
+    "data.email_action": ("replace", "drop", "keep"),
+    "data.url_action": ("replace", "drop", "keep"),
+    "data.rrn_action": ("replace", "drop", "keep"),
+    "data.card_action": ("replace", "drop", "keep"),
+    "data.phone_action": ("replace", "drop", "keep"),
+    "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
+    "train.nonfinite": ("skip", "restore", "raise"),
+    "distill.teacher_format": ("workdir", "hf"),
+    "distill.loss": ("forward_kl", "reverse_kl", "jsd", "skew_kl"),
+    "finetune.kind": ("none", "sft", "cls"),
+    "finetune.head": ("linear", "label_words"),
+    "finetune.too_long": ("drop", "truncate"),
+    "lora.base_dtype": ("float32", "bfloat16", "int8"),
+}
+
+
+def validate(cfg) -> None:
+    """Check types against the schema and values against each other."""
+    _check_types(cfg, base_config(), "")
+    for key, allowed in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in allowed:
+            raise KslmError(f"config key {key}={v!r} is not one of {', '.join(allowed)}")
+    for key in ("model.n_heads", "model.n_kv_heads", "train.grad_accum"):  # divisors below
+        if _get(cfg, key) < 1:
+            raise KslmError(f"config key {key}={_get(cfg, key)} must be positive")
+    m = cfg.model
+    if m.n_heads % m.n_kv_heads:
+        raise KslmError(f"config key model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise KslmError(f"config key model.d_model={m.d_model} must divide by model.n_heads={m.n_heads} "
+                        "(or set model.head_dim)")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise KslmError(f"config key train.batch_size={cfg.train.batch_size} must divide by "
+                        f"train.grad_accum={cfg.train.grad_accum}")
+    for key in ("model.d_model", "model.n_layers", "tokenizer.vocab_size", "data.seq_len", "train.batch_size",
+                "train.grad_accum", "data.packing_bins"):
+        if _get(cfg, key) < 1:
+            raise KslmError(f"config key {key}={_get(cfg, key)} must be positive")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    _validate_distill(cfg)
+    from kslm_jax import config_finetune
+    config_finetune.validate(cfg)
+    _validate_cleaning(cfg.data)
+
+
+def _validate_cleaning(d) -> None:
+    for key in ("min_chars", "max_chars", "max_repeat", "prepare_workers"):
+        if d[key] < 0:
+            raise KslmError(f"config key data.{key}={d[key]} must be 0 or more")
+    for key in ("min_hangul_ratio", "max_symbol_ratio", "max_dup_line_ratio", "max_top_2gram_ratio",
+                "max_top_3gram_ratio", "max_top_4gram_ratio"):
+        if not 0.0 <= d[key] <= 1.0:
+            raise KslmError(f"config key data.{key}={d[key]} must be in [0, 1]")
+    for key in ("ngram", "bands", "rows"):
+        if not 1 <= d.dedup[key] <= 1024:
+            raise KslmError(f"config key data.dedup.{key}={d.dedup[key]} must be in [1, 1024]")
+
+
+def _validate_distill(cfg) -> None:
+    d = cfg.distill
+    if not 0.0 <= d.alpha <= 1.0:
+        raise KslmError(f"config key distill.alpha={d.alpha} must be in [0, 1] (the weight of the KD term)")
+    if d.temperature <= 0:
+        raise KslmError(f"config key distill.temperature={d.temperature} must be positive")
+    if d.loss == "jsd" and not 0.0 < d.beta < 1.0:
+        raise KslmError(f"config key distill.beta={d.beta} must be in (0, 1) for distill.loss=jsd")
+    if d.loss == "skew_kl" and not 0.0 <= d.beta < 1.0:
+        raise KslmError(f"config key distill.beta={d.beta} must be in [0, 1) for distill.loss=skew_kl")
+    if d.topk < 0:
+        raise KslmError(f"config key distill.topk={d.topk} must be 0 (whole vocabulary) or positive")
+    if d.cache and d.topk < 1:
+        raise KslmError("config key distill.cache needs distill.topk > 0: the cache holds the teacher's top-k only")
+    if (d.teacher or d.cache) and cfg.train.loss_chunk:
+        raise KslmError(f"config key train.loss_chunk={cfg.train.loss_chunk} is not supported with distillation "
+                        "(the KD term needs the student's whole logits); set it to 0")
+
+
+def _check_types(cfg, ref, prefix):
+    for k, rv in ref.items():
+        v = cfg[k]
+        key = f"{prefix}{k}"
+        if isinstance(rv, ml_collections.ConfigDict):
+            _check_types(v, rv, key + ".")
+        elif not _same_type(v, rv):
+            raise KslmError(f"config key {key}={v!r} has type {type(v).__name__}, expected {type(rv).__name__}")
+
+
+def _same_type(v, rv) -> bool:
+    if isinstance(rv, bool) or isinstance(v, bool):
+        return isinstance(v, bool) and isinstance(rv, bool)
+    if isinstance(rv, float):
+        return isinstance(v, (int, float))
+    return isinstance(v, type(rv))
+
+
+def _get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
