@@ -174,3 +174,17 @@ def test_report_measures_without_retraining(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"measured on {other}" in out and "documents" in out
     assert json.loads((wd / "tokenizer" / "report.json").read_text()) == report  # --text leaves it alone
+
+
+def test_kiwi_keeps_special_tokens_whole(tmp_path):
+    """Chat markers are single pieces under Kiwi too: no morpheme cut lands inside <|user|>."""
+    specials = "<|user|>,<|assistant|>,<|end|>"
+    train = [f"<|user|>{q}<|end|><|assistant|>{a}<|end|>" for q, a in zip(_reviews(1500), _reviews(1500, skip=5000))]
+    sp = tok_lib.train(train, tmp_path / "spm.model", _tcfg(pretokenize="kiwi", special_tokens=specials))
+    sp = tok_lib.load(tmp_path / "spm.model")
+    ids = tok_lib.special_ids(sp, ["<|user|>", "<|assistant|>", "<|end|>"], "test")
+    text = "<|user|>영화 어땠어요?<|end|><|assistant|>정말재밌었어요ㅋㅋ<|end|>"
+    got = sp.EncodeAsIds(text)
+    assert [i for i in got if i in ids.values()] == [ids["<|user|>"], ids["<|end|>"], ids["<|assistant|>"],
+                                                      ids["<|end|>"]]
+    assert sp.DecodeIds(got) == text

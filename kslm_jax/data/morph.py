@@ -12,6 +12,7 @@ to segment at encode time: SentencePiece itself only applies the delimiter while
 from __future__ import annotations
 
 import os
+import re
 
 import sentencepiece as spm
 
@@ -46,11 +47,15 @@ def _chunks(text: str):
 
 
 class Segmenter:
-    """Cut offsets of morpheme starts inside eojeols; Kiwi is loaded on first use (about 1.5 s, ~100 MB)."""
+    """Cut offsets of morpheme starts inside eojeols; Kiwi is loaded on first use (about 1.5 s, ~100 MB).
 
-    def __init__(self, threads: int = 0):
+    `protect`: strings never cut inside (the special tokens, e.g. <|user|>, which must stay one piece).
+    """
+
+    def __init__(self, threads: int = 0, protect: tuple[str, ...] = ()):
         self.threads = threads or os.cpu_count() or 1
         self._kiwi = None
+        self._protect = re.compile("|".join(map(re.escape, sorted(protect, key=len, reverse=True)))) if protect else None
 
     def cuts(self, texts: list[str]) -> list[list[int]]:
         if self._kiwi is None:
@@ -66,6 +71,9 @@ class Segmenter:
             found[i].update(off + t.start for t in tokens)
         out = []
         for text, cand in zip(texts, found):
+            if self._protect:
+                for m in self._protect.finditer(text):
+                    cand.difference_update(range(m.start() + 1, m.end()))
             # Only boundaries inside an eojeol: SentencePiece already splits at whitespace.
             out.append(sorted(p for p in cand if 0 < p < len(text)
                               and not text[p - 1].isspace() and not text[p].isspace()))
@@ -105,7 +113,8 @@ class MorphTokenizer(spm.SentencePieceProcessor):
         proto.ParseFromString(model_proto)
         proto.normalizer_spec.add_dummy_prefix = False
         self._inner = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        self._segmenter = Segmenter(threads)
+        kind = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        self._segmenter = Segmenter(threads, tuple(p.piece for p in proto.pieces if p.type == kind))
 
     def Encode(self, input, out_type=int, **kwargs):  # noqa: N802 (SentencePiece's name)
         if kwargs.get("add_bos") or kwargs.get("add_eos") or kwargs.get("enable_sampling"):

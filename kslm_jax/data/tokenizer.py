@@ -85,7 +85,7 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
     sentences = _sentences(texts, tcfg.max_sentence_length)
     extra = {}
     if tcfg.pretokenize == "kiwi":
-        sentences = _marked(sentences, morph.Segmenter())
+        sentences = _marked(sentences, morph.Segmenter(protect=tuple(special_tokens(tcfg))))
         extra = dict(pretokenization_delimiter=morph.DELIMITER)
     tmp = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_path.parent))
     spm.set_random_generator_seed(seed)
