@@ -84,8 +84,10 @@ def main() -> int:
     p.add_argument("--fertility-only", action="store_true", help="train and measure tokenizers; no LMs")
     p.add_argument("--smoke", action="store_true", help="a review subset, small vocabularies and tiny LMs (CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--reuse", default=None, help="a --runs folder of an earlier run: take its tokenizers")
+    p.add_argument("--reuse", default=None, help="a --runs folder of an earlier run: take the tokenizers it has")
     p.add_argument("--steps", type=int, default=None, help="LM steps (default: the recipe's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more overrides for every LM, e.g. train.seed=1 (a repeat with another seed)")
     p.add_argument("--data", default=None, help="nsmc_reviews.jsonl.gz (default: .devdata/ or ../shared/data/ko/)")
     p.add_argument("--runs", default=str(REPO / "runs" / "tokenizers"), help="folder for the workdirs (replaced)")
     p.add_argument("--smoke-rows", type=int, default=20_000)
@@ -107,6 +109,7 @@ def main() -> int:
     lm = [f"data.sources={data}"] + (SMOKE_LM if args.smoke else [])
     if args.steps:
         lm += [f"train.steps={args.steps}", f"checkpoint.every_steps={args.steps}"]
+    lm += args.set
     log, rows, t0 = [], {}, time.perf_counter()
 
     def report(done=False) -> str:
@@ -121,7 +124,7 @@ def main() -> int:
         keys = lm + tokenizer_keys(name, args.smoke)
         link_tree(base / "data" / "clean", wd / "data" / "clean")
         train_seconds = None
-        if reuse:
+        if reuse and (reuse / name / "tokenizer" / "spm.model").is_file():
             (wd / "tokenizer").mkdir(parents=True)
             for f in ("spm.model", "spm.vocab"):
                 shutil.copy2(reuse / name / "tokenizer" / f, wd / "tokenizer" / f)
