@@ -153,11 +153,20 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):
     return None, None
 
 
-def restore_params(directory: Path, abstract_state):
-    """The newest checkpoint's state without the data iterator (eval, generate, export)."""
+def restore_params(directory: Path, abstract_state, step: int | None = None):
+    """The newest checkpoint's state (or exactly `step`'s) without the data iterator (eval, generate, export,
+    a distillation teacher)."""
     with ocp.CheckpointManager(Path(directory).absolute(),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-        step, state = restore_latest(mngr, abstract_state, None)
+        if step is None:
+            step, state = restore_latest(mngr, abstract_state, None)
+        else:
+            have = sorted(mngr.all_steps())
+            if step not in have:
+                raise KslmError(f"checkpoint step {step} is not in {directory} (it has {have or 'none'})")
+            verify(Path(mngr.directory) / str(step))
+            state = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
     if step is None:
         raise KslmError(f"no checkpoint in {directory}; train first with `kslm train`")
     return step, state

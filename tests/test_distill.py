@@ -124,6 +124,30 @@ def test_teacher_is_sharded_on_the_students_mesh(teacher, prepared, tmp_path):
     assert len(q.addressable_shards) == 4 and q.addressable_shards[0].data.shape == (2, 32, 2, 16)
 
 
+def test_resumed_student_keeps_the_teacher_step_it_started_with(teacher, prepared, tmp_path):
+    """A teacher that trains on after the student began does not change what a resumed student sees; a pinned
+    step that is gone is one error; a new student takes the newest step."""
+    t_wd = shutil.copytree(teacher, tmp_path / "teacher")
+    first = _student(_copy(prepared, tmp_path / "student"), t_wd)
+    assert first.teacher_step == 20
+    assert json.loads((tmp_path / "student" / distill_trainer.TEACHER_PIN).read_text())["step"] == 20
+    more = workdir_lib.config_for(t_wd, None, ["train.steps=22", "checkpoint.every_steps=22"], force=True)
+    loop.Trainer(more, t_wd).fit()
+    assert 22 in checkpoint_steps(t_wd)
+    again = _student(tmp_path / "student", t_wd)
+    assert again.teacher_step == 20
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), first.extra, again.extra)
+    assert all(jax.tree.leaves(same))
+    assert _student(_copy(prepared, tmp_path / "fresh"), t_wd).teacher_step == 22
+    shutil.rmtree(t_wd / "checkpoints" / "20")
+    with pytest.raises(KslmError, match="started with the teacher's checkpoint step 20"):
+        _student(tmp_path / "student", t_wd)
+
+
+def checkpoint_steps(wd):
+    return sorted(int(p.name) for p in (Path(wd) / "checkpoints").iterdir() if p.name.isdigit())
+
+
 @pytest.fixture(scope="module")
 def offline(pruned, tmp_path_factory):
     """`kslm train` on the pruned student (its config names the teacher): eight steps of top-k distillation

@@ -8,16 +8,21 @@ and train/top1 (how often the student's most likely token is the teacher's).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
+from kslm_jax import workdir as workdir_lib
 from kslm_jax.errors import KslmError
 from kslm_jax.model import llama
 from kslm_jax.train import distill, distill_cache, loop, step as step_lib, teacher as teacher_lib
 
 log = logging.getLogger("kslm")
+# The teacher checkpoint step a run started with, kept in its workdir so that a resume uses the same one.
+TEACHER_PIN = "distill_teacher.json"
 
 
 def enabled(cfg) -> bool:
@@ -76,11 +81,34 @@ class DistillTrainer(loop.Trainer):
     def build_extra(self):
         if self.teacher is None:
             return None, None
-        params, shardings, step = teacher_lib.load_params(self.teacher, self.mesh, self.rules)
+        step = self._pinned_teacher_step()
+        try:
+            params, shardings, step = teacher_lib.load_params(self.teacher, self.mesh, self.rules, step)
+        except KslmError as e:
+            if step is None:
+                raise
+            raise KslmError(f"this run started with the teacher's checkpoint step {step}, which cannot be read "
+                            f"now ({e}); restore that step, or start the student over in a new workdir") from None
+        self._pin_teacher_step(step)
         n = llama.param_count(params)
         log.info("teacher %s: checkpoint step %d, %.1fM parameters, forward only in bfloat16",
                  self.teacher.workdir, step, n / 1e6)
         return {"teacher": params}, {"teacher": shardings}
+
+    def _pinned_teacher_step(self) -> int | None:
+        """The teacher step this run began with: a resumed student must see the teacher it started with,
+        even if the teacher's workdir has trained on since."""
+        pin = self.workdir / TEACHER_PIN
+        if not pin.is_file():
+            return None
+        saved = json.loads(pin.read_text())
+        return saved["step"] if saved.get("teacher") == str(Path(self.teacher.workdir).resolve()) else None
+
+    def _pin_teacher_step(self, step: int) -> None:
+        self.teacher_step = step
+        if jax.process_index() == 0:
+            workdir_lib.atomic_write_text(self.workdir / TEACHER_PIN, json.dumps(
+                {"teacher": str(Path(self.teacher.workdir).resolve()), "step": step}) + "\n")
 
     def next_batch(self, data_iter) -> dict:
         batch = next(data_iter)

@@ -98,14 +98,14 @@ def _imported(src: Path, student_workdir: Path) -> Path:
     return target
 
 
-def load_params(teacher: Teacher, mesh, rules):
-    """The newest checkpoint's parameters as bf16 arrays on `mesh`, and their shardings, and the step."""
+def load_params(teacher: Teacher, mesh, rules, step: int | None = None):
+    """The newest checkpoint's (or `step`'s) parameters as bf16 arrays on `mesh`, their shardings, the step."""
     tcfg = teacher.cfg
     stored = llama.Transformer(llama.ModelConfig.from_config(tcfg))  # the checkpoint's own layout and dtypes
     tx, _ = optim.make(tcfg.optim, tcfg.train.steps)
     abstract, shardings = state_lib.abstract_and_shardings(stored, tx, tcfg.train.seed, mesh, rules)
     with jax.set_mesh(mesh):
-        step, state = checkpoint.restore_params(workdir_lib.paths(teacher.workdir)["checkpoints"], abstract)
+        step, state = checkpoint.restore_params(workdir_lib.paths(teacher.workdir)["checkpoints"], abstract, step)
         cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p),
                        out_shardings=shardings.params)
         params = cast(state.params)

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from kslm_jax import config
+from kslm_jax import config, config_schema
 from kslm_jax.data import clean, prepare, rawio, sources
 from kslm_jax.errors import KslmError
 
@@ -567,7 +567,7 @@ def test_config_overrides_only_kslm_errors(items, sep):
             continue
         # it was accepted: a real leaf, still of the schema's type
         assert key in REAL_KEYS
-        assert config._same_type(config._get(cfg, key), config._get(_BASE, key))
+        assert config_schema._same_type(config_schema._get(cfg, key), config_schema._get(_BASE, key))
     try:
         config.validate(cfg)
     except KslmError:
@@ -587,7 +587,7 @@ def test_config_values_are_never_code(payload):
             config.apply_override(cfg, f"{key}={payload}")
         except KslmError:
             continue
-        value = config._get(cfg, key)
+        value = config_schema._get(cfg, key)
         # only a string field takes it, and then as the literal text
         assert isinstance(value, str) and value == payload, (key, value)
     assert not MARKER.exists()
