@@ -71,13 +71,14 @@ def setup(cfg, batch: int):
     with cfg.unlocked():
         cfg.train.batch_size = batch
     mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules(cfg.mesh.rules)  # dp | fsdp | fsdp_tp, as kslm train shards the state
     mc = llama.ModelConfig.from_config(cfg)
     model = llama.Transformer(mc)
     tx, lr_fn = optim.make(cfg.optim, 1000)
-    abstract, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh)
+    abstract, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh, rules)
     loss = step_lib.lm_loss(model, cfg.train.z_loss, cfg.train.loss_chunk)
-    step_fn = step_lib.jit_train_step(loss, tx, lr_fn, cfg.train.grad_accum, mesh, shardings)
-    state = state_lib.create(model, tx, 0, mesh, shardings)
+    step_fn = step_lib.jit_train_step(loss, tx, lr_fn, cfg.train.grad_accum, mesh, shardings, rules=rules)
+    state = state_lib.create(model, tx, 0, mesh, shardings, rules)
     rng = np.random.default_rng(0)
     host = [packed_batch(rng, batch, cfg.data.seq_len, cfg.tokenizer.vocab_size) for _ in range(2)]
     with jax.set_mesh(mesh):
@@ -125,7 +126,9 @@ def main():
         cfg = build_config(args)
         rows.append(run(cfg, b or cfg.train.batch_size, args.steps, args.warmup))
     name = args.preset or Path(args.config or "base").stem
-    dev = f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}"
+    dev = (f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, mesh "
+           f"{dict(zip(('data', 'fsdp', 'tensor'), sharding.mesh_shape(cfg.mesh, jax.device_count())))} "
+           f"rules {cfg.mesh.rules}")
     print(f"\n{name} on {dev}")
     print(f"{'params(M)':>10s}{'batch':>7s}{'seq':>6s}{'tokens/s':>12s}{'step ms':>10s}{'MFU':>7s}"
           f"{'peak GB':>9s}{'compile s':>10s}{'loss':>8s}")
