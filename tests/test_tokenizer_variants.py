@@ -39,7 +39,7 @@ def _reviews(n: int, skip: int = 0) -> list[str]:
 
 
 def _tcfg(**changes):
-    return config_lib.load(None, [f"tokenizer.{k}={v}" for k, v in dict(vocab_size=2000, **changes).items()]).tokenizer
+    return config_lib.load(None, [f"tokenizer.{k}={v}" for k, v in {"vocab_size": 2000, **changes}.items()]).tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +188,22 @@ def test_kiwi_keeps_special_tokens_whole(tmp_path):
     assert [i for i in got if i in ids.values()] == [ids["<|user|>"], ids["<|end|>"], ids["<|assistant|>"],
                                                       ids["<|end|>"]]
     assert sp.DecodeIds(got) == text
+
+
+def test_kiwi_analyses_only_the_sample(tmp_path, monkeypatch):
+    """Kiwi sees tokenizer.sample_sentences sentences, not the corpus: its cost stays bounded on many GB."""
+    seen = []
+    real = morph.Segmenter.cuts
+
+    def counting(self, texts):
+        seen.extend(texts)
+        return real(self, texts)
+
+    monkeypatch.setattr(morph.Segmenter, "cuts", counting)
+    corpus = _reviews(3000)
+    tok_lib.train(corpus, tmp_path / "spm.model", _tcfg(vocab_size=1500, pretokenize="kiwi", sample_sentences=500, character_coverage=0.98))
+    assert len(seen) == 500 and set(seen) <= {line.strip() for t in corpus for line in t.split("\n")}
+    assert tok_lib._reservoir(range(10), 20, 0) == list(range(10))
+    draws = [tuple(tok_lib._reservoir(range(1000), 5, s)) for s in range(3)]
+    assert len(set(draws)) == 3 and all(len(set(d)) == 5 for d in draws)
+    assert tok_lib._reservoir(range(1000), 5, 1) == tok_lib._reservoir(range(1000), 5, 1)
