@@ -130,23 +130,29 @@ def verify(step_dir: Path) -> None:
             raise ValueError(f"file {name} does not match its checksum")
 
 
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
+    """One step, checked against its manifest, into the shardings of `abstract_state`."""
+    step_dir = Path(mngr.directory) / str(step)
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    # Imported weights (kslm import) carry no iterator state: the data then starts at its beginning.
+    if data_iter is not None and (step_dir / "data").is_dir():
+        args["data"] = DataRestore(data_iter)
+    verify(step_dir)
+    return mngr.restore(step, args=ocp.args.Composite(**args))["state"]
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):
     """Restore the newest readable step into the shardings of `abstract_state`; (None, None) if none."""
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
-        step_dir = Path(mngr.directory) / str(step)
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        # Imported weights (kslm import) carry no iterator state: the data then starts at its beginning.
-        if data_iter is not None and (step_dir / "data").is_dir():
-            args["data"] = DataRestore(data_iter)
         try:
-            verify(step_dir)
-            restored = mngr.restore(step, args=ocp.args.Composite(**args))
+            return step, _restore_step(mngr, step, abstract_state, data_iter)
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
-            log.warning("checkpoint step %d is damaged or unreadable (%s); trying an older one",
-                        step, (str(e).splitlines() or [type(e).__name__])[0][:300])
-            continue
-        return step, restored["state"]
+            log.warning("checkpoint step %d is damaged or unreadable (%s); trying an older one", step, _first_line(e))
     if steps:
         raise KslmError(f"no checkpoint in {mngr.directory} could be restored (steps {steps}); "
                         "move the folder aside to start over")
@@ -154,8 +160,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):
 
 
 def restore_params(directory: Path, abstract_state, step: int | None = None):
-    """The newest checkpoint's state (or exactly `step`'s) without the data iterator (eval, generate, export,
-    a distillation teacher)."""
+    """The newest checkpoint's state (or exactly `step`'s, with no fallback) without the data iterator
+    (eval, generate, export, a distillation teacher)."""
     with ocp.CheckpointManager(Path(directory).absolute(),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
         if step is None:
@@ -164,9 +170,11 @@ def restore_params(directory: Path, abstract_state, step: int | None = None):
             have = sorted(mngr.all_steps())
             if step not in have:
                 raise KslmError(f"checkpoint step {step} is not in {directory} (it has {have or 'none'})")
-            verify(Path(mngr.directory) / str(step))
-            state = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))["state"]
+            try:
+                state = _restore_step(mngr, step, abstract_state, None)
+            except Exception as e:  # noqa: BLE001 - a damaged step is a user-facing condition, not a crash
+                raise KslmError(f"checkpoint step {step} in {directory} is damaged or unreadable "
+                                f"({_first_line(e)})") from None
     if step is None:
         raise KslmError(f"no checkpoint in {directory}; train first with `kslm train`")
     return step, state

@@ -106,15 +106,14 @@ class MorphTokenizer(spm.SentencePieceProcessor):
     that starts after a space gets it from the space. Decoding is SentencePiece's own.
     """
 
-    def __init__(self, model_proto: bytes, threads: int = 0):
-        super().__init__(model_proto=model_proto)
-        from sentencepiece import sentencepiece_model_pb2
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(model_proto)
-        proto.normalizer_spec.add_dummy_prefix = False
-        self._inner = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        kind = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-        self._segmenter = Segmenter(threads, tuple(p.piece for p in proto.pieces if p.type == kind))
+    def __init__(self, proto, threads: int = 0, protect: tuple[str, ...] = ()):
+        """`proto`: the parsed ModelProto; `protect`: its special tokens, which no cut may split."""
+        super().__init__(model_proto=proto.SerializeToString())
+        twin = type(proto)()
+        twin.CopyFrom(proto)
+        twin.normalizer_spec.add_dummy_prefix = False
+        self._inner = spm.SentencePieceProcessor(model_proto=twin.SerializeToString())
+        self._segmenter = Segmenter(threads, protect)
 
     def Encode(self, input, out_type=int, **kwargs):  # noqa: N802 (SentencePiece's name)
         if kwargs.get("add_bos") or kwargs.get("add_eos") or kwargs.get("enable_sampling"):

@@ -44,11 +44,11 @@ def special_ids(sp: spm.SentencePieceProcessor, names, where: str) -> dict[str, 
     return out
 
 
-def user_defined(sp: spm.SentencePieceProcessor) -> list[str]:
+def user_defined(sp: spm.SentencePieceProcessor, proto=None) -> list[str]:
     """The tokenizer's user-defined pieces (its special tokens), read from the model itself."""
     from sentencepiece import sentencepiece_model_pb2
     kind = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-    return [p.piece for p in model_proto(sp).pieces if p.type == kind]
+    return [p.piece for p in (proto or model_proto(sp)).pieces if p.type == kind]
 
 
 def find_special(text: str) -> list[str]:
@@ -163,8 +163,9 @@ def load(path: Path, threads: int = 0) -> spm.SentencePieceProcessor:
         sp.Load(str(path))
     except (OSError, RuntimeError) as e:
         raise KslmError(f"tokenizer {path} is not a SentencePiece model ({e}); retrain it with `kslm tokenizer`") from None
-    if morph.is_morph_model(model_proto(sp)):
-        return morph.MorphTokenizer(sp.serialized_model_proto(), threads)
+    proto = model_proto(sp)
+    if morph.is_morph_model(proto):
+        return morph.MorphTokenizer(proto, threads, tuple(user_defined(sp, proto)))
     return sp
 
 
