@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kslm_jax import config as config_lib  # noqa: E402
+from kslm_jax.core import config as config_lib  # noqa: E402
 from kslm_jax.data import prepare as prepare_lib  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def _table(rows) -> None:
 
 
 def bench_tokenize(args) -> None:
-    from kslm_jax import workdir as workdir_lib
+    from kslm_jax.core import workdir as workdir_lib
     from kslm_jax.data import shards
     paths = workdir_lib.paths(args.workdir)
     with tempfile.TemporaryDirectory(prefix="kslm-tokenize-bench-") as tmp:
@@ -95,7 +95,7 @@ def bench_tokenize(args) -> None:
 
 
 def bench_loader(args) -> None:
-    from kslm_jax import workdir as workdir_lib
+    from kslm_jax.core import workdir as workdir_lib
     from kslm_jax.data import pipeline
     cfg = config_lib.load(args.config, [f"data.seq_len={args.seq_len}", f"data.workers={args.prefetch}"] + args.set)
     it = iter(pipeline.train_dataset(workdir_lib.paths(args.workdir)["tokens"], cfg.data, args.batch))

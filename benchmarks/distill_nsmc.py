@@ -42,7 +42,7 @@ def share_data(teacher: Path, student: Path) -> None:
 
 def student_overrides(teacher_recipe: str, student_recipe: str, smoke: bool) -> list[str]:
     """The student recipe's training keys that differ from the teacher's, for `kslm prune` to apply."""
-    from kslm_jax import config as config_lib
+    from kslm_jax.core import config as config_lib
     t = config_lib.flat(config_lib.to_dict(config_lib.load(teacher_recipe)))
     s = config_lib.flat(config_lib.to_dict(config_lib.load(student_recipe)))
     keys = [k for k in s if k.split(".")[0] in ("optim", "train", "checkpoint", "distill") and s[k] != t[k]]
@@ -56,7 +56,7 @@ def read_eval(wd: Path) -> dict:
 
 def param_count(cfg) -> int:
     """Parameters from the config alone: this process never starts JAX, so the GPU stays with the stages."""
-    from kslm_jax import config as config_lib
+    from kslm_jax.core import config as config_lib
     m, v = cfg.model, config_lib.padded_vocab(cfg)
     d, h, ff = m.d_model, config_lib.head_dim(cfg), config_lib.d_ff(cfg)
     layer = d * h * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * d * ff + 2 * d
@@ -79,7 +79,7 @@ class Report:
         self.write()
 
     def collect(self, name: str, result: dict | None = None) -> None:
-        from kslm_jax import config as config_lib
+        from kslm_jax.core import config as config_lib
         folder = self.wd["pruned" if name == "pruned_before" else name]
         cfg = config_lib.read_workdir_config(folder)
         steps = 0 if name == "pruned_before" else cfg.train.steps
@@ -147,7 +147,7 @@ def main() -> int:
         rep.stage(["train", "--config", s_recipe, "--workdir", str(wd[name]), *flags(student_cfg + extra)])
         rep.collect(name)
 
-    from kslm_jax import config as config_lib
+    from kslm_jax.core import config as config_lib
     s = config_lib.load(s_recipe, student_cfg)
     shape = ["--n-layers", str(s.model.n_layers), "--d-model", str(s.model.d_model), "--d-ff", str(s.model.d_ff),
              "--n-heads", str(s.model.n_heads), "--n-kv-heads", str(s.model.n_kv_heads)]

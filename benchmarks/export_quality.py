@@ -31,7 +31,7 @@ LN2 = math.log(2.0)
 
 def held_out(workdir: Path, sp, window: int, n_docs: int):
     """Token lists [BOS] ids [EOS] and their character counts (text + 1 for EOS)."""
-    from kslm_jax import workdir as workdir_lib
+    from kslm_jax.core import workdir as workdir_lib
     from kslm_jax.data import prepare as prepare_lib
     docs, chars, skipped = [], 0, 0
     for text in prepare_lib.read_clean(workdir_lib.paths(workdir)["clean"], "val"):
@@ -49,6 +49,7 @@ def held_out(workdir: Path, sp, window: int, n_docs: int):
 def jax_nll(c, params, docs, window: int) -> float:
     import jax
     import jax.numpy as jnp
+
     from kslm_jax.model import llama
     model = llama.Transformer(c)
     batch = max(1, min(32, 2**26 // (window * c.vocab_size)))  # float32 logits of a batch within 256 MiB
@@ -128,14 +129,16 @@ def main(argv=None) -> None:
 
     import jax
     import jax.numpy as jnp
-    from kslm_jax import config as config_lib
-    from kslm_jax.export import gguf_io, hf_io, quantize
-    from kslm_jax.model import llama
-    from kslm_jax.train import loop
+
+    from kslm_jax.core import config as config_lib
+    from kslm_jax.data import tokenizer as tok_lib
+    from kslm_jax.export import gguf_io
+    from kslm_jax.model import llama, quantize
+    from kslm_jax.objectives import finetune_io
 
     cfg = config_lib.read_workdir_config(args.workdir)
-    sp = loop.check_tokenizer(cfg, args.workdir)
-    params = hf_io.restore_params_host(cfg, args.workdir)
+    sp = tok_lib.check_workdir(cfg, args.workdir)
+    params = finetune_io.restore_params_host(cfg, args.workdir)
     c = dataclasses.replace(llama.ModelConfig.from_config(cfg), dtype="float32", param_dtype="float32")
     window = cfg.data.seq_len
     docs, chars, skipped = held_out(args.workdir, sp, window, args.docs)
@@ -191,12 +194,14 @@ def main(argv=None) -> None:
 
 def speed_of_shape(recipe: str, sp, prompt, folder: Path, args):
     """llama.cpp speed of each GGUF type for a model of `recipe`'s shape, with N(0, 0.02) weights."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
-    from kslm_jax import config as config_lib
+
+    from kslm_jax.core import config as config_lib
     from kslm_jax.export import gguf_io
     from kslm_jax.model import llama
-    import dataclasses
     cfg = config_lib.load(recipe, [])
     c = dataclasses.replace(llama.ModelConfig.from_config(cfg), attention="xla")  # shapes only: any kernel will do
     shapes = jax.eval_shape(llama.Transformer(c).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))

@@ -39,7 +39,7 @@ SMOKE_SFT = ["finetune.eval_generate=16", "finetune.max_new_tokens=24"]
 
 def step_seconds(wd: Path) -> float | None:
     """Median step time over the logged intervals after the first (which includes compilation)."""
-    from kslm_jax import config as config_lib
+    from kslm_jax.core import config as config_lib
     cfg = config_lib.read_workdir_config(wd)
     rates = [r["perf/tokens_per_sec"] for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())
              if "perf/tokens_per_sec" in r]

@@ -52,7 +52,7 @@ def tokenizer_keys(name: str, smoke: bool) -> list[str]:
 
 
 def lm_result(wd: Path) -> dict:
-    from kslm_jax import config as config_lib
+    from kslm_jax.core import config as config_lib
     cfg = config_lib.read_workdir_config(wd)
     model = json.loads((wd / "eval" / "lm.json").read_text())["model"]
     manifest = json.loads((wd / "data" / "tokens" / "manifest.json").read_text())

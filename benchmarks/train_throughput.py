@@ -19,9 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kslm_jax import config as config_lib, metrics, sharding  # noqa: E402
+from kslm_jax.core import config as config_lib  # noqa: E402
+from kslm_jax.core import metrics, sharding
 from kslm_jax.model import llama  # noqa: E402
-from kslm_jax.train import optim, state as state_lib, step as step_lib  # noqa: E402
+from kslm_jax.train import optim  # noqa: E402
+from kslm_jax.train import state as state_lib
+from kslm_jax.train import step as step_lib
 
 PRESETS = {  # GPT-2 shapes with Llama blocks, tied embeddings (SwiGLU at 8d/3 keeps the MLP FLOPs of GPT-2's 4d)
     "gpt2-124m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048),

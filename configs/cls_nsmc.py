@@ -3,7 +3,7 @@
     kslm train --config configs/cls_nsmc.py --workdir runs/cls_nsmc --config.finetune.init_from=runs/nsmc_base
 configs/finetune_nsmc_base.py pretrains such a base; benchmarks/finetune_nsmc.py runs both.
 """
-from kslm_jax.config import load
+from kslm_jax.core.config import load
 
 
 def get_config():

@@ -7,7 +7,7 @@ Rating ≥ 9 is positive, ≤ 4 negative (the NSMC rule; 5-8 are left out), held
 Label-word scoring instead of a head: --config.finetune.head=label_words --config.finetune.label_words=별로,최고
 --config.finetune.cls_template='{text} 평가:'
 """
-from kslm_jax.config import base_config
+from kslm_jax.core.config import base_config
 
 
 def get_config():

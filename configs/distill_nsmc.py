@@ -3,7 +3,7 @@
 Same data, tokenizer and packing as the teacher; `--config.distill.teacher=` (empty) trains it from scratch.
     kslm train --config configs/distill_nsmc.py --workdir runs/nsmc_student --config.distill.teacher=runs/nsmc_teacher
 """
-from kslm_jax.config import load
+from kslm_jax.core.config import load
 
 
 def get_config():

@@ -3,7 +3,7 @@
     python benchmarks/distill_nsmc.py        (prepares the data, trains this teacher and three students)
     kslm train --config configs/distill_nsmc_teacher.py --workdir runs/nsmc_teacher
 """
-from kslm_jax.config import base_config
+from kslm_jax.core.config import base_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ Or start from the pruned teacher (same tokenizer and token shards, linked):
         --n-kv-heads 1 --d-ff 192 --config.distill.teacher=runs/demo
     kslm train --workdir runs/distill_tiny_pruned
 """
-from kslm_jax.config import load
+from kslm_jax.core.config import load
 
 
 def get_config():

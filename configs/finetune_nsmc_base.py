@@ -4,7 +4,7 @@ Its tokenizer carries the chat markers, so the same base serves classification a
 are of other movies (movie_id), with the same hash and share as the classification recipes' held-out split.
     python benchmarks/finetune_nsmc.py          (prepares, pretrains this, then fine-tunes four ways)
 """
-from kslm_jax.config import base_config
+from kslm_jax.core.config import base_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
     kslm train --config configs/ko_125m.py --workdir runs/ko_125m --config.data.sources='corpus/*.jsonl.gz'
 """
-from kslm_jax.config import base_config
+from kslm_jax.core.config import base_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
     kslm train --config configs/ko_1b.py --workdir runs/ko_1b --config.data.sources='corpus/*.jsonl.gz'
 """
-from kslm_jax.config import base_config
+from kslm_jax.core.config import base_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
     kslm train --config configs/lora_nsmc.py --workdir runs/lora_nsmc --config.finetune.init_from=runs/nsmc_base
 Add --config.lora.base_dtype=int8 to keep the frozen base in int8.
 """
-from kslm_jax.config import load
+from kslm_jax.core.config import load
 
 
 def get_config():

@@ -5,7 +5,7 @@
     kslm export --workdir runs/lora_tiny --format hf                       # merges on the way out
 The optimizer state and checkpoints hold only the adapters; the training log says how many parameters.
 """
-from kslm_jax.config import load
+from kslm_jax.core.config import load
 
 
 def get_config():

@@ -4,7 +4,7 @@
 The base needs tokenizer.special_tokens with <|user|>, <|assistant|>, <|end|> (configs/finetune_nsmc_base.py).
 Held-out: 5% of the pairs by hash; evaluation reports answer perplexity and, on greedy answers, ROUGE-L/BLEU.
 """
-from kslm_jax.config import load
+from kslm_jax.core.config import load
 
 
 def get_config():

@@ -6,7 +6,7 @@ The chat template needs a base whose tokenizer has the special tokens, e.g. the 
     kslm generate --workdir runs/sft_tiny --prompt '오늘 너무 피곤해'
 The model shape and tokenizer keys come from finetune.init_from; the loss is on the answers only.
 """
-from kslm_jax.config import base_config
+from kslm_jax.core.config import base_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ Corpus: the constitution and bill texts shipped inside the KoNLPy wheel (no down
     kslm demo --workdir runs/demo
     kslm train --config configs/tiny_ko.py --workdir runs/demo --config.train.steps=600
 """
-from kslm_jax.config import base_config
+from kslm_jax.core.config import base_config
 
 
 def get_config():

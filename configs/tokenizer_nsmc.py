@@ -4,7 +4,7 @@ benchmarks/tokenizers.py trains one per tokenizer variant (tokenizer.* set on th
 same steps of the same batch shape, and compares their held-out bits per character.
     kslm train --config configs/tokenizer_nsmc.py --workdir runs/tok_bpe16k --config.tokenizer.pretokenize=kiwi
 """
-from kslm_jax.config import load
+from kslm_jax.core.config import load
 
 
 def get_config():

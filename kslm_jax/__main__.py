@@ -1,4 +1,4 @@
-from kslm_jax.cli import main
+from kslm_jax.cli.main import main
 
 if __name__ == "__main__":
     main()

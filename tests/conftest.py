@@ -27,7 +27,7 @@ TINY = [
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A workdir holding clean shards, a tokenizer and token shards of the bundled corpus."""
-    from kslm_jax import commands
+    from kslm_jax.cli import commands
     wd = tmp_path_factory.mktemp("prepared") / "run"
     args = SimpleNamespace(workdir=str(wd), config="tiny_ko", force=False)
     for stage in (commands.prepare, commands.tokenizer, commands.tokenize):
@@ -40,7 +40,9 @@ def trained_tiny(prepared, tmp_path_factory):
     """A copy of `prepared` trained 20 steps (checkpoint at step 20), for tests that compare exported models
     with JAX: its logits are those of a trained model, not of an initialization. Tests must not change it."""
     import numpy as np
-    from kslm_jax import workdir as workdir_lib
+
+    from kslm_jax.core import workdir as workdir_lib
+    from kslm_jax.data import tokenizer as tok_lib
     from kslm_jax.train import loop
     wd = tmp_path_factory.mktemp("trained_tiny") / "run"
     shutil.copytree(prepared, wd)
@@ -49,7 +51,7 @@ def trained_tiny(prepared, tmp_path_factory):
     trainer.fit()
     params = jax.tree.map(np.asarray, trainer.state.params)
     return SimpleNamespace(workdir=wd, cfg=cfg, model=trainer.model, params=params,
-                           sp=loop.check_tokenizer(cfg, wd))
+                           sp=tok_lib.check_workdir(cfg, wd))
 
 
 @pytest.fixture
@@ -63,6 +65,7 @@ def workdir(prepared, tmp_path):
 def init_params(c, seed: int = 0):
     """A model of config `c` and its unboxed float parameters, initialized under jit."""
     import jax.numpy as jnp
+
     from kslm_jax.model import llama
     model = llama.Transformer(c)
     params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -76,6 +79,7 @@ def random_params(c, seed: int = 0, std: float = 0.1):
     and logits, so a runtime comparison cannot pass on near-uniform output."""
     import jax.numpy as jnp
     import numpy as np
+
     from kslm_jax.model import llama
     model = llama.Transformer(c)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kslm_jax import config
+from kslm_jax.core import config
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import clean, filters
-from kslm_jax.errors import KslmError
 
 KO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko"
 

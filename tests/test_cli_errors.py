@@ -88,7 +88,8 @@ def stages(tmp_path_factory):
     wd = root / "work"
     out = {}
     # config only: bind the workdir in-process, as every command does first
-    from kslm_jax import config as config_lib, workdir as workdir_lib
+    from kslm_jax.core import config as config_lib
+    from kslm_jax.core import workdir as workdir_lib
     cfg = config_lib.load(TINY_KO, [a[len("--config."):] for a in SMALL] + [f"data.sources={src}"])
     workdir_lib.bind(wd, cfg)
     out["config"] = root / "config_only"
@@ -252,7 +253,7 @@ def test_missing_recipe_absolute(tmp_path):
 
 def test_recipe_with_unknown_key(tmp_path):
     path = tmp_path / "bad_recipe.py"
-    path.write_text("from kslm_jax.config import base_config\ndef get_config():\n c=base_config(); c.model.foo=1; "
+    path.write_text("from kslm_jax.core.config import base_config\ndef get_config():\n c=base_config(); c.model.foo=1; "
                     "return c\n", encoding="utf-8")
     user_error(kslm("prepare", "--config", path, "--workdir", tmp_path / "run"), path, "foo")
 

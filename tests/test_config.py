@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kslm_jax import config as config_lib
-from kslm_jax import config_schema
-from kslm_jax import workdir as workdir_lib
-from kslm_jax.errors import KslmError
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import config_schema
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("*.py"))
@@ -68,7 +68,7 @@ def test_recipe_by_short_name_resolves_to_configs_folder():
 
 def _write_recipe(tmp_path, body, name="recipe.py"):
     path = tmp_path / name
-    path.write_text("from kslm_jax.config import base_config\n\n\ndef get_config():\n" + body, encoding="utf-8")
+    path.write_text("from kslm_jax.core.config import base_config\n\n\ndef get_config():\n" + body, encoding="utf-8")
     return path
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from kslm_jax.config import base_config
+from kslm_jax.core.config import base_config
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import clean, pipeline, prepare, shards, sources
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.errors import KslmError
 
 
 def _dcfg(**changes):

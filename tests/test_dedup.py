@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kslm_jax import commands, config
+from kslm_jax.cli import commands
+from kslm_jax.core import config
 from kslm_jax.data import dedup, prepare
 
 KO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko"

@@ -14,12 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kslm_jax import checkpoint, commands, config as config_lib, sharding, workdir as workdir_lib
+from kslm_jax.cli import commands
+from kslm_jax.compress import prune
+from kslm_jax.core import checkpoint, sharding
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline
-from kslm_jax.errors import KslmError
 from kslm_jax.model import llama
-from kslm_jax.train import distill, distill_cache, distill_trainer, loop, prune, step as step_lib
-from kslm_jax.train import teacher as teacher_lib
+from kslm_jax.objectives import distill, distill_cache, distill_trainer, finetune_io
+from kslm_jax.objectives import teacher as teacher_lib
+from kslm_jax.train import loop
+from kslm_jax.train import step as step_lib
 
 STUDENT = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
            "checkpoint.every_steps=1000"]
@@ -84,10 +90,9 @@ def test_pruned_model_restores_and_beats_random_init(pruned):
 
 
 def test_calibration_forward_reproduces_the_model(teacher):
-    from kslm_jax.export import hf_io
-    from kslm_jax.train import importance
+    from kslm_jax.compress import importance
     cfg = config_lib.read_workdir_config(teacher)
-    params = hf_io.restore_params_host(config_lib.read_workdir_config(teacher), teacher)
+    params = finetune_io.restore_params_host(config_lib.read_workdir_config(teacher), teacher)
     c = llama.ModelConfig.from_config(cfg)
     batch = next(iter(pipeline.train_dataset(workdir_lib.paths(teacher)["tokens"], cfg.data, cfg.train.batch_size)))
     logits, scores = importance.forward(params, c, batch)

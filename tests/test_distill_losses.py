@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kslm_jax.train import distill
+from kslm_jax.objectives import distill
 
 B, T, V, K = 2, 5, 11, 4
 

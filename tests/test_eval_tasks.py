@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import records
-from kslm_jax.errors import KslmError
-from kslm_jax.eval import metrics_text as mt, runner, tasks
-
+from kslm_jax.eval import metrics_text as mt
+from kslm_jax.eval import runner, tasks
 
 # ------------------------------------------------------------------------------------------------- metrics
 

@@ -10,14 +10,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import random_params
-from kslm_jax import commands, config as config_lib, workdir as workdir_lib
-from kslm_jax.data import prepare as prepare_lib, tokenizer as tok_lib
-from kslm_jax.errors import KslmError
+from test_cli_errors import kslm, user_error
+
+from kslm_jax.cli import commands
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
+from kslm_jax.data import prepare as prepare_lib
+from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import gguf_io, hf_io
 from kslm_jax.model import llama
-from test_cli_errors import kslm, user_error
+from kslm_jax.train import hf_import
 
 pytest.importorskip("safetensors")
 pytest.importorskip("gguf")
@@ -127,5 +131,5 @@ def test_import_tokenizer_larger_than_the_embedding(trained_tiny, tmp_path):
     config["vocab_size"] = 512  # the 1000-piece tokenizer.model stays
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(KslmError, match="1000 pieces but the model only 512"):
-        hf_io.import_hf(hf_dir, tmp_path / "imported")
+        hf_import.import_hf(hf_dir, tmp_path / "imported")
     assert not (tmp_path / "imported").exists()

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kslm_jax import workdir as workdir_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import hf_io
-from kslm_jax.train import loop
+from kslm_jax.objectives import finetune_io
+from kslm_jax.train import hf_import, loop
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -28,7 +30,7 @@ def test_export_matches_transformers_and_round_trips(workdir, tmp_path, tie):
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
             "generation_config.json"} <= {p.name for p in out.iterdir()}
 
-    sp = loop.check_tokenizer(cfg, workdir)
+    sp = tok_lib.check_workdir(cfg, workdir)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
     assert bool(hf_model.config.tie_word_embeddings) == tie
     tok = transformers.LlamaTokenizer.from_pretrained(str(out))
@@ -41,17 +43,17 @@ def test_export_matches_transformers_and_round_trips(workdir, tmp_path, tie):
             theirs = hf_model(torch.tensor([ids])).logits.numpy()
         np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
 
-    back = hf_io.import_hf(out, tmp_path / "imported")
-    restored = hf_io.restore_params_host(workdir_lib.config_for(back, None, []), back)
+    back = hf_import.import_hf(out, tmp_path / "imported")
+    restored = finetune_io.restore_params_host(workdir_lib.config_for(back, None, []), back)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_import_refuses_bad_input(tmp_path, prepared):
-    from kslm_jax.errors import KslmError
+    from kslm_jax.core.errors import KslmError
     with pytest.raises(KslmError, match="config.json"):
-        hf_io.import_hf(tmp_path / "nothing", tmp_path / "w")
+        hf_import.import_hf(tmp_path / "nothing", tmp_path / "w")
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(KslmError, match="gpt2"):
-        hf_io.import_hf(tmp_path / "gpt", tmp_path / "w")
+        hf_import.import_hf(tmp_path / "gpt", tmp_path / "w")

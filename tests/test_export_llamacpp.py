@@ -10,9 +10,9 @@ bits; Q8_0 and Q4_0 keep blocks of 32 weights with one scale, and llama.cpp also
 import jax
 import numpy as np
 import pytest
-
 from conftest import random_params
-from kslm_jax import config as config_lib
+
+from kslm_jax.core import config as config_lib
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import gguf_io
 from kslm_jax.model import llama

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import random_params
-from kslm_jax import commands
+
+from kslm_jax.cli import commands
 from kslm_jax.export import onnx_io
 from kslm_jax.model import llama
 

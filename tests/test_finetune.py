@@ -13,11 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kslm_jax import commands, config as config_lib, workdir as workdir_lib
-from kslm_jax.data import prepare, tokenizer as tok_lib
-from kslm_jax.errors import KslmError
-from kslm_jax.model import llama, lora
-from kslm_jax.train import classify, examples, finetune, finetune_data, finetune_io
+from kslm_jax.cli import commands
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
+from kslm_jax.data import examples, finetune_data, prepare
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.model import classify, llama, lora
+from kslm_jax.objectives import finetune, finetune_io
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko"
 SPECIAL = "<|user|>,<|assistant|>,<|end|>"
@@ -226,8 +229,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(env):
     # kslm merge-lora: a plain workdir holding exactly the merged decoder
     out = env.root / "lora_merged"
     commands.merge_lora(SimpleNamespace(workdir=str(wd), out=str(out), config=None, force=False), [])
-    from kslm_jax.export import hf_io
-    plain = hf_io.restore_params_host(config_lib.read_workdir_config(out), out)
+    plain = finetune_io.restore_params_host(config_lib.read_workdir_config(out), out)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(jax.tree.map(np.asarray, trainer.lm_params()))):
         np.testing.assert_allclose(a, b, atol=1e-6)
 

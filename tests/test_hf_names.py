@@ -4,9 +4,9 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-
 from conftest import init_params
-from kslm_jax.export import hf
+
+from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
 
 C = llama.ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)

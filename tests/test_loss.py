@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import init_params
+
 from kslm_jax.model import llama
 from kslm_jax.train import step
 

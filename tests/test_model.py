@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import init_params
-from kslm_jax import generate as gen
+
+from kslm_jax.eval import generate as gen
 from kslm_jax.model import attention, llama
 
 CFG = llama.ModelConfig(vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)

@@ -5,8 +5,8 @@ schedule depends on train.steps, so the references take the same path as the run
 a resume to 9.
 """
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +17,9 @@ import numpy as np
 import portpicker
 import pytest
 
-from kslm_jax import distributed
+from kslm_jax.core import distributed
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline
-from kslm_jax.errors import KslmError
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["data.streams=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1", "checkpoint.every_steps=3", "train.log_every=1",
@@ -184,6 +184,7 @@ def test_unreachable_coordinator_exits_2_with_one_line(tmp_path):
 def test_process_rows_rebuild_every_micro_batch(accum):
     """sharding.global_batch stacks the processes' rows per micro-batch; they must make the global micro-batch."""
     import numpy as np
+
     from kslm_jax.data import pipeline
     batch = {"inputs": np.arange(16 * 3).reshape(16, 3)}
     parts = [pipeline._process_rows(batch, index=i, count=2, accum=accum)["inputs"] for i in range(2)]
@@ -195,7 +196,7 @@ def test_process_rows_rebuild_every_micro_batch(accum):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_streams_give_the_same_global_batch_for_any_process_count(prepared, accum, monkeypatch):
     """Four streams: one process holding all, or two holding two each, make identical global batches."""
-    from kslm_jax import config as config_lib
+    from kslm_jax.core import config as config_lib
     dcfg = config_lib.base_config().data
     with dcfg.unlocked():
         dcfg.seq_len, dcfg.packing_bins, dcfg.streams = 64, 4, 4

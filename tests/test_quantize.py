@@ -3,8 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from kslm_jax import evaluate, workdir as workdir_lib
-from kslm_jax.export import quantize
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.eval import lm as evaluate
+from kslm_jax.model import quantize
 from kslm_jax.train import loop
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kslm_jax import config
+from kslm_jax.core import config
 from kslm_jax.data import prepare, rawio, sources
 
 zstandard = pytest.importorskip("zstandard")

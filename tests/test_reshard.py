@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from kslm_jax import checkpoint, config as config_lib, workdir as workdir_lib
+from kslm_jax.core import checkpoint
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.train import loop
 
 # n_kv_heads=4 so that every head, MLP and (padded) vocabulary dimension divides by tensor=4.

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from kslm_jax import workdir as workdir_lib
+from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.train import loop
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from kslm_jax import config as config_lib
+from kslm_jax.core import config as config_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline, shards
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.errors import KslmError
 
 SOURCES = {"news/a.jsonl": "경제 성장률이 올해 {i}퍼센트로 전망된다는 보도가 나왔다.",
            "reviews/b.jsonl.gz": "이 영화 정말 재밌어요 {i}번 봤어요 ㅋㅋ"}
@@ -160,6 +160,7 @@ def test_split_field_keeps_each_movie_on_one_side(tmp_path):
     """data.split_field=movie_id: every review of a movie is held out, or none is (NSMC rule)."""
     import gzip
     import itertools
+
     from kslm_jax.data import prepare
     src = tmp_path / "reviews.jsonl.gz"
     with gzip.open(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko" / "nsmc_reviews.jsonl.gz",

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from kslm_jax import commands
-from kslm_jax import config as config_lib
+from kslm_jax.cli import commands
+from kslm_jax.core import config as config_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import morph, shards
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.errors import KslmError
 
 NSMC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko" / "nsmc_reviews.jsonl.gz"
 

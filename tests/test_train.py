@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from kslm_jax import checkpoint, workdir as workdir_lib
+from kslm_jax.core import checkpoint
+from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.train import loop
 
 REPO = Path(__file__).resolve().parents[1]

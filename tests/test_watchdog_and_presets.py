@@ -7,9 +7,11 @@ from pathlib import Path
 import jax
 import pytest
 
-from kslm_jax import config as config_lib, sharding
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import sharding
 from kslm_jax.model import llama
-from kslm_jax.train import optim, state as state_lib
+from kslm_jax.train import optim
+from kslm_jax.train import state as state_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +65,7 @@ def test_every_parameter_follows_its_preset(preset, capsys):
 
 
 def test_multislice_mesh_needs_slice_devices():
-    from kslm_jax.errors import KslmError
+    from kslm_jax.core.errors import KslmError
     cfg = config_lib.base_config()
     for item in ("mesh.data=2", "mesh.slices=2"):
         config_lib.apply_override(cfg, item)

@@ -12,8 +12,7 @@ import re
 import unicodedata
 from typing import NamedTuple
 
-from kslm_jax.data.filters import (FILTERS, PLACEHOLDERS, FilterSettings, hangul_ratio, is_hangul,  # noqa: F401
-                                   rejection)
+from kslm_jax.data.filters import FILTERS, PLACEHOLDERS, FilterSettings, hangul_ratio, is_hangul, rejection  # noqa: F401
 
 # PII rule → its `data` config key (replace by a placeholder | drop the document | keep), in the order they run
 ACTION_KEYS = {"emails": "email_action", "urls": "url_action", "rrns": "rrn_action", "cards": "card_action",

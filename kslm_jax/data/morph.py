@@ -16,7 +16,7 @@ import re
 
 import sentencepiece as spm
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
 
 # INVISIBLE SEPARATOR: rare in real text, and stripped from the training sample before cuts are marked.
 DELIMITER = "\u2063"

@@ -10,12 +10,12 @@ import fnmatch
 import functools
 from pathlib import Path
 
-from array_record.python import array_record_module
 import jax
 import numpy as np
+from array_record.python import array_record_module
 
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import packing, shards
-from kslm_jax.errors import KslmError
 
 FEATURES = ("inputs", "targets")
 

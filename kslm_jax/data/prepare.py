@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kslm_jax.core.errors import KslmError
+from kslm_jax.core.workdir import atomic_dir, atomic_write_text
 from kslm_jax.data import clean, dedup, filters, sources
 from kslm_jax.data.report import DEDUP_RULES, Tally, format_report  # noqa: F401  (format_report: the CLI table)
-from kslm_jax.errors import KslmError
-from kslm_jax.workdir import atomic_dir, atomic_write_text
 
 CHUNK_DOCS, CHUNK_CHARS = 2000, 4_000_000  # one unit of work for a worker process
 _STAGING, _BANDS = ".staging.jsonl", ".bands.u64"

@@ -13,7 +13,7 @@ import unicodedata
 from pathlib import Path
 from typing import Iterator
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
 
 KINDS = ("jsonl", "json", "csv", "tsv")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from array_record.python import array_record_module
 
+from kslm_jax.core.errors import KslmError
+from kslm_jax.core.workdir import atomic_write_text
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.errors import KslmError
-from kslm_jax.workdir import atomic_write_text
 
 TOKEN_DTYPE = np.dtype("<i4")
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import formats, namuwiki, rawio, wikitext
-from kslm_jax.errors import KslmError
 
 # Records (lines, paragraphs, files, pages, elements) longer than this are skipped and counted, which bounds
 # what one file can make a reader hold in memory.

@@ -11,25 +11,13 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.config_finetune import SPECIAL_FORM as _SPECIAL_FORM  # noqa: F401
+from kslm_jax.core.config_finetune import special_tokens
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import morph
-from kslm_jax.errors import KslmError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-_SPECIAL_FORM = re.compile(r"<\|[^|<>\s]+\|>")
-
-
-def special_tokens(tcfg) -> list[str]:
-    """`tokenizer.special_tokens` as a list; each must look like <|name|> so a template can find it."""
-    out = [t.strip() for t in tcfg.special_tokens.split(",") if t.strip()]
-    for t in out:
-        if not _SPECIAL_FORM.fullmatch(t):
-            raise KslmError(f"config key tokenizer.special_tokens: {t!r} is not of the form <|name|> "
-                            "(letters, digits, _ or - between <| and |>)")
-    if len(set(out)) != len(out):
-        raise KslmError(f"config key tokenizer.special_tokens={tcfg.special_tokens!r} names a token twice")
-    return out
-
-
 def special_ids(sp: spm.SentencePieceProcessor, names, where: str) -> dict[str, int]:
     """Piece ids of special tokens, or one error naming the first the tokenizer does not have."""
     out = {}
@@ -245,3 +233,16 @@ def format_report(report: dict) -> str:
     lines = [head, f"measured on {report['measured_on']}", ""]
     lines += [f"  {n:<{width}}  {v:>12}" for n, v in rows]
     return "\n".join(lines)
+
+
+def check_workdir(cfg, workdir: Path):
+    """The workdir's tokenizer, refused when it does not match the config's vocabulary size or pre-tokenization."""
+    sp = load(workdir_lib.paths(workdir)["tokenizer"])
+    if sp.GetPieceSize() != cfg.tokenizer.vocab_size:
+        raise KslmError(f"tokenizer in {workdir} has {sp.GetPieceSize()} pieces but tokenizer.vocab_size="
+                        f"{cfg.tokenizer.vocab_size}; retrain it with `kslm tokenizer`")
+    if pretokenize(sp) != cfg.tokenizer.pretokenize:
+        raise KslmError(f"tokenizer in {workdir} was trained with tokenizer.pretokenize={pretokenize(sp)} "
+                        f"but the config says {cfg.tokenizer.pretokenize}; retrain it with `kslm tokenizer`, or set "
+                        f"--config.tokenizer.pretokenize={pretokenize(sp)}")
+    return sp

@@ -15,12 +15,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from kslm_jax import config as config_lib, distributed, metrics, workdir as workdir_lib
-from kslm_jax.data import records, tokenizer as tok_lib
-from kslm_jax.errors import KslmError
+from kslm_jax.core import distributed, metrics
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
+from kslm_jax.data import examples, finetune_data, records
+from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import metrics_text, scoring, tasks
-from kslm_jax.model import llama
-from kslm_jax.train import classify, examples, finetune_data
+from kslm_jax.model import classify, llama
 
 FEWSHOT_SEED = 1234
 
@@ -229,50 +230,12 @@ def table(results: dict) -> str:
     return "\n".join(lines + [f"  ({n})" for n in sorted(notes)])
 
 
-def load(cfg, workdir: Path) -> tuple[Subject, int]:
-    """The newest checkpoint of any workdir (plain, fine-tuned, LoRA) as a Subject on the default device."""
-    from kslm_jax.train import finetune_io, loop
-    sp = loop.check_tokenizer(cfg, workdir)
-    step = finetune_io.newest_step(workdir)
-    if step is None:
-        raise KslmError(f"no checkpoint in {workdir_lib.paths(workdir)['checkpoints']}; train first")
-    copy = config_lib.from_dict(config_lib.to_dict(cfg))
-    decoder, head = finetune_io.lm_params_host(copy, workdir, with_head=True) if cfg.finetune.kind != "none" else (
-        None, None)
-    if decoder is None:
-        from kslm_jax.export import hf_io
-        decoder = hf_io.restore_params_host(copy, workdir)
-    word_ids = None
-    if cfg.finetune.kind == "cls" and cfg.finetune.head == "label_words":
-        word_ids = classify.label_word_ids(sp, cfg.finetune.label_words, len(finetune_data.class_names(cfg)))
-    model = llama.Transformer(llama.ModelConfig.from_config(cfg))
-    return make_subject(cfg, model, jax.device_put(decoder), sp, jax.device_put(head), word_ids), step
-
-
-def cli(args, overrides) -> int:
-    cfg = workdir_lib.config_for(args.workdir, args.config, overrides, getattr(args, "force", False))
-    workdir = Path(args.workdir)
-    spec = args.tasks or cfg.eval.tasks
-    if not spec:
-        from kslm_jax.train import finetune
-        return finetune.evaluate_workdir(cfg, workdir)
-    shots = cfg.eval.shots if args.shots is None else args.shots
-    limit = cfg.eval.limit if args.limit is None else args.limit
-    s, step = load(cfg, workdir)
-    results = run_all(s, spec, args.fewshot or cfg.eval.fewshot, shots, limit)
-    write(workdir, results, step, cfg.logging.tensorboard)
-    print(f"checkpoint step {step}")
-    print(table(results))
-    return 0
-
-
 def during_training(trainer, step: int) -> dict:
     """The configured tasks on the trainer's current weights; a flat {task/metric: value} for the loop."""
     cfg = trainer.cfg
     params = trainer.lm_params() if hasattr(trainer, "lm_params") else trainer.state.params
     if getattr(trainer, "_task_subject", None) is None:
-        from kslm_jax.train import loop
-        trainer._task_subject = make_subject(cfg, trainer.model, params, loop.check_tokenizer(cfg, trainer.workdir),
+        trainer._task_subject = make_subject(cfg, trainer.model, params, tok_lib.check_workdir(cfg, trainer.workdir),
                                              word_ids=getattr(trainer, "word_ids", None))
     s = trainer._task_subject
     s.params = params
@@ -285,20 +248,3 @@ def during_training(trainer, step: int) -> dict:
             workdir_lib.atomic_write_text(out / f"{name}.json", json.dumps({"task": name, "step": step, **r},
                                                                            indent=2, ensure_ascii=False) + "\n")
     return flat(results, prefix="")
-
-
-def generate_cli(args, overrides) -> int:
-    from kslm_jax import generate as gen
-    cfg = workdir_lib.config_for(args.workdir, args.config, overrides, getattr(args, "force", False))
-    s, _ = load(cfg, Path(args.workdir))
-    prompts = args.prompt or ["안녕하세요"]
-    ids, stop = prompt_ids(cfg, s.sp, prompts)
-    rng = jax.random.PRNGKey(cfg.generate.seed)
-    g = cfg.generate
-    for prompt, p in zip(prompts, ids):
-        rng, key = jax.random.split(rng)
-        out = gen.generate_ids(s.model, s.params, p, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                               top_k=g.top_k, top_p=g.top_p, rng=key, vocab_limit=s.sp.GetPieceSize(),
-                               stop_id=stop[0])
-        print(f"{prompt} → {s.sp.DecodeIds(out)}")
-    return 0

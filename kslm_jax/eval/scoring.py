@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kslm_jax.data import examples as ex_lib
 from kslm_jax.model import llama
-from kslm_jax.train import examples as ex_lib
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
 
 # What an earlier export of each folder format holds; --out may replace only such a folder.
 _FOLDER_MARKERS = {"hf": ("config.json", "tokenizer.model"), "onnx": ("model.onnx", "tokenizer.model")}

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kslm_jax import config as config_lib
+from kslm_jax.core import config as config_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.errors import KslmError
-from kslm_jax.export import hf
+from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
+from kslm_jax.objectives import finetune_io
 
 QUANTS = ("f16", "q8_0", "q4_0")
 
@@ -152,9 +153,7 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
 
 
 def export_gguf(workdir: Path, out: Path, quant: str) -> Path:
-    from kslm_jax.export import hf_io
-    from kslm_jax.train import loop
     cfg = config_lib.read_workdir_config(workdir)
-    sp = loop.check_tokenizer(cfg, workdir)
-    params = hf_io.restore_params_host(cfg, workdir)
+    sp = tok_lib.check_workdir(cfg, workdir)
+    params = finetune_io.restore_params_host(cfg, workdir)
     return write_gguf(params, cfg, sp, out, quant)

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kslm_jax import config as config_lib, workdir as workdir_lib
-from kslm_jax.errors import KslmError
-from kslm_jax.export import hf
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
+from kslm_jax.objectives import finetune_io
 
 OPSET = 17
 # A ModelProto is one protobuf message (2 GiB at most); past this many weight bytes they go to a side file.
@@ -154,10 +157,8 @@ def _leaves(tree):
 
 
 def export_onnx(workdir: Path, out: Path, external_over: int = EXTERNAL_OVER) -> Path:
-    from kslm_jax.export import hf_io
-    from kslm_jax.train import loop
     cfg = config_lib.read_workdir_config(workdir)
-    loop.check_tokenizer(cfg, workdir)
-    params = hf_io.restore_params_host(cfg, workdir)
+    tok_lib.check_workdir(cfg, workdir)
+    params = finetune_io.restore_params_host(cfg, workdir)
     return write_onnx(params, llama.ModelConfig.from_config(cfg), workdir_lib.paths(workdir)["tokenizer"], out,
                       external_over)

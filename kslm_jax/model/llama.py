@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kslm_jax import config as config_lib
+from kslm_jax.core import config as config_lib
 from kslm_jax.model import attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -4,7 +4,7 @@ The frozen base and the adapters are separate trees (the optimizer and the check
 `combine` puts each module's `lora_a` (in, r) and `lora_b` (r, out) next to its kernel, and the Flax method
 interceptor from `intercept` makes every such Linear return  x W + (alpha/r) * dropout(x) A B.  Under the
 layer scan the stacked adapter arrays are sliced per layer exactly like the kernels. An int8 base stores each
-projection as `kernel_int8` codes and one float scale per output channel (export/quantize.py's rule); the
+projection as `kernel_int8` codes and one float scale per output channel (model/quantize.py's rule); the
 interceptor dequantizes it one layer at a time, inside the scan, so a float copy of the base never exists.
 `merge` folds the adapters into the kernels: the merged model computes what base + adapters computed.
 """
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kslm_jax.errors import KslmError
-from kslm_jax.model import llama
+from kslm_jax.core.errors import KslmError
+from kslm_jax.model import llama, quantize
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _N_IN = {"o_proj": 2}  # o_proj contracts (heads, head_dim); every other projection one axis
@@ -123,7 +123,6 @@ def _int8_linear(m, x, dtype):
 
 def quantize_base(params) -> dict:
     """Host parameters with every layer projection stored as int8 codes + float32 per-output-channel scales."""
-    from kslm_jax.export import quantize
 
     def visit(node, path):
         if not isinstance(node, dict):

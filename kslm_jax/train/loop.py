@@ -12,12 +12,17 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
-from kslm_jax import checkpoint, evaluate, metrics, sharding, workdir as workdir_lib
+from kslm_jax.core import checkpoint, metrics, sharding
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline, shards
-from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.errors import KslmError
+from kslm_jax.eval import lm as evaluate
+from kslm_jax.eval import runner
 from kslm_jax.model import llama
-from kslm_jax.train import health as health_lib, optim, state as state_lib, step as step_lib
+from kslm_jax.train import health as health_lib
+from kslm_jax.train import optim
+from kslm_jax.train import state as state_lib
+from kslm_jax.train import step as step_lib
 
 log = logging.getLogger("kslm")
 
@@ -277,7 +282,6 @@ class Trainer:
         t0 = time.perf_counter()
         result = self.evaluate()
         if self.cfg.eval.tasks:  # benchmark tasks on the same schedule; their files are written under eval/
-            from kslm_jax.eval import runner
             result.update(runner.during_training(self, step))
         writer.scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "tokens"})
         if on_eval:
@@ -327,15 +331,3 @@ def _disk_full(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def check_tokenizer(cfg, workdir: Path):
-    sp = tok_lib.load(workdir_lib.paths(workdir)["tokenizer"])
-    if sp.GetPieceSize() != cfg.tokenizer.vocab_size:
-        raise KslmError(f"tokenizer in {workdir} has {sp.GetPieceSize()} pieces but tokenizer.vocab_size="
-                        f"{cfg.tokenizer.vocab_size}; retrain it with `kslm tokenizer`")
-    if tok_lib.pretokenize(sp) != cfg.tokenizer.pretokenize:
-        raise KslmError(f"tokenizer in {workdir} was trained with tokenizer.pretokenize={tok_lib.pretokenize(sp)} "
-                        f"but the config says {cfg.tokenizer.pretokenize}; retrain it with `kslm tokenizer`, or set "
-                        f"--config.tokenizer.pretokenize={tok_lib.pretokenize(sp)}")
-    return sp

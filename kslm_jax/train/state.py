@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kslm_jax import sharding
+from kslm_jax.core import sharding
 from kslm_jax.model import llama
 
 

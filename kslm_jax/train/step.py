@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kslm_jax import sharding
+from kslm_jax.core import sharding
 from kslm_jax.model import llama
 
 # optax.global_norm is deprecated in recent optax in favour of optax.tree.norm; older releases lack the latter.

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from kslm_jax import workdir as workdir_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline, shards
-from kslm_jax.errors import KslmError
 from kslm_jax.train import loop
 
 

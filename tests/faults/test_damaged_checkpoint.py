@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from kslm_jax import checkpoint, workdir as workdir_lib
+from kslm_jax.core import checkpoint
+from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.train import loop
 
 
@@ -56,7 +57,7 @@ def test_damaged_newest_step_falls_back(trained, tmp_path, damage, caplog):
 
 
 def test_every_step_damaged_is_a_clear_error(trained, tmp_path):
-    from kslm_jax.errors import KslmError
+    from kslm_jax.core.errors import KslmError
     wd = tmp_path / "run"
     shutil.copytree(trained, wd)
     for s in (2, 4, 6):

@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from kslm_jax import config, config_schema
+from kslm_jax.core import config, config_schema
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import clean, prepare, rawio, sources
-from kslm_jax.errors import KslmError
 
 
 def examples(default: int) -> int:

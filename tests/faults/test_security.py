@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
+from kslm_jax.train import hf_import
 
 REPO = Path(__file__).resolve().parents[2]
 PKG = REPO / "kslm_jax"
@@ -178,7 +179,7 @@ def test_recipe_loader_is_the_only_exec_module():
     hits = [f"{p.relative_to(REPO)}:{i}" for p in package_sources()
             for i, line in enumerate(code_only(p.read_text(encoding="utf-8")).splitlines(), 1)
             if re.search(r"\bexec_module\s*\(|\bspec_from_file_location\s*\(|\brunpy\b|\bimport_module\s*\(", line)]
-    assert hits and all(h.startswith("kslm_jax/config.py:") for h in hits), hits
+    assert hits and all(h.startswith("kslm_jax/core/config.py:") for h in hits), hits
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_recipe_loader_is_the_only_exec_module():
 @pytest.fixture(scope="module")
 def hf_template(tmp_path_factory):
     """A minimal HF Llama directory without weights: config.json for a tiny model and a 300-piece tokenizer."""
-    from kslm_jax import config
+    from kslm_jax.core import config
     from kslm_jax.data import tokenizer as tok_lib
     d = tmp_path_factory.mktemp("hf_template")
     tcfg = config.base_config().tokenizer
@@ -274,12 +275,11 @@ BAD_INDEXES = {
 
 
 def _import_expecting_error(hf_dir: Path, workdir: Path) -> str:
-    from kslm_jax import sharding  # noqa: F401 - imported here so that imports do not count as growth
-    from kslm_jax.export import hf_io
+    from kslm_jax.core import sharding  # noqa: F401 - imported here so that imports do not count as growth
     from kslm_jax.train import optim, state  # noqa: F401
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(KslmError) as info:
-        hf_io.import_hf(hf_dir, workdir)
+        hf_import.import_hf(hf_dir, workdir)
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # ru_maxrss is KiB on Linux
     assert grown_mib < 256, f"peak memory grew by {grown_mib:.0f} MiB reading a corrupt file"
     assert not workdir.exists(), "a failed import left a workdir behind"
@@ -373,7 +373,7 @@ def test_gguf_reader_rejects_every_truncation(tmp_path):
 _TB_COMMAND = re.compile(r"(?<![\w/.-])tensorboard[ \t]+--[^\n`]*")
 
 
-@pytest.mark.parametrize("doc", ["README.md", "launch/README.md", "benchmarks/README.md", "kslm_jax/commands.py"])
+@pytest.mark.parametrize("doc", ["README.md", "launch/README.md", "benchmarks/README.md", "kslm_jax/cli/commands.py"])
 def test_tensorboard_commands_bind_localhost(doc):
     path = REPO / doc
     if not path.is_file():

@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kslm_jax import checkpoint, config as config_lib, config_finetune, sharding, workdir as workdir_lib
-from kslm_jax.errors import KslmError
-from kslm_jax.model import llama, lora
-from kslm_jax.train import classify, optim, state as state_lib
+from kslm_jax.core import checkpoint, config_finetune, sharding
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
+from kslm_jax.model import classify, llama, lora
+from kslm_jax.train import optim
+from kslm_jax.train import state as state_lib
 
 log = logging.getLogger("kslm")
 
@@ -75,11 +78,10 @@ def newest_step(workdir: Path) -> int | None:
 
 def base_params_host(base_dir: Path) -> tuple[dict, int]:
     """The decoder of any trained workdir (plain, or itself fine-tuned) as float32 numpy, and its step."""
-    from kslm_jax.export import hf_io
     step = newest_step(base_dir)
     if step is None:
         raise KslmError(f"config key finetune.init_from={base_dir}: no checkpoint there; train it first")
-    return hf_io.restore_params_host(config_lib.read_workdir_config(base_dir), base_dir), step
+    return restore_params_host(config_lib.read_workdir_config(base_dir), base_dir), step
 
 
 def check_base_fits(host, abstract_tree, base_dir) -> None:
@@ -187,3 +189,18 @@ def merge_lora(workdir: Path, out: Path, force: bool = False) -> dict:
             "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "base_dtype": cfg.lora.base_dtype}
     workdir_lib.atomic_write_text(out / "merged_from.json", json.dumps(info, indent=2) + "\n")
     return info
+
+
+def restore_params_host(cfg, workdir: Path) -> dict:
+    """The newest checkpoint's parameters as float32 numpy arrays (one device is enough to export)."""
+    if cfg.finetune.kind != "none":  # fine-tuned: the tuned decoder, or LoRA adapters merged into their base
+            return lm_params_host(cfg, workdir)
+    with cfg.unlocked():
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = llama.Transformer(llama.ModelConfig.from_config(cfg))
+    tx, _ = optim.make(cfg.optim, cfg.train.steps)
+    abstract, _ = state_lib.abstract_and_shardings(model, tx, cfg.train.seed, mesh, sharding.rules(cfg.mesh.rules))
+    with jax.set_mesh(mesh):
+        _, state = checkpoint.restore_params(workdir_lib.paths(workdir)["checkpoints"], abstract)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), state.params)

@@ -8,8 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kslm_jax import config as config_lib, distributed
-from kslm_jax.errors import KslmError
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import distributed
+from kslm_jax.core.errors import KslmError
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.errors import KslmError
 from kslm_jax.model import llama
 
 

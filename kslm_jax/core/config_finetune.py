@@ -1,10 +1,24 @@
 """Config rules of fine-tuning: the finetune, lora and special-token keys, and what a run takes from its base."""
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
-from kslm_jax import config as config_lib
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
+
+SPECIAL_FORM = re.compile(r"<\|[^|<>\s]+\|>")
+
+
+def special_tokens(tcfg) -> list[str]:
+    """`tokenizer.special_tokens` as a list; each must look like <|name|> so a template can find it."""
+    out = [t.strip() for t in tcfg.special_tokens.split(",") if t.strip()]
+    for t in out:
+        if not SPECIAL_FORM.fullmatch(t):
+            raise KslmError(f"config key tokenizer.special_tokens: {t!r} is not of the form <|name|> "
+                            "(letters, digits, _ or - between <| and |>)")
+    if len(set(out)) != len(out):
+        raise KslmError(f"config key tokenizer.special_tokens={tcfg.special_tokens!r} names a token twice")
+    return out
+
 
 LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                 "down": "down_proj"}
@@ -29,7 +43,6 @@ def lora_targets(cfg) -> list[str]:
 
 def validate(cfg) -> None:
     """The finetune, lora and tokenizer.special_tokens keys against each other."""
-    from kslm_jax.data.tokenizer import special_tokens
     special_tokens(cfg.tokenizer)  # each <|name|>, none twice
     f, lo = cfg.finetune, cfg.lora
     if f.kind == "none":
@@ -58,23 +71,3 @@ def validate(cfg) -> None:
         lora_targets(cfg)
     elif lo.base_dtype != "float32":
         raise KslmError(f"config key lora.base_dtype={lo.base_dtype} applies to LoRA runs only (lora.rank > 0)")
-
-
-# Keys a fine-tuning run takes from finetune.init_from: the weights it loads fix the model's shape and tokenizer.
-INHERITED = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
-             "model.vocab_multiple", "model.rope_theta", "model.norm_eps", "model.tie_embeddings", "model.scan_layers",
-             "tokenizer.")
-
-
-def inherit_base(cfg) -> None:
-    """Set the shape and tokenizer keys of `cfg` to those of its finetune.init_from workdir."""
-    base = Path(cfg.finetune.init_from)
-    if not (base / "config.json").is_file():
-        raise KslmError(f"config key finetune.init_from={cfg.finetune.init_from}: no config.json there; point it at a "
-                        "workdir trained (or imported) by kslm")
-    theirs = config_lib.flat(config_lib.to_dict(config_lib.read_workdir_config(base)))
-    for key, value in theirs.items():
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in INHERITED):
-            section, name = key.split(".", 1)
-            with cfg[section].unlocked():
-                cfg[section][name] = value

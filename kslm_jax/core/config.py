@@ -1,6 +1,6 @@
 """Configs as the commands use them: recipe files, `--config.x.y=v` overrides, the workdir copy and the
 rules for which keys a resumed run may change. The schema itself (keys, defaults, validation) is in
-config_schema.py; its names are re-exported here, so `kslm_jax.config` is the one import recipes need.
+config_schema.py; its names are re-exported here, so `kslm_jax.core.config` is the one import recipes need.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import ml_collections
 
-from kslm_jax.config_schema import base_config, d_ff, head_dim, padded_vocab, validate  # noqa: F401
-from kslm_jax.errors import KslmError
+from kslm_jax.core.config_schema import base_config, d_ff, head_dim, padded_vocab, validate  # noqa: F401
+from kslm_jax.core.errors import KslmError
 
 __all__ = ["base_config", "d_ff", "head_dim", "padded_vocab", "validate", "load", "resolve_recipe",
            "apply_override", "parse_value", "HARMLESS", "DATA_DEFINING", "to_dict", "flat", "from_dict",
@@ -26,8 +26,7 @@ def load(path: str | None, overrides: list[str] = ()) -> ml_collections.ConfigDi
     for item in overrides:
         apply_override(cfg, item)
     if cfg.finetune.init_from:
-        from kslm_jax import config_finetune
-        config_finetune.inherit_base(cfg)
+        inherit_base(cfg)
     validate(cfg)
     return cfg
 
@@ -37,7 +36,7 @@ def resolve_recipe(path: str) -> Path:
     if p.is_file():
         return p
     # `--config tiny_ko` finds configs/tiny_ko.py beside the package in a source checkout.
-    repo = Path(__file__).resolve().parent.parent / "configs" / f"{p.stem}.py"
+    repo = Path(__file__).resolve().parents[2] / "configs" / f"{p.stem}.py"
     if p.suffix in ("", ".py") and "/" not in path and repo.is_file():
         return repo
     raise KslmError(f"config file {path} not found; pass a recipe such as configs/tiny_ko.py")
@@ -58,7 +57,7 @@ def _load_file(path: str) -> ml_collections.ConfigDict:
     except TypeError as e:
         raise KslmError(f"config file {p}: {str(e).splitlines()[0][:300]}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
-        raise KslmError(f"config file {p}: get_config() must return kslm_jax.config.base_config() modified")
+        raise KslmError(f"config file {p}: get_config() must return kslm_jax.core.config.base_config() modified")
     return cfg
 
 
@@ -173,3 +172,23 @@ def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
     if not isinstance(d, dict):
         raise KslmError(f"{path} holds a JSON {type(d).__name__}, not a config object; restore it or start a new workdir")
     return from_dict(d)
+
+
+# Keys a fine-tuning run takes from finetune.init_from: the weights it loads fix the model's shape and tokenizer.
+INHERITED = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
+             "model.vocab_multiple", "model.rope_theta", "model.norm_eps", "model.tie_embeddings", "model.scan_layers",
+             "tokenizer.")
+
+
+def inherit_base(cfg) -> None:
+    """Set the shape and tokenizer keys of `cfg` to those of its finetune.init_from workdir."""
+    base = Path(cfg.finetune.init_from)
+    if not (base / "config.json").is_file():
+        raise KslmError(f"config key finetune.init_from={cfg.finetune.init_from}: no config.json there; point it at a "
+                        "workdir trained (or imported) by kslm")
+    theirs = flat(to_dict(read_workdir_config(base)))
+    for key, value in theirs.items():
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in INHERITED):
+            section, name = key.split(".", 1)
+            with cfg[section].unlocked():
+                cfg[section][name] = value

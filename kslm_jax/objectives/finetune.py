@@ -18,12 +18,16 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from kslm_jax import distributed, sharding, workdir as workdir_lib
-from kslm_jax.data import packing, pipeline, tokenizer as tok_lib
-from kslm_jax.errors import KslmError
+from kslm_jax.core import checkpoint, distributed, sharding
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
+from kslm_jax.data import examples, finetune_data, packing, pipeline
+from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import metrics_text, scoring
-from kslm_jax.model import llama, lora
-from kslm_jax.train import classify, examples, finetune_data, finetune_io, loop, step as step_lib
+from kslm_jax.model import classify, llama, lora
+from kslm_jax.objectives import finetune_io
+from kslm_jax.train import loop
+from kslm_jax.train import step as step_lib
 
 log = logging.getLogger("kslm")
 
@@ -34,7 +38,7 @@ class FinetuneTrainer(loop.Trainer):
         f = cfg.finetune
         self.base_dir = Path(f.init_from) if f.init_from else None
         finetune_io.adopt_tokenizer(self.base_dir, workdir)
-        self.sp = loop.check_tokenizer(cfg, workdir)
+        self.sp = tok_lib.check_workdir(cfg, workdir)
         self.data = finetune_data.build(cfg, self.sp)
         self.word_ids = (classify.label_word_ids(self.sp, f.label_words, len(self.data.class_names))
                          if f.kind == "cls" and f.head == "label_words" else None)
@@ -282,7 +286,6 @@ def train(cfg, workdir) -> int:
 
 def evaluate_workdir(cfg, workdir) -> int:
     """`kslm eval` of a fine-tuning workdir without --tasks: its held-out split, from the newest checkpoint."""
-    from kslm_jax import checkpoint
     trainer = FinetuneTrainer(cfg, workdir)
     with jax.set_mesh(trainer.mesh):
         step, trainer.state = checkpoint.restore_params(trainer.paths["checkpoints"], trainer.abstract)

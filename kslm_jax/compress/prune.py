@@ -19,11 +19,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from kslm_jax import checkpoint, config as config_lib, sharding, workdir as workdir_lib
+from kslm_jax.compress import importance
+from kslm_jax.core import checkpoint, sharding
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline
-from kslm_jax.errors import KslmError
 from kslm_jax.model import llama
-from kslm_jax.train import importance, optim, state as state_lib
+from kslm_jax.objectives import finetune_io
+from kslm_jax.train import optim
+from kslm_jax.train import state as state_lib
 
 log = logging.getLogger("kslm")
 
@@ -146,7 +151,6 @@ def _save_step0(cfg, out: Path, params) -> None:
 
 def prune(teacher: Path, out: Path, *, keep_layers=None, n_layers=None, by: str = "importance", d_model=None,
           d_ff=None, n_heads=None, n_kv_heads=None, calib_batches: int = 8, overrides=(), force=False) -> dict:
-    from kslm_jax.export import hf_io
     teacher, out = Path(teacher), Path(out)
     tcfg = config_lib.read_workdir_config(teacher)
     c = llama.ModelConfig.from_config(tcfg)
@@ -157,7 +161,7 @@ def prune(teacher: Path, out: Path, *, keep_layers=None, n_layers=None, by: str 
         raise KslmError(f"{workdir_lib.paths(out)['checkpoints']} already holds checkpoints; prune into a new --workdir")
     if calib_batches < 1:
         raise KslmError(f"--calib-batches {calib_batches} must be at least 1")
-    params = hf_io.restore_params_host(config_lib.read_workdir_config(teacher), teacher)
+    params = finetune_io.restore_params_host(config_lib.read_workdir_config(teacher), teacher)
     tp = workdir_lib.paths(teacher)
     data = iter(pipeline.train_dataset(tp["tokens"], tcfg.data, tcfg.train.batch_size))
     batches = [next(data) for _ in range(calib_batches)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kslm_jax.errors import KslmError
-from kslm_jax.export import hf
+from kslm_jax.core.errors import KslmError
+from kslm_jax.model import hf_names as hf
 from kslm_jax.model.llama import ModelConfig
 
 MODES = ("int8", "int4")

@@ -11,9 +11,10 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
 
 AXES = ("data", "fsdp", "tensor")
 

@@ -16,7 +16,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
 
 log = logging.getLogger("kslm")
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kslm_jax.core import sharding
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import shards
-from kslm_jax.errors import KslmError
 
 LN2 = math.log(2.0)
 
@@ -35,7 +36,6 @@ def summarize(nll_sum: float, tokens: int, manifest_split: dict) -> dict:
 
 
 def run_lm_eval(eval_fn, params, batches, mesh) -> tuple[float, int]:
-    from kslm_jax import sharding
     nll, tokens = 0.0, 0
     pending = None
     for b in batches:

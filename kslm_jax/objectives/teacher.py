@@ -16,11 +16,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from kslm_jax import checkpoint, config as config_lib, workdir as workdir_lib
+from kslm_jax.core import checkpoint
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.errors import KslmError
 from kslm_jax.model import llama
-from kslm_jax.train import optim, state as state_lib
+from kslm_jax.train import hf_import, optim
+from kslm_jax.train import state as state_lib
 
 log = logging.getLogger("kslm")
 
@@ -84,7 +87,6 @@ def _fingerprint(src: Path) -> dict:
 
 def _imported(src: Path, student_workdir: Path) -> Path:
     """An HF teacher as a workdir inside the student's, imported on first use and again when it changes."""
-    from kslm_jax.export import hf_io
     target = student_workdir / IMPORT_DIR
     marker = target / "source.json"
     want = _fingerprint(src)
@@ -93,7 +95,7 @@ def _imported(src: Path, student_workdir: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     log.info("importing the Hugging Face teacher %s into %s", src, target)
-    hf_io.import_hf(src, target, force=True)
+    hf_import.import_hf(src, target, force=True)
     workdir_lib.atomic_write_text(marker, json.dumps(want, indent=1) + "\n")
     return target
 

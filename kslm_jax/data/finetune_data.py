@@ -13,11 +13,11 @@ import collections
 import dataclasses
 import re
 
-
-from kslm_jax.data import records as records_lib, tokenizer as tok_lib
+from kslm_jax.core.errors import KslmError
+from kslm_jax.data import records as records_lib
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.data.examples import ExampleSet
 from kslm_jax.data.prepare import split_of
-from kslm_jax.errors import KslmError
-from kslm_jax.train.examples import ExampleSet
 
 _PART = re.compile(r"(<\|[^|<>\s]+\|>|\{prompt\}|\{response\}|\{text\})")
 

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core.errors import KslmError
 
 log = logging.getLogger("kslm")
 

@@ -7,7 +7,22 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from kslm_jax import distributed, workdir as workdir_lib
+from kslm_jax.cli import eval_cmd
+from kslm_jax.compress import prune as prune_lib
+from kslm_jax.core import checkpoint, distributed
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.config import resolve_recipe
+from kslm_jax.core.errors import KslmError
+from kslm_jax.data import clean, shards, sources
+from kslm_jax.data import prepare as prepare_lib
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.eval import generate as gen
+from kslm_jax.eval import lm as evaluate
+from kslm_jax.export import check_out, gguf_io, hf_io, onnx_io
+from kslm_jax.model import quantize
+from kslm_jax.objectives import distill_cache as cache_lib
+from kslm_jax.objectives import distill_trainer, finetune, finetune_io
+from kslm_jax.train import hf_import, loop
 
 log = logging.getLogger("kslm")
 
@@ -19,7 +34,6 @@ def _cfg(args, overrides):
 
 
 def prepare(args, overrides) -> int:
-    from kslm_jax.data import prepare as prepare_lib
     cfg = _cfg(args, overrides)
     report = prepare_lib.prepare(cfg, workdir_lib.paths(args.workdir)["clean"])
     print(prepare_lib.format_report(report))
@@ -27,8 +41,6 @@ def prepare(args, overrides) -> int:
 
 
 def tokenizer(args, overrides) -> int:
-    from kslm_jax.data import prepare as prepare_lib
-    from kslm_jax.data import tokenizer as tok_lib
     cfg = _cfg(args, overrides)
     p = workdir_lib.paths(args.workdir)
     if getattr(args, "report", False):  # measure the tokenizer the workdir has; train nothing
@@ -60,7 +72,6 @@ def _cleaned_texts(cfg, spec: str):
     """Documents of `spec` (files or globs, read like data.sources) through the same cleaning as prepare."""
     import collections
 
-    from kslm_jax.data import clean, sources
     files = sources.expand(spec)
     stats: collections.Counter = collections.Counter()
     settings = clean.CleanSettings.from_config(cfg.data)
@@ -71,11 +82,9 @@ def _cleaned_texts(cfg, spec: str):
 
 
 def tokenize(args, overrides) -> int:
-    from kslm_jax.data import shards
-    from kslm_jax.train import loop
     cfg = _cfg(args, overrides)
     p = workdir_lib.paths(args.workdir)
-    loop.check_tokenizer(cfg, Path(args.workdir))
+    tok_lib.check_workdir(cfg, Path(args.workdir))
     manifest = shards.tokenize(p["clean"], p["tokenizer"], p["tokens"], cfg.data.tokenize_workers)
     for split in ("train", "val"):
         m = manifest[split]
@@ -90,15 +99,12 @@ def _print_eval(step, result, seconds):
 
 def train(args, overrides) -> int:
     distributed.initialize_from_env()
-    from kslm_jax.train import loop
     cfg = _cfg(args, overrides)
     if cfg.finetune.kind != "none":  # SFT or classification: examples from files, base from finetune.init_from
-        from kslm_jax.train import finetune
         return finetune.train(cfg, args.workdir)
-    loop.check_tokenizer(cfg, Path(args.workdir))
+    tok_lib.check_workdir(cfg, Path(args.workdir))
     trainer_cls = loop.Trainer
     if cfg.distill.teacher or cfg.distill.cache:  # distillation changes the objective and adds the teacher
-        from kslm_jax.train import distill_trainer
         trainer_cls = distill_trainer.DistillTrainer
     trainer = trainer_cls(cfg, args.workdir)
     summary = trainer.fit(on_eval=_print_eval)
@@ -115,8 +121,6 @@ def _write_eval(workdir, result: dict) -> None:
 
 
 def _restored_trainer(args, overrides):
-    from kslm_jax import checkpoint
-    from kslm_jax.train import loop
     cfg = _cfg(args, overrides)
     trainer = loop.Trainer(cfg, args.workdir)
     import jax
@@ -128,9 +132,7 @@ def _restored_trainer(args, overrides):
 def eval_(args, overrides) -> int:
     distributed.initialize_from_env()
     if getattr(args, "tasks", None) or _cfg(args, overrides).finetune.kind != "none":
-        from kslm_jax.eval import runner  # benchmark tasks, or a fine-tuning run's own held-out evaluation
-        return runner.cli(args, overrides)
-    from kslm_jax import evaluate
+        return eval_cmd.cli(args, overrides)
     cfg, trainer, step = _restored_trainer(args, overrides)
     model_row = f"model (step {step})"
     rows = {model_row: trainer.evaluate()}
@@ -151,22 +153,18 @@ def _quantized(trainer, mode):
     """The trainer's parameters as weight-only int8/int4 would compute them, and their stored size."""
     import jax
     import numpy as np
-    from kslm_jax.export import quantize
     q, size = quantize.quantize_params(jax.tree.map(np.asarray, trainer.state.params), trainer.model_cfg, mode)
     return jax.device_put(q, trainer.shardings.params), size
 
 
 def generate(args, overrides) -> int:
     import jax
-    from kslm_jax import generate as gen
-    from kslm_jax.train import loop
     if _cfg(args, overrides).finetune.kind != "none":  # a fine-tuned decoder, prompted through its template
-        from kslm_jax.eval import runner
-        return runner.generate_cli(args, overrides)
+        return eval_cmd.generate_cli(args, overrides)
     cfg, trainer, _ = _restored_trainer(args, overrides)
     if getattr(args, "quant", []):
         trainer.state = trainer.state.replace(params=_quantized(trainer, args.quant[-1])[0])
-    sp = loop.check_tokenizer(cfg, Path(args.workdir))
+    sp = tok_lib.check_workdir(cfg, Path(args.workdir))
     rng = jax.random.PRNGKey(cfg.generate.seed)
     for prompt in args.prompt or DEMO_PROMPTS:
         rng, key = jax.random.split(rng)
@@ -175,8 +173,6 @@ def generate(args, overrides) -> int:
 
 
 def export(args, overrides) -> int:
-    from kslm_jax.export import check_out, hf_io
-    from kslm_jax.errors import KslmError
     if overrides:
         raise KslmError("export takes no --config.* overrides: it exports the run as configured in its workdir")
     export_dir = Path(args.workdir) / "export"
@@ -185,13 +181,11 @@ def export(args, overrides) -> int:
         raise KslmError(f"--quant {quant} applies to --format gguf only; {args.format} exports float32 "
                         "(measure int8/int4 with `kslm eval --quant`)")
     if args.format == "gguf":
-        from kslm_jax.export import gguf_io
         quant = quant or "f16"
         out = Path(args.out) if args.out else export_dir / f"model-{quant}.gguf"
         check_out(out, args.format)
         gguf_io.export_gguf(Path(args.workdir), out, quant)
     elif args.format == "onnx":
-        from kslm_jax.export import onnx_io
         out = Path(args.out) if args.out else export_dir / "onnx"
         check_out(out, args.format)
         onnx_io.export_onnx(Path(args.workdir), out)
@@ -200,7 +194,6 @@ def export(args, overrides) -> int:
         check_out(out, args.format)
         hf_io.export_hf(Path(args.workdir), out)
     print(f"exported {args.workdir} -> {out} ({args.format})")
-    from kslm_jax.data import tokenizer as tok_lib
     if args.format != "gguf" and tok_lib.pretokenize(tok_lib.load(workdir_lib.paths(args.workdir)["tokenizer"])) != "none":
         print("note: tokenizer.model was trained on Kiwi morpheme cuts; a plain SentencePiece (or Hugging Face) "
               "encoder still round-trips text but splits differently than training did; encode with "
@@ -209,8 +202,7 @@ def export(args, overrides) -> int:
 
 
 def import_(args, overrides) -> int:
-    from kslm_jax.export import hf_io
-    hf_io.import_hf(Path(args.hf), Path(args.workdir), getattr(args, "force", False), overrides)
+    hf_import.import_hf(Path(args.hf), Path(args.workdir), getattr(args, "force", False), overrides)
     print(f"imported {args.hf} -> {args.workdir} (checkpoint step 0)")
     return 0
 
@@ -218,9 +210,6 @@ def import_(args, overrides) -> int:
 def demo(args, overrides) -> int:
     """Every stage on the bundled corpus, printing held-out bits per character before and after training."""
     import jax
-    from kslm_jax import evaluate, generate as gen
-    from kslm_jax.config import resolve_recipe
-    from kslm_jax.train import loop
     t0 = time.perf_counter()
     args = SimpleNamespace(workdir=args.workdir, config=args.config or str(resolve_recipe("tiny_ko")),
                            force=args.force)
@@ -250,7 +239,7 @@ def demo(args, overrides) -> int:
     print(f"the trained model {verdict} the unigram model: {after['bits_per_char']:.3f} vs "
           f"{unigram['bits_per_char']:.3f} bits per character")
     print("\n== generate")
-    sp = loop.check_tokenizer(cfg, Path(args.workdir))
+    sp = tok_lib.check_workdir(cfg, Path(args.workdir))
     rng = jax.random.PRNGKey(cfg.generate.seed)
     for prompt in DEMO_PROMPTS:
         rng, key = jax.random.split(rng)
@@ -261,7 +250,6 @@ def demo(args, overrides) -> int:
 
 
 def distill_cache(args, overrides) -> int:
-    from kslm_jax.train import distill_cache as cache_lib
     cfg = _cfg(args, overrides)
     out = cache_lib.write(cfg, Path(args.workdir), args.dtype)
     rel = out.relative_to(Path(args.workdir)) if out.is_relative_to(Path(args.workdir)) else out
@@ -271,8 +259,6 @@ def distill_cache(args, overrides) -> int:
 
 
 def prune(args, overrides) -> int:
-    from kslm_jax.errors import KslmError
-    from kslm_jax.train import prune as prune_lib
     if args.config:
         raise KslmError("prune takes the teacher's config; change the output's keys with --config.S.K=V overrides")
     keep = None
@@ -295,8 +281,6 @@ def prune(args, overrides) -> int:
 
 
 def merge_lora(args, overrides) -> int:
-    from kslm_jax.errors import KslmError
-    from kslm_jax.train import finetune_io
     if overrides or args.config:
         raise KslmError("merge-lora takes no --config: it merges the run as configured in its workdir")
     info = finetune_io.merge_lora(Path(args.workdir), Path(args.out), args.force)

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-from kslm_jax.errors import KslmError
+from kslm_jax.cli import commands
+from kslm_jax.core.errors import KslmError
 
 COMMON = """
 common options:
@@ -128,7 +129,14 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _setup_logging():
-    logging.basicConfig(level=logging.INFO, format="kslm: %(message)s", stream=sys.stderr)
+    # Our own logger gets its own handler: importing jax and orbax may already have configured the root one.
+    ours = logging.getLogger("kslm")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("kslm: %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         from absl import logging as absl_logging
@@ -167,7 +175,6 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser(command).parse_args(rest)
     _setup_logging()
     try:
-        from kslm_jax import commands
         # `import` and `eval` are Python names; their functions carry a trailing underscore.
         name = command.replace("-", "_")
         code = getattr(commands, name + "_" if command in ("import", "eval") else name)(args, overrides)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from kslm_jax.errors import KslmError
+from kslm_jax.core import config_finetune
+from kslm_jax.core.errors import KslmError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -247,7 +248,6 @@ def validate(cfg) -> None:
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     _validate_distill(cfg)
-    from kslm_jax import config_finetune
     config_finetune.validate(cfg)
     _validate_cleaning(cfg.data)
 

@@ -19,11 +19,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from kslm_jax import sharding, workdir as workdir_lib
+from kslm_jax.core import sharding
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline
-from kslm_jax.errors import KslmError
 from kslm_jax.model import llama
-from kslm_jax.train import distill, teacher as teacher_lib
+from kslm_jax.objectives import distill
+from kslm_jax.objectives import teacher as teacher_lib
 
 log = logging.getLogger("kslm")
 

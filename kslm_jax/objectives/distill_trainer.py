@@ -15,10 +15,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from kslm_jax import workdir as workdir_lib
-from kslm_jax.errors import KslmError
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.model import llama
-from kslm_jax.train import distill, distill_cache, loop, step as step_lib, teacher as teacher_lib
+from kslm_jax.objectives import distill, distill_cache
+from kslm_jax.objectives import teacher as teacher_lib
+from kslm_jax.train import loop
+from kslm_jax.train import step as step_lib
 
 log = logging.getLogger("kslm")
 # The teacher checkpoint step a run started with, kept in its workdir so that a resume uses the same one.
