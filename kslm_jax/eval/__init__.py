@@ -1,1 +1,4 @@
-"""Task evaluation: `kslm eval --tasks` and evaluation on a schedule during training (README: Evaluation tasks)."""
+"""Metrics and the task harness: held-out LM metrics, scoring of example sets, text metrics and KV-cache
+generation (README: Evaluation tasks). It is handed a model and weights and never loads a workdir, which is why
+the training loop (one layer up) can use it.
+"""

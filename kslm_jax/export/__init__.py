@@ -1,4 +1,5 @@
-"""Export to Hugging Face (hf_io), llama.cpp (gguf_io) and ONNX (onnx_io); import from Hugging Face."""
+"""Writers for other runtimes: Hugging Face (hf_io), llama.cpp (gguf_io) and ONNX (onnx_io). Above objectives,
+because exporting a fine-tuned run merges its LoRA adapters; HF import is train/hf_import.py."""
 from __future__ import annotations
 
 from pathlib import Path
