@@ -1,7 +1,9 @@
 """Task formats and text metrics without a model: every format against hand-written records, every metric
 against values computed by hand, and malformed files named by file and record."""
+import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from kslm_jax.core.errors import KslmError
 from kslm_jax.data import records
 from kslm_jax.eval import metrics_text as mt
 from kslm_jax.eval import runner, tasks
+
+KO_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko"
 
 # ------------------------------------------------------------------------------------------------- metrics
 
@@ -26,10 +30,11 @@ def test_pearson_and_spearman_with_ties_by_hand():
     x, y = [1, 2, 3, 4], [2, 4, 5, 9]
     # deviations (-1.5,-.5,.5,1.5) and (-3,-1,0,4): cov 4.5+.5+0+6 = 11, |x|² 5, |y|² 26
     assert mt.pearson(x, y) == pytest.approx(11 / math.sqrt(5 * 26))
-    assert mt.ranks([10, 20, 20, 30]).tolist() == [1.0, 2.5, 2.5, 4.0]
-    # ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): cov 4.5, |x|^2 4.5, |y|^2 5
+    # ties share their mean rank: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): cov 4.5, |x|^2 4.5, |y|^2 5
     assert mt.spearman([10, 20, 20, 30], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
     assert mt.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
+    # undefined correlations are NaN, not an exception or a warning turned into a number
+    assert math.isnan(mt.pearson([1, 1, 1], [1, 2, 3])) and math.isnan(mt.spearman([5], [6]))
 
 
 def test_rouge_l_is_character_level_f1_of_the_lcs():
@@ -50,6 +55,36 @@ def test_bleu_by_hand():
     assert mt.bleu(["가나다라"], ["마바사아"]) == 0.0
     # clipping: a repeated hypothesis character counts only as often as in the reference
     assert mt.bleu(["가나"], ["가가"], max_n=1) == pytest.approx(50.0)
+
+
+def _chatbot_pairs(n=300):
+    """Real answers as references; each hypothesis swaps in the next answer's last word and drops the spaces."""
+    with open(KO_DATA / "chatbot_qa.csv", encoding="utf-8") as f:
+        answers = [row["A"] for row in csv.DictReader(f)][:n + 1]
+    hyps = [" ".join(a.split()[:-1] + b.split()[-1:]).replace(" ", "") for a, b in zip(answers, answers[1:])]
+    return answers[:n], hyps
+
+
+def test_bleu_equals_sacrebleu_char():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    refs, hyps = _chatbot_pairs()
+    theirs = sacrebleu.corpus_bleu(hyps, [refs], tokenize="char", smooth_method="none").score
+    assert 5 < theirs < 95  # partial overlap: every n-gram order and the brevity penalty take part
+    assert mt.bleu(refs, hyps) == pytest.approx(theirs, rel=1e-9)
+    for ref, hyp in zip(refs[:40], hyps):
+        assert mt.bleu([ref], [hyp]) == pytest.approx(
+            sacrebleu.sentence_bleu(hyp, [ref], tokenize="char", smooth_method="none").score, rel=1e-9, abs=1e-9)
+
+
+def test_rouge_score_cannot_read_hangul():
+    """Why ROUGE-L is ours: rouge-score's tokenizer keeps only [a-z0-9], so Korean text has no tokens and an
+    exact Korean match scores 0 there."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    refs, _ = _chatbot_pairs(20)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    assert all(scorer.score(r, r)["rougeL"].fmeasure == 0.0 for r in refs)
+    assert scorer.score("abc def", "abc def")["rougeL"].fmeasure == 1.0
+    assert mt.rouge_l(refs, refs) == pytest.approx(100.0)
 
 
 # ------------------------------------------------------------------------------------------------- formats
