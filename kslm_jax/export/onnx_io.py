@@ -2,8 +2,9 @@
 
 The graph is not built by us: the checkpoint becomes the LlamaForCausalLM that `kslm export --format hf` writes
 (same config and tensor names, model/hf_names.py), and torch.onnx.export (the torch.export based exporter, which
-needs onnxscript) traces it. We picked this over jax2onnx by measurement (benchmarks/README.md, "ONNX export"):
-same logits to 1e-5, and jax2onnx would pin orbax-checkpoint below the version we use.
+needs onnxscript) traces it. Picked over jax2onnx and our former hand-built graph by measurement
+(benchmarks/README.md, "ONNX export"): all agree with JAX, and only this one gives a KV cache and a padding mask;
+jax2onnx needs unscanned layers and fixed shapes, and would pin orbax-checkpoint below the version we use.
 
 Inputs (opset 18, float32):
 - `input_ids` int64 [batch, seq];
