@@ -163,7 +163,7 @@ def test_unreadable_files_and_specs(tmp_path):
     with pytest.raises(KslmError, match=f"{p} line 2: not valid JSON"):
         list(records.read(p))
     with pytest.raises(KslmError, match="unknown record format"):
-        list(records.read(tmp_path / "x.parquet"))
+        list(records.read(tmp_path / "x.docx"))
     with pytest.raises(KslmError, match="unknown task kind 'kobest_xyz'"):
         tasks.parse_specs("kobest_xyz=a.jsonl")
     with pytest.raises(KslmError, match="is not kind=path"):

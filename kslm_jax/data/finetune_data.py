@@ -15,6 +15,7 @@ import re
 
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import records as records_lib
+from kslm_jax.data import sources
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.data.examples import ExampleSet
 from kslm_jax.data.prepare import split_of
@@ -131,8 +132,8 @@ def build(cfg, sp) -> FinetuneData:
         end_id = tmpl.special_ids[-1] if tmpl.parts[-1][0] == "ids" and tmpl.special_ids else None
     else:
         tmpl, end_id = Template(f.cls_template, sp, "config key finetune.cls_template"), None
-    train_files = records_lib.files(f.train_files)
-    val_files = records_lib.files(f.val_files) if f.val_files else []
+    train_files = sources.expand(f.train_files, "finetune.train_files")
+    val_files = sources.expand(f.val_files, "finetune.val_files") if f.val_files else []
     raw = {"train": [], "val": []}
     counts = {"train": collections.Counter(), "val": collections.Counter()}
     groups = {"train": [], "val": []}

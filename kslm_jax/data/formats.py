@@ -1,7 +1,11 @@
 """Readers for the record formats: plain text, JSON lines, whole-file JSON, CSV/TSV and Parquet.
 
-Each takes a stream of decoded text (Parquet: the raw file), yields (id suffix, text, extra meta) and counts
-what it skips in `stats`. Damage that ends a file raises rawio.BadFile.
+Two levels, one stack. The record level (`jsonl_records`, `json_layout`, `csv_rows`, `parquet_rows`) parses a
+file into records and hands each unreadable line or row to `on_bad(reason, line, detail)`. data.sources passes
+a counter (`counting`): a corpus reads on past a bad line. data.records passes a function that raises: a lost
+fine-tuning example or task item would silently change the task. The text level (`read_*`) takes a stream of
+decoded text (Parquet: the raw file), yields (id suffix, text, extra meta) for data.sources and counts what it
+skips in `stats`. Damage that ends a file raises rawio.BadFile at both levels.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import itertools
 import json
 import re
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 from kslm_jax.data import rawio
 from kslm_jax.data.jsonstream import iter_array
@@ -21,6 +25,12 @@ from kslm_jax.data.rawio import BadFile
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _PARAGRAPH_BLANK = " \t\u3000"
 Record = tuple[str, str, dict]
+OnBad = Callable[[str, int, str], None]
+
+
+def counting(stats: collections.Counter) -> OnBad:
+    """The corpus way with a bad line or row: count it under its reason, read on."""
+    return lambda reason, line, detail: stats.update((reason,))
 
 
 def field(record, dotted: str, spread: bool = False):
@@ -116,16 +126,22 @@ def _key_meta(record, key_field: str) -> dict:
     return {} if value is None else {"key": str(value)}
 
 
-def read_jsonl(chunks, text_field: str, max_chars: int, stats, spread: bool = False,
-               key_field: str = "") -> Iterator[Record]:
+def jsonl_records(chunks, max_chars: int, stats, on_bad: OnBad) -> Iterator[tuple[int, object]]:
+    """(line number, value) of every non-blank line; a line that is not JSON goes to on_bad."""
     for lineno, line in rawio.lines(chunks, rawio.JSONL_SEP, max_chars, stats):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except (ValueError, RecursionError):  # JSONDecodeError, over-long integers, deep nesting
-            stats["bad_json_line"] += 1
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, over-long integers, deep nesting
+            on_bad("bad_json_line", lineno, f"not valid JSON ({getattr(e, 'msg', e)})")
             continue
+        yield lineno, record
+
+
+def read_jsonl(chunks, text_field: str, max_chars: int, stats, spread: bool = False,
+               key_field: str = "") -> Iterator[Record]:
+    for lineno, record in jsonl_records(chunks, max_chars, stats, counting(stats)):
         if not spread:
             text = _checked(field(record, text_field), stats, max_chars)
             if text is not None:
@@ -140,9 +156,9 @@ def read_jsonl(chunks, text_field: str, max_chars: int, stats, spread: bool = Fa
                 yield (f"{lineno}.{k}" if k else str(lineno)), text, {}
 
 
-def read_json(chunks, text_field: str, max_chars: int, stats, key_field: str = "") -> Iterator[Record]:
-    """A .json file: an array of records (streamed), one object (the field path may cross lists), or, when
-    its first line is a complete JSON value of its own, JSON lines."""
+def json_layout(chunks, max_chars: int):
+    """How a .json file holds its records: ("array", stream of the text), ("object", the parsed object) or,
+    when its first line is a complete JSON value of its own, ("lines", stream of the text)."""
     chunks = iter(chunks)
     head = ""
     for chunk in chunks:
@@ -153,11 +169,7 @@ def read_json(chunks, text_field: str, max_chars: int, stats, key_field: str = "
     stripped = head.lstrip()
     stream = itertools.chain([head], chunks)
     if stripped.startswith("["):
-        for i, record in enumerate(iter_array(stream, max_chars)):
-            text = _checked(field(record, text_field), stats, max_chars)
-            if text is not None:
-                yield str(i), text, _key_meta(record, key_field)
-        return
+        return "array", stream
     if stripped.startswith("{") and not _complete_first_line(stripped):
         parts, size = [], 0
         for chunk in stream:
@@ -166,18 +178,31 @@ def read_json(chunks, text_field: str, max_chars: int, stats, key_field: str = "
                 raise BadFile("record_too_long", f"a whole-file JSON object is longer than {max_chars} characters")
             parts.append(chunk)
         try:
-            obj = json.loads("".join(parts))
+            return "object", json.loads("".join(parts))
         except (ValueError, RecursionError) as e:
             raise BadFile("bad_json", str(e)) from None
-        values = field(obj, text_field, spread=True)
+    return "lines", stream
+
+
+def read_json(chunks, text_field: str, max_chars: int, stats, key_field: str = "") -> Iterator[Record]:
+    """A .json file: an array of records (streamed), one object (the field path may cross lists), or JSON
+    lines (see json_layout)."""
+    layout, content = json_layout(chunks, max_chars)
+    if layout == "array":
+        for i, record in enumerate(iter_array(content, max_chars)):
+            text = _checked(field(record, text_field), stats, max_chars)
+            if text is not None:
+                yield str(i), text, _key_meta(record, key_field)
+    elif layout == "object":
+        values = field(content, text_field, spread=True)
         if not values:
             stats["missing_text_field"] += 1
         for i, value in enumerate(values):
             text = _checked(value, stats, max_chars)
             if text is not None:
                 yield str(i), text, {}
-        return
-    yield from read_jsonl(stream, text_field, max_chars, stats, spread=True, key_field=key_field)
+    else:
+        yield from read_jsonl(content, text_field, max_chars, stats, spread=True, key_field=key_field)
 
 
 def _complete_first_line(text: str) -> bool:
@@ -191,34 +216,51 @@ def _complete_first_line(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- CSV / TSV
 
-def read_csv(chunks, column: str, delimiter: str, max_chars: int, stats, key_field: str = "") -> Iterator[Record]:
-    """First row is the header; `column` names the text column. TSV has no quoting (quotes are text there)."""
+def csv_rows(chunks, delimiter: str, max_chars: int, stats, on_bad: OnBad) -> Iterator[tuple[int, list]]:
+    """(line number, fields) of every row, the header first; a quoted field may span lines (the number is the
+    row's last line). TSV has no quoting: quotes are text there (KorNLI and KorSTS sentences begin with them).
+    An empty file yields nothing; a header that cannot be parsed raises BadFile("bad_header")."""
     if csv.field_size_limit() < max_chars:  # process-wide; only ever raised, to the record bound
         csv.field_size_limit(max_chars)
-    rows = (line for _, line in rawio.lines(chunks, rawio.JSONL_SEP, max_chars, stats, keepends=True))
+    last = [0]
+
+    def lines():
+        for lineno, line in rawio.lines(chunks, rawio.JSONL_SEP, max_chars, stats, keepends=True):
+            last[0] = lineno
+            yield line
+
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(rows, delimiter=delimiter, quoting=quoting, strict=False)
+    reader = csv.reader(lines(), delimiter=delimiter, quoting=quoting, strict=False)
     try:
         header = next(reader, None)
     except csv.Error as e:
         raise BadFile("bad_header", str(e)) from None
     if header is None:
         return
-    names = [h.strip() for h in header]
-    if column not in names:
-        raise BadFile("missing_column", f"no column {column!r} in header {header[:8]}")
-    idx = names.index(column)
-    key_idx = names.index(key_field) if key_field in names else None
-    n = 0
+    yield last[0], header
     while True:
         try:
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error:
-            stats["bad_row"] += 1
+        except csv.Error as e:
+            on_bad("bad_row", last[0], f"not a valid {'TSV' if delimiter == chr(9) else 'CSV'} row ({e})")
             continue
-        n += 1
+        yield last[0], row
+
+
+def read_csv(chunks, column: str, delimiter: str, max_chars: int, stats, key_field: str = "") -> Iterator[Record]:
+    """First row is the header; `column` names the text column."""
+    rows = csv_rows(chunks, delimiter, max_chars, stats, counting(stats))
+    header = next(rows, None)
+    if header is None:
+        return
+    names = [h.strip() for h in header[1]]
+    if column not in names:
+        raise BadFile("missing_column", f"no column {column!r} in header {header[1][:8]}")
+    idx = names.index(column)
+    key_idx = names.index(key_field) if key_field in names else None
+    for n, (_, row) in enumerate(rows, 1):
         if not row:
             continue
         if len(row) <= idx:
@@ -231,9 +273,9 @@ def read_csv(chunks, column: str, delimiter: str, max_chars: int, stats, key_fie
 
 # ---------------------------------------------------------------------------------------------- Parquet
 
-def read_parquet(raw: rawio.RawReader, column: str, max_chars: int, stats) -> Iterator[Record]:
-    """`column` names a column; a dotted rest walks into struct values. Compressed files go through a
-    temporary copy because Parquet needs to seek."""
+def parquet_rows(raw: rawio.RawReader, pick=None) -> Iterator[dict]:
+    """Every row as a dict of its columns; `pick(names)` may choose the columns to read from the schema's
+    names. Compressed files go through a temporary copy because Parquet needs to seek."""
     try:
         import pyarrow
         import pyarrow.parquet as pq
@@ -248,17 +290,27 @@ def read_parquet(raw: rawio.RawReader, column: str, max_chars: int, stats) -> It
             source.seek(0)
         try:
             pf = pq.ParquetFile(source)
-            names = pf.schema_arrow.names
-            name = column if column in names else column.partition(".")[0]
-            if name not in names:
-                raise BadFile("missing_column", f"no column {column!r} among {names[:8]}")
-            rest = column[len(name) + 1:]
-            i = 0
-            for batch in pf.iter_batches(batch_size=1024, columns=[name]):
-                for value in batch.column(0).to_pylist():
-                    text = _checked(field(value, rest) if rest else value, stats, max_chars)
-                    if text is not None:
-                        yield str(i), text, {}
-                    i += 1
+            columns = pick(pf.schema_arrow.names) if pick else None
+            for batch in pf.iter_batches(batch_size=1024, columns=columns):
+                yield from batch.to_pylist()
         except (pyarrow.ArrowException, OSError, ValueError) as e:
             raise BadFile("corrupt", str(e)) from None
+
+
+def read_parquet(raw: rawio.RawReader, column: str, max_chars: int, stats) -> Iterator[Record]:
+    """`column` names a column; a dotted rest walks into struct values."""
+    chosen = []
+
+    def pick(names):
+        name = column if column in names else column.partition(".")[0]
+        if name not in names:
+            raise BadFile("missing_column", f"no column {column!r} among {names[:8]}")
+        chosen.append(name)
+        return [name]
+
+    for i, row in enumerate(parquet_rows(raw, pick)):
+        rest = column[len(chosen[0]) + 1:]
+        value = row[chosen[0]]
+        text = _checked(field(value, rest) if rest else value, stats, max_chars)
+        if text is not None:
+            yield str(i), text, {}

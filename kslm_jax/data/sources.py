@@ -42,19 +42,20 @@ def demo_corpus_files() -> list[Path]:
     return files
 
 
-def expand(sources: str) -> list[Path]:
-    """Comma-separated paths or glob patterns → files, in a stable order. `demo` names the bundled corpus."""
+def expand(sources: str, key: str = "data.sources") -> list[Path]:
+    """Comma-separated paths or glob patterns → files, in a stable order; `key` is the config key they came from
+    (data.sources, finetune.train_files, ...), for the messages. In data.sources, `demo` names the bundled corpus."""
     items = [s.strip() for s in sources.split(",") if s.strip()]
     if not items:
-        raise KslmError("config key data.sources is empty: give files or globs, e.g. --config.data.sources='corpus/*.jsonl.gz'")
+        raise KslmError(f"config key {key} is empty: give files or globs, e.g. --config.{key}='corpus/*.jsonl.gz'")
     files: list[Path] = []
     for item in items:
-        if item == "demo":
+        if item == "demo" and key == "data.sources":
             files.extend(demo_corpus_files())
             continue
         matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
         if not matches:
-            raise KslmError(f"data source {item} matches no file; check the path in data.sources")
+            raise KslmError(f"data source {item} matches no file; check the path in {key}")
         for m in matches:
             if os.path.isdir(m):
                 raise KslmError(f"data source {m} is a directory; use a glob such as {m}/*.txt")
