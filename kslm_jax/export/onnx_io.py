@@ -18,6 +18,8 @@ The folder also holds tokenizer.model, so the graph can be fed without us.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -107,8 +109,7 @@ def write_onnx(params, c: llama.ModelConfig, tokenizer: Path, out: Path, externa
     shapes = ({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in range(2 * c.n_layers)))
     with workdir_lib.atomic_dir(out) as tmp:
         path = tmp / "model.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracing chatter about transformers internals, not about this model
+        with _quiet(), torch.no_grad():
             torch.onnx.export(wrapped, example, str(path), dynamo=True, opset_version=OPSET, verbose=False,
                               input_names=[*INPUTS, *cache_names(c.n_layers)],
                               output_names=["logits", *cache_names(c.n_layers, "present")],
@@ -116,6 +117,21 @@ def write_onnx(params, c: llama.ModelConfig, tokenizer: Path, out: Path, externa
         onnx.checker.check_model(str(path))  # by path: it then follows the external data file too
         shutil.copy(tokenizer, tmp / "tokenizer.model")
     return out
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Tracing chatter about transformers internals and torchvision (not installed, not used) is not about this
+    model, so `kslm export` does not show it; an error still raises."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _leaves(tree):
