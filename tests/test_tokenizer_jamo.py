@@ -2,6 +2,7 @@
 text, marks itself in its model file, encodes the same in worker processes, and GGUF refuses it."""
 import json
 import pickle
+import random
 import unicodedata
 
 import numpy as np
@@ -176,3 +177,21 @@ def test_workdir_check_knows_the_variant(trained, tmp_path):
     assert isinstance(tok_lib.check_workdir(cfg, tmp_path), jamo.JamoTokenizer)
     with pytest.raises(KslmError, match="pretokenize=jamo but the config says none"):
         tok_lib.check_workdir(config_lib.load(None, ["tokenizer.vocab_size=2000"]), tmp_path)
+
+
+def test_typos_touch_the_asked_share_of_syllables_one_jamo_each():
+    """The robustness benchmark's noise: about `rate` of the syllables get one swapped, dropped or doubled jamo."""
+    rng = random.Random(0)
+    syllables = [c for t in _reviews(300, skip=10_000) for c in t if jamo.parts(c)]
+    letters = lambda t: len(jamo.decompose(t).replace(jamo.FILLER, ""))  # noqa: E731
+    changed = {"swap": 0, "drop": 0, "double": 0}
+    for c in syllables:
+        out = jamo.inject_typos(c, 0.05, rng)
+        if out != c:
+            assert unicodedata.is_normalized("NFC", out)
+            changed[{0: "swap", -1: "drop", 1: "double"}[letters(out) - letters(c)]] += 1
+    assert 0.04 * len(syllables) < sum(changed.values()) < 0.06 * len(syllables)
+    assert min(changed.values()) > 0.25 * sum(changed.values())
+    assert jamo.inject_typos("abc ㅋㅋ 漢字 😀", 1.0, rng) == "abc ㅋㅋ 漢字 😀"
+    outcomes = {jamo.inject_typos("각", 1.0, random.Random(s)) for s in range(300)}
+    assert {"가", "ㄱㄱ", "ㅏㄱ", "각ㄱ", "ㄱ각", "각ㅏ"} <= outcomes and "각" not in outcomes

@@ -99,6 +99,37 @@ def is_jamo_model(proto) -> bool:
     return FILLER in proto.trainer_spec.required_chars and ESCAPE in proto.trainer_spec.required_chars
 
 
+# The letters a 2-set keyboard types for each initial, vowel and final (what is left of a broken syllable).
+_TYPED = ("ㄱㄲㄴㄷㄸㄹㅁㅂㅃㅅㅆㅇㅈㅉㅊㅋㅌㅍㅎ", "".join(chr(0x314F + i) for i in range(_NV)),
+          " ㄱㄲㄳㄴㄵㄶㄷㄹㄺㄻㄼㄽㄾㄿㅀㅁㅂㅄㅅㅆㅇㅈㅊㅋㅌㅍㅎ")
+
+
+def _typo(ch: str, rng) -> str:
+    """One syllable with one of its jamo swapped for another of its kind, dropped, or typed twice."""
+    jamos = list(parts(ch))
+    which = rng.randrange(3 if jamos[2] else 2)
+    op = rng.choice(("swap", "drop", "double"))
+    if op == "swap":
+        others = [j for j in range(which == 2, (_NL, _NV, _NT)[which]) if j != jamos[which]]
+        jamos[which] = rng.choice(others)
+        return compose(*jamos)
+    letters = [_TYPED[k][j] for k, j in enumerate(jamos) if k < 2 or j]
+    if op == "double":
+        return letters[0] + ch if which == 0 else ch + letters[which]
+    if which == 2:
+        return compose(jamos[0], jamos[1])
+    return "".join(letters[:which] + letters[which + 1:])
+
+
+def inject_typos(text: str, rate: float, rng) -> str:
+    """`text` with a typo in each Hangul syllable with probability `rate` (a robustness benchmark's noise).
+
+    The result is what a 2-set keyboard shows: 각 with its final dropped is 가; with its vowel dropped, ㄱㄱ; with
+    its vowel typed twice, 각ㅏ; with a jamo swapped, e.g. 걱 or 간. `rng` is a random.Random.
+    """
+    return "".join(_typo(c, rng) if parts(c) and rng.random() < rate else c for c in text)
+
+
 class JamoTokenizer(spm.SentencePieceProcessor):
     """A SentencePieceProcessor over the jamo view: Encode decomposes first, Decode recomposes after.
 
