@@ -34,6 +34,9 @@ LEADS = "".join(chr(_L0 + i) for i in range(_NL))
 VOWELS = "".join(chr(_V0 + i) for i in range(_NV))
 TAILS = "".join(chr(_T0 + i) for i in range(1, _NT))  # index 0 is "no final": FILLER
 RESERVED = LEADS + VOWELS + TAILS + FILLER + ESCAPE
+# The 51 compatibility letters ㄱ..ㅣ, which a keyboard shows for a letter typed on its own (ㅋㅋ, or a typo's
+# leftover). They stay themselves in the view; training requires them all, so none of them falls back to bytes.
+LETTERS = "".join(chr(c) for c in range(0x3131, 0x3164))
 SPACE_MARK = "\u2581"
 
 

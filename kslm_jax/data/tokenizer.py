@@ -97,9 +97,10 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
     elif tcfg.pretokenize == "jamo":
         protect = jamo.protect_pattern(special_tokens(tcfg))
         sentences = (jamo.decompose(s, protect) for s in sentences)
-        # required_chars marks the model as a jamo one (load reads it back) and keeps the escape in the alphabet
-        # even when the sample has none. A syllable is three characters now: pieces may be three times longer.
-        extra = dict(required_chars=jamo.FILLER + jamo.ESCAPE, max_sentencepiece_length=48)
+        # required_chars marks the model as a jamo one (load reads it back) and keeps the escape and every
+        # compatibility letter in the alphabet even when the sample has few or none (a typo leaves such letters:
+        # as bytes they cost three tokens each). A syllable is three characters now: pieces may be 3× longer.
+        extra = dict(required_chars=jamo.FILLER + jamo.ESCAPE + jamo.LETTERS, max_sentencepiece_length=48)
     tmp = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_path.parent))
     spm.set_random_generator_seed(seed)
     try:
