@@ -97,7 +97,7 @@ def noise_result(wd: Path) -> dict:
 
 
 def table(title: str, rows: dict, log: list, seconds: float, done: bool, shared: str, noise: float) -> str:
-    typos = f" | tokens/char, {noise:.0%} typos | bits/char clean → {noise:.0%} typos" if noise else ""
+    typos = f" | tokens/char (byte fallback), {noise:.0%} typos | bits/char clean → {noise:.0%} typos" if noise else ""
     out = [f"{title}; {seconds:.0f}s {'in all' if done else 'so far'}", "",
            "| tokenizer | pieces | tokens/char | tokens/eojeol | tokens/byte | byte fallback | vocab used "
            f"| train s | corpus tokens | LM epochs | held-out bits/char{typos} |",
@@ -108,7 +108,7 @@ def table(title: str, rows: dict, log: list, seconds: float, done: bool, shared:
                     if lm else "— | — | —")
         if noise:
             nb = r.get("noise_lm")
-            lm_cells += (f" | {r['noisy']['tokens_per_char']:.4f} | "
+            lm_cells += (f" | {r['noisy']['tokens_per_char']:.4f} ({r['noisy']['byte_fallback_rate']:.3%}) | "
                          + (f"{nb['clean_bits_per_char']:.4f} → {nb['noisy_bits_per_char']:.4f}" if nb else "—"))
         trained = "reused" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
         out.append(f"| {name} ({f['model_type']}, pretokenize {f['pretokenize']}) | {f['pieces']:,} "
