@@ -4,6 +4,7 @@ import json
 import pickle
 import random
 import unicodedata
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_tokenizer_variants import HARD, _reviews, _tcfg
 
+from kslm_jax.cli import commands
 from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import jamo, shards
@@ -196,3 +198,15 @@ def test_typos_touch_the_asked_share_of_syllables_one_jamo_each():
     assert jamo.inject_typos("abc ㅋㅋ 漢字 😀", 1.0, rng) == "abc ㅋㅋ 漢字 😀"
     outcomes = {jamo.inject_typos("각", 1.0, random.Random(s)) for s in range(300)}
     assert {"가", "ㄱㄱ", "ㅏㄱ", "각ㄱ", "ㄱ각", "각ㅏ"} <= outcomes and "각" not in outcomes
+
+
+@pytest.mark.parametrize("fmt", ["hf", "onnx"])
+def test_hf_and_onnx_export_say_how_to_encode(trained, tmp_path, monkeypatch, capsys, fmt):
+    """The exported tokenizer.model is the jamo one: a plain encoder would not decompose, and the note says so."""
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "spm.model").write_bytes(trained.read_bytes())
+    monkeypatch.setattr(commands.hf_io, "export_hf", lambda workdir, out: None)
+    monkeypatch.setattr(commands.onnx_io, "export_onnx", lambda workdir, out: None)
+    args = SimpleNamespace(workdir=str(tmp_path), format=fmt, out=str(tmp_path / "out"), quant=None)
+    assert commands.export(args, []) == 0
+    assert "note: tokenizer.model was trained on the jamo view of Hangul" in capsys.readouterr().out
