@@ -194,7 +194,12 @@ def export(args, overrides) -> int:
         check_out(out, args.format)
         hf_io.export_hf(Path(args.workdir), out)
     print(f"exported {args.workdir} -> {out} ({args.format})")
-    if args.format != "gguf" and tok_lib.pretokenize(tok_lib.load(workdir_lib.paths(args.workdir)["tokenizer"])) != "none":
+    pretokenized = tok_lib.pretokenize(tok_lib.load(workdir_lib.paths(args.workdir)["tokenizer"]))
+    if args.format != "gguf" and pretokenized == "jamo":
+        print("note: tokenizer.model was trained on the jamo view of Hangul; a plain SentencePiece (or Hugging Face) "
+              "encoder does not decompose syllables nor recompose its output; encode and decode with "
+              "kslm_jax.data.tokenizer.load() (or kslm_jax.data.jamo.decompose/recompose around it)")
+    elif args.format != "gguf" and pretokenized != "none":
         print("note: tokenizer.model was trained on Kiwi morpheme cuts; a plain SentencePiece (or Hugging Face) "
               "encoder still round-trips text but splits differently than training did; encode with "
               "kslm_jax.data.tokenizer.load() to match")

@@ -22,8 +22,9 @@ COMMANDS = {
     "prepare": ("Clean, filter and deduplicate raw text into train/val shards.",
                 "reads:  data.sources (txt, jsonl, jsonl.gz; 'demo' = the bundled corpus)\n"
                 "writes: WORKDIR/data/clean/{train,val}-NNNNN.jsonl and report.json"),
-    "tokenizer": ("Train a SentencePiece tokenizer (BPE or unigram, byte fallback, optional Kiwi morpheme\n"
-                  "pre-tokenization) and report its fertility; --report measures the existing one, trains nothing.",
+    "tokenizer": ("Train a SentencePiece tokenizer (BPE or unigram, byte fallback, optional Kiwi morpheme or\n"
+                  "jamo pre-tokenization) and report its fertility; --report measures the existing one, trains "
+                  "nothing.",
                   "reads:  WORKDIR/data/clean/train-*.jsonl (fertility on val-*.jsonl, or on --text FILES)\n"
                   "writes: WORKDIR/tokenizer/spm.model, spm.vocab, report.json (not with --text)"),
     "tokenize": ("Encode the clean shards into token-id ArrayRecord shards.",

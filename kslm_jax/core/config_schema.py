@@ -204,7 +204,7 @@ _CHOICES = {
     "model.attention": ("xla", "cudnn", "cudnn_packed"),
     "model.remat": ("none", "dots", "full"),
     "tokenizer.model_type": ("bpe", "unigram"),
-    "tokenizer.pretokenize": ("none", "kiwi"),
+    "tokenizer.pretokenize": ("none", "kiwi", "jamo"),
     "data.text_mode": ("file", "paragraph", "line"),
     "data.email_action": ("replace", "drop", "keep"),
     "data.url_action": ("replace", "drop", "keep"),

@@ -15,7 +15,7 @@ from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.config_finetune import SPECIAL_FORM as _SPECIAL_FORM  # noqa: F401
 from kslm_jax.core.config_finetune import special_tokens
 from kslm_jax.core.errors import KslmError
-from kslm_jax.data import morph
+from kslm_jax.data import jamo, morph
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 def special_ids(sp: spm.SentencePieceProcessor, names, where: str) -> dict[str, int]:
@@ -82,7 +82,8 @@ def _marked(sentences, segmenter, batch: int = 4096):
 def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.SentencePieceProcessor:
     """Train BPE (or unigram) with byte fallback on already-NFC text; writes out_path (+ .vocab).
 
-    With tokenizer.pretokenize=kiwi the sample is cut at morpheme boundaries first (data/morph.py).
+    With tokenizer.pretokenize=kiwi the sample is cut at morpheme boundaries first (data/morph.py); with
+    pretokenize=jamo SentencePiece learns on the jamo view of the text (data/jamo.py).
     """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sentences = _sentences(texts, tcfg.max_sentence_length)
@@ -93,6 +94,13 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
         sentences = _reservoir(sentences, tcfg.sample_sentences, seed)
         sentences = _marked(sentences, morph.Segmenter(protect=tuple(special_tokens(tcfg))))
         extra = dict(pretokenization_delimiter=morph.DELIMITER)
+    elif tcfg.pretokenize == "jamo":
+        protect = jamo.protect_pattern(special_tokens(tcfg))
+        sentences = (jamo.decompose(s, protect) for s in sentences)
+        # required_chars marks the model as a jamo one (load reads it back) and keeps the escape and every
+        # compatibility letter in the alphabet even when the sample has few or none (a typo leaves such letters:
+        # as bytes they cost three tokens each). A syllable is three characters now: pieces may be 3× longer.
+        extra = dict(required_chars=jamo.FILLER + jamo.ESCAPE + jamo.LETTERS, max_sentencepiece_length=48)
     tmp = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_path.parent))
     spm.set_random_generator_seed(seed)
     try:
@@ -109,7 +117,7 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
             remove_extra_whitespaces=False,
             input_sentence_size=tcfg.sample_sentences,
             shuffle_input_sentence=True,
-            max_sentence_length=tcfg.max_sentence_length * 4,
+            max_sentence_length=tcfg.max_sentence_length * (12 if tcfg.pretokenize == "jamo" else 4),
             pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
             # Chat-template markers become single pieces that encode and decode as their own text.
             user_defined_symbols=special_tokens(tcfg),
@@ -140,7 +148,8 @@ def train(texts: Iterable[str], out_path: Path, tcfg, seed: int = 0) -> spm.Sent
 
 
 def load(path: Path, threads: int = 0) -> spm.SentencePieceProcessor:
-    """The tokenizer at `path`; a morpheme-aware one (trained with pretokenize=kiwi) segments as it encodes.
+    """The tokenizer at `path`; a morpheme-aware one (trained with pretokenize=kiwi) segments as it encodes, a
+    jamo one (pretokenize=jamo) decomposes as it encodes and recomposes as it decodes.
 
     `threads` bounds Kiwi's threads (0: one per core), for callers that already run one process per core.
     """
@@ -154,6 +163,8 @@ def load(path: Path, threads: int = 0) -> spm.SentencePieceProcessor:
     proto = model_proto(sp)
     if morph.is_morph_model(proto):
         return morph.MorphTokenizer(proto, threads, tuple(user_defined(sp, proto)))
+    if jamo.is_jamo_model(proto):
+        return jamo.JamoTokenizer(proto, tuple(user_defined(sp, proto)))
     return sp
 
 
@@ -171,13 +182,16 @@ def model_type(sp: spm.SentencePieceProcessor) -> str:
 
 
 def pretokenize(sp: spm.SentencePieceProcessor) -> str:
-    """"kiwi" for a morpheme-aware tokenizer, else "none" (what tokenizer.pretokenize was when it was trained)."""
+    """"kiwi" for a morpheme-aware tokenizer, "jamo" for a jamo one, else "none" (what tokenizer.pretokenize was
+    when it was trained)."""
+    if isinstance(sp, jamo.JamoTokenizer):
+        return "jamo"
     return "kiwi" if isinstance(sp, morph.MorphTokenizer) else "none"
 
 
 def fertility(sp: spm.SentencePieceProcessor, texts: Iterable[str], batch: int = 1024) -> dict:
     """Tokens per character, per eojeol (space-separated word) and per UTF-8 byte; byte-fallback rate;
-    the share of the vocabulary the text uses."""
+    the share of the vocabulary the text uses. Counts are of the original text, whatever view `sp` encodes."""
     docs = chars = words = nbytes = tokens = fallback = 0
     is_byte = np.asarray([sp.IsByte(i) for i in range(sp.GetPieceSize())], bool)
     used = np.zeros(sp.GetPieceSize(), bool)

@@ -94,6 +94,12 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
         raise KslmError(f"the tokenizer is a SentencePiece {kind.lower()} model; GGUF export needs "
                         "tokenizer.model_type=bpe (llama.cpp would split text differently); retrain the "
                         "tokenizer with --config.tokenizer.model_type=bpe, or export --format hf")
+    if tok_lib.pretokenize(sp) == "jamo":
+        # llama.cpp would look raw syllables up in a vocabulary of jamo, and print jamo it never recomposes.
+        raise KslmError("the tokenizer reads Hangul syllables as jamo (tokenizer.pretokenize=jamo), which llama.cpp "
+                        "cannot decompose before encoding nor recompose after decoding; GGUF export needs a "
+                        "tokenizer trained with --config.tokenizer.pretokenize=none, or export --format hf and "
+                        "encode with kslm_jax")
     if tok_lib.pretokenize(sp) != "none":
         # llama.cpp cannot run Kiwi: it would encode across morpheme boundaries the model never saw split that way.
         raise KslmError("the tokenizer cuts text at Kiwi morpheme boundaries (tokenizer.pretokenize=kiwi), which "
