@@ -22,36 +22,48 @@ log = logging.getLogger("kslm")
 
 
 class DataHandler(grain.checkpoint.CheckpointHandler):
-    """The data iterator's JSON state in grain's layout (one `process_<i>-of-<n>.json` per process); a
-    process whose own file is missing takes another's, preferring process 0's.
+    """grain's checkpoint handler for the data iterator (one `process_<i>-of-<n>.json` per process, written
+    and read by grain), plus what a run resumed under another process count needs.
 
-    The pipeline builds the same global stream on every process and only slices each batch, so every
-    process's iterator state is identical and a checkpoint resumes under any process count.
+    When this process's own file is missing, a multi-stream iterator (`data.streams`, whose state is
+    {"streams": {id: grain state}}) gathers its streams from every process's file; any other iterator is
+    the same on every process (each builds the global batch and keeps its rows) and takes process 0's file.
     """
 
     def save(self, directory, item=None, args=None):
         item = item or args.item
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if isinstance(item, grain.DatasetIterator):
+            return super().save(directory, item=item)
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # an iterator of our own
         (directory / name).write_text(json.dumps(item.get_state(), indent=1))
 
     def restore(self, directory, item=None, args=None):
         item = item or args.item
-        if hasattr(item, "iters"):  # a StreamIterator: gather its streams from every process's file
-            streams = {}
-            for f in directory.glob("process_*-of-*.json"):
-                streams.update(json.loads(f.read_text()).get("streams", {}))
-            item.set_state({"streams": streams})
-            return item
+        try:
+            return self._restore(directory, item)
+        except (KeyError, TypeError, IndexError) as e:  # a state of another shape: another loader wrote it
+            raise ValueError(f"the data iterator state in {directory} does not fit this run's data pipeline "
+                             f"({type(e).__name__}: {e}); it was written by another version of the loader") from None
+
+    def _restore(self, directory, item):
         own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        if not own.exists():
-            found = sorted(directory.glob("process_*-of-*.json"),
-                           key=lambda p: (not p.name.startswith("process_0-"), p.name))
-            if not found:
-                raise ValueError(f"no data iterator state in {directory}")
-            log.info("data iterator: %s is missing; using %s (every process's state is the same)",
-                     own.name, found[0].name)
-            own = found[0]
-        item.set_state(json.loads(own.read_text()))
+        if own.exists() and isinstance(item, grain.DatasetIterator):
+            return super().restore(directory, item=item)
+        found = sorted(directory.glob("process_*-of-*.json"),
+                       key=lambda p: (not p.name.startswith("process_0-"), p.name))
+        if not found:
+            raise ValueError(f"no data iterator state in {directory}")
+        states = [json.loads(f.read_text()) for f in ([own] if own.exists() else found)]
+        if "streams" in states[0]:
+            merged = {}
+            for st in states:
+                merged.update(st.get("streams", {}))
+            item.set_state({"streams": merged})
+        else:
+            if not own.exists():
+                log.info("data iterator: %s is missing; using %s (every process's state is the same)",
+                         own.name, found[0].name)
+            item.set_state(states[0])
         return item
 
 

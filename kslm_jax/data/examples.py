@@ -2,12 +2,17 @@
 
 An example is one id sequence (BOS first). In `lm` layout its inputs are ids[:-1] and targets ids[1:], with a
 per-target loss mask (SFT: the response; scoring: the continuation); in `cls` layout every id is an input and
-the example's last position carries its label. Packing is first-fit over the rows of one batch and never
-splits an example: a batch ends when the next example fits none of its rows.
+the example's last position carries its label. Examples are packed by the same first-fit packer and gather as
+pretraining chunks (data/packing.py) and never split: training batches come from the same grain pipeline of
+packed groups, evaluation passes from one first-fit packing of the examples in order, cut into batches.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from kslm_jax.data import packing
+
+BINS = 8  # rows the first-fit packer keeps open, as data.packing_bins for pretraining
 
 
 class ExampleSet:
@@ -42,106 +47,82 @@ class ExampleSet:
 
 def fill(ex: ExampleSet, plan: list[list[int]], rows: int, seq_len: int, max_segments: int) -> dict:
     """The arrays of one batch; rows past the plan and positions past each row's examples are padding."""
-    out = {k: np.zeros((rows, seq_len), np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
-    if ex.layout == "lm" and ex.flags is not None:
-        out["loss_mask"] = np.zeros((rows, seq_len), np.int32)
+    starts = ex.starts[:-1]
+    take = {"inputs": (ex.ids, 0)}
+    if ex.layout == "lm":
+        take["targets"] = (ex.ids, 1)
+        if ex.flags is not None:
+            take["loss_mask"] = (ex.flags, 1)
+    out = packing.gather(plan, starts, ex.lengths, rows, seq_len, take) if plan else {
+        k: np.zeros((rows, seq_len), np.int32) for k in (*take, "positions", "segment_ids")}
     if ex.layout == "cls":
-        out["cls_index"] = np.zeros((rows, max_segments), np.int32)
-        out["cls_label"] = np.full((rows, max_segments), -1, np.int32)
-    for r, row in enumerate(plan):
-        off = 0
-        for s, e in enumerate(row):
-            ids = ex.seq(e)
-            n = int(ex.lengths[e])
-            if ex.layout == "lm":
-                out["inputs"][r, off:off + n] = ids[:-1]
-                out["targets"][r, off:off + n] = ids[1:]
-                if "loss_mask" in out:
-                    out["loss_mask"][r, off:off + n] = ex.flag(e)[1:]
-            else:
-                out["inputs"][r, off:off + n] = ids
-                out["cls_index"][r, s] = off + n - 1
-                if ex.labels is not None:
-                    out["cls_label"][r, s] = ex.labels[e]
-            out["positions"][r, off:off + n] = np.arange(n)
-            out["segment_ids"][r, off:off + n] = s + 1
-            off += n
+        out["targets"] = np.zeros((len(out["inputs"]), seq_len), np.int32)
+        out["cls_index"] = np.zeros((len(out["inputs"]), max_segments), np.int32)
+        out["cls_label"] = np.full((len(out["inputs"]), max_segments), -1, np.int32)
+        if plan:
+            items, row, seg, end_in_row = packing.place(plan, ex.lengths)
+            out["cls_index"][row, seg - 1] = end_in_row - 1
+            if ex.labels is not None:
+                out["cls_label"][row, seg - 1] = ex.labels[items]
     return out
 
 
-class _Bins:
-    """Rows of one batch being filled first-fit."""
-
-    def __init__(self, rows: int, seq_len: int, max_segments: int):
-        self.plan = [[] for _ in range(rows)]
-        self.used = [0] * rows
-        self.seq_len, self.max_segments = seq_len, max_segments
-
-    def place(self, e: int, n: int) -> bool:
-        for r, used in enumerate(self.used):
-            if used + n <= self.seq_len and len(self.plan[r]) < self.max_segments:
-                self.plan[r].append(e)
-                self.used[r] = used + n
-                return True
-        return False
-
-    def rows_used(self) -> list[list[int]]:
-        return [row for row in self.plan if row]
+def _check_fits(ex: ExampleSet, order: np.ndarray, seq_len: int) -> None:
+    over = np.flatnonzero(ex.lengths[order] > seq_len)
+    if len(over):
+        e = int(order[over[0]])
+        raise ValueError(f"example {e} has {int(ex.lengths[e])} positions, over {seq_len}")
 
 
 def one_pass(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, order=None):
-    """(batch, plan) over every example once, in `order` (default: as stored); for evaluation."""
-    order = np.arange(len(ex)) if order is None else np.asarray(order)
-    i = 0
-    while i < len(order):
-        bins = _Bins(rows, seq_len, max_segments)
-        while i < len(order) and bins.place(int(order[i]), int(ex.lengths[order[i]])):
-            i += 1
-        plan = bins.rows_used()
-        if not plan:
-            raise ValueError(f"example {int(order[i])} has {int(ex.lengths[order[i]])} positions, over {seq_len}")
+    """(batch, plan) over every example once, in `order` (default: as stored); for evaluation.
+
+    The examples are packed first-fit once, in order, and the rows cut into batches of `rows`; the last
+    batch is padded with empty rows.
+    """
+    order = np.arange(len(ex)) if order is None else np.asarray(order, np.int64)
+    _check_fits(ex, order, seq_len)
+    packed = [[int(order[j]) for j in row]
+              for row in packing.first_fit(ex.lengths[order].tolist(), seq_len, max_segments, BINS)]
+    for b in range(0, len(packed), rows):
+        plan = packed[b: b + rows]
         yield fill(ex, plan, rows, seq_len, max_segments), plan
 
 
-class ExampleStream:
-    """Endless packed training batches over reshuffled epochs; its state is one integer, the examples drawn.
+def ExampleStream(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, seed: int,  # noqa: N802
+                  extra_seed: bool = False, depth: int = 0):
+    """Endless packed training batches over reshuffled epochs, a grain iterator (checkpoint its state).
 
-    `extra_seed` adds a per-batch `dropout_seed` array (the stream position), so adapter dropout differs
-    from batch to batch and repeats exactly after a resume.
+    Group i is examples [i * G, (i + 1) * G) of the endless sequence of seeded per-epoch permutations,
+    packed first-fit and gathered as pretraining chunks are. `extra_seed` adds a per-batch `dropout_seed`
+    array (the batch's index in the stream), so adapter dropout differs from batch to batch and repeats
+    exactly after a resume. `depth` > 0 makes whole batches ahead in grain's prefetch thread.
     """
+    if not len(ex):
+        raise ValueError("no training examples")
+    _check_fits(ex, np.arange(len(ex)), seq_len)
+    n = len(ex)
+    group = max(1, round(64 * seq_len / max(float(ex.lengths.mean()), 1.0)))  # about 64 rows a group
+    perms: dict = {}
 
-    def __init__(self, ex: ExampleSet, rows: int, seq_len: int, max_segments: int, seed: int,
-                 extra_seed: bool = False):
-        if not len(ex):
-            raise ValueError("no training examples")
-        self.ex, self.rows, self.seq_len, self.max_segments = ex, rows, seq_len, max_segments
-        self.seed, self.extra_seed = seed, extra_seed
-        self.pos = 0
-        self._perm = (-1, None)
+    def example_ids(i: int) -> np.ndarray:
+        out, lo, hi = [], i * group, (i + 1) * group
+        while lo < hi:
+            epoch, j = divmod(lo, n)
+            if epoch not in perms:
+                if len(perms) > 2:  # a group spans at most a few epochs; older ones are never read again
+                    del perms[min(perms)]
+                perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+            out.append(perms[epoch][j: j + hi - lo])
+            lo += len(out[-1])
+        return np.concatenate(out)
 
-    def _example(self, pos: int) -> int:
-        epoch, j = divmod(pos, len(self.ex))
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ex)))
-        return int(self._perm[1][j])
+    def pack_group(i: int) -> dict:
+        ids = example_ids(i)
+        plan = packing.first_fit(ex.lengths[ids].tolist(), seq_len, max_segments, BINS)
+        return fill(ex, [[int(ids[j]) for j in row] for row in plan], 0, seq_len, max_segments)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        start = self.pos
-        bins = _Bins(self.rows, self.seq_len, self.max_segments)
-        while bins.place(e := self._example(self.pos), int(self.ex.lengths[e])):
-            self.pos += 1
-        if self.pos == start:
-            raise ValueError(f"example {e} has {int(self.ex.lengths[e])} positions, over {self.seq_len}")
-        batch = fill(self.ex, bins.rows_used(), self.rows, self.seq_len, self.max_segments)
-        if self.extra_seed:
-            batch["dropout_seed"] = np.full((self.rows,), start % (2**31 - 1), np.int32)
-        return batch
-
-    def get_state(self) -> dict:
-        return {"pos": self.pos}
-
-    def set_state(self, state: dict) -> None:
-        self.pos = int(state["pos"])
+    ds = packing.batches(pack_group, -(-n // group), rows, repeat=True, depth=depth)
+    if extra_seed:
+        ds = ds.map_with_index(lambda k, b: {**b, "dropout_seed": np.full((rows,), k % (2**31 - 1), np.int32)})
+    return iter(ds)

@@ -1,105 +1,33 @@
-"""The input pipeline: token shards → chunks → seeded order (mixed by weight) → first-fit packing → batches.
+"""The input pipeline, a grain pipeline: token shards → chunks → seeded groups (mixed by weight) → first-fit
+packing → batches.
 
-Records are read through grain's ArrayRecord data source; ordering and packing live in data/packing.py.
-Every step is a function of (seed, position), and the iterator's state is a small JSON dict that the
-checkpoint stores, so resuming at step N yields exactly the batches of step N onward.
+Group i of a stream is G chunks at once: for each mixture component, the next slice of its seeded per-epoch
+permutation (component c holds exactly floor(share_c * G * (i + 1)) of the first i + 1 groups' chunks). The
+group is packed first-fit and gathered into rows in one step (data/packing.py), inside grain's
+`MapDataset.range(n).repeat().map_with_index(...)`; grain reads groups ahead in a thread
+(`ReadOptions(num_threads=1, prefetch_buffer_size=2)`) and `RebatchIterDataset` cuts the rows into batches.
+Tokens come from the ArrayRecord shards (one batched lookup per shard file per group) or, when a split fits
+in data.cache_mb, from one array in memory. Every group is a function of (seed, stream, i), so the iterator's
+state is grain's few integers (the next group, the row within it), saved by grain's checkpoint handler;
+resuming at step N yields exactly the batches of step N onward.
 """
 from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
-from array_record.python import array_record_module
 
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import packing, shards
+from kslm_jax.data.chunks import ChunkSource
 
 FEATURES = ("inputs", "targets")
-
-
-class ChunkSource:
-    """Random access to (inputs, targets) pieces of at most seq_len tokens.
-
-    A document of n tokens gives n-1 next-token pairs, cut into ceil((n-1)/seq_len) pieces; a piece's
-    targets are the following tokens of the same document, so no pair is lost at a cut.
-    """
-
-    def __init__(self, files: list[Path], seq_len: int, cache_mb: float = 0):
-        self._readers = None
-        self._flat = None  # all tokens in memory, when they fit in cache_mb
-        self.files = files
-        per_file = shards.lengths_per_file(files)
-        self.lengths = np.concatenate(per_file)
-        self.first_record = np.cumsum([0] + [len(x) for x in per_file])
-        pairs = self.lengths - 1
-        per_doc = np.maximum(0, -(-pairs // seq_len))
-        self.doc = np.repeat(np.arange(len(pairs)), per_doc)
-        first = np.cumsum(per_doc) - per_doc
-        self.start = (np.arange(len(self.doc)) - np.repeat(first, per_doc)) * seq_len
-        self.chunk_tokens = np.minimum(seq_len, pairs[self.doc] - self.start)
-        self.seq_len = seq_len
-        self.cache = 4 * int(self.lengths.sum()) <= cache_mb * 2**20
-
-    def _load_all(self) -> None:
-        """Every record once, in order, into one array: random reads become slices (about 10 µs a record
-        saved, which on short documents is most of the loader's time)."""
-        flat = np.empty(int(self.lengths.sum()), shards.TOKEN_DTYPE)
-        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        for f, path in enumerate(self.files):
-            reader = array_record_module.ArrayRecordReader(str(path), "readahead_buffer_size:0")
-            first, end = int(self.first_record[f]), int(self.first_record[f + 1])
-            raws = reader.read_all()
-            reader.close()
-            sizes = np.fromiter(map(len, raws), np.int64, len(raws))
-            if len(raws) != end - first or not np.array_equal(sizes, 4 * self.lengths[first:end]):
-                for k, raw in enumerate(raws):
-                    self._check(first + k, raw)
-                raise KslmError(f"token shard {path} holds {len(raws)} records, its index {end - first}; "
-                                "run `kslm tokenize` again for this workdir")
-            flat[self._offsets[first]: self._offsets[end]] = np.frombuffer(b"".join(raws), shards.TOKEN_DTYPE)
-        self._flat = flat
-
-    def read_docs(self, docs) -> list[np.ndarray]:
-        """Token arrays of these documents, with one batched ArrayRecord lookup per shard file."""
-        docs = np.asarray(docs, np.int64)
-        if self.cache:
-            if self._flat is None:
-                self._load_all()
-            flat, off = self._flat, self._offsets
-            return [flat[a:b] for a, b in zip(off[docs].tolist(), off[docs + 1].tolist())]
-        if self._readers is None:  # opened on first use, in the process (or thread) that reads
-            self._readers = [array_record_module.ArrayRecordReader(str(f), "readahead_buffer_size:0")
-                             for f in self.files]
-        file_of = np.searchsorted(self.first_record, docs, side="right") - 1
-        raw: list = [None] * len(docs)
-        for f in np.unique(file_of):
-            where = np.flatnonzero(file_of == f)
-            got = self._readers[f].read((docs[where] - self.first_record[f]).tolist())
-            for i, r in zip(where.tolist(), got):
-                raw[i] = r
-        out = []
-        for d, r in zip(docs.tolist(), raw):
-            self._check(d, r)
-            out.append(np.frombuffer(r, shards.TOKEN_DTYPE))
-        return out
-
-    def _check(self, d: int, raw: bytes) -> None:
-        if len(raw) != 4 * self.lengths[d]:  # a shard changed after its index was written
-            f = int(np.searchsorted(self.first_record, d, side="right")) - 1
-            raise KslmError(f"token shard {self.files[f]} record {d - self.first_record[f]} holds {len(raw)} bytes, "
-                            f"its index says {4 * self.lengths[d]}; run `kslm tokenize` again for this workdir")
-
-    def __len__(self) -> int:
-        return len(self.doc)
-
-    def __getitem__(self, i: int) -> dict:
-        tokens = self.read_docs([self.doc[i]])[0]
-        s = int(self.start[i])
-        piece = tokens[s: s + self.seq_len + 1]
-        return {"inputs": piece[:-1].astype(np.int32), "targets": piece[1:].astype(np.int32)}
+GROUP_ROWS = 64  # rows a group fills on average: larger groups waste less at their end, cost more memory
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
@@ -166,20 +94,89 @@ def _host_slice(global_batch: int, accum: int = 1):
     return functools.partial(_process_rows, index=jax.process_index(), count=count, accum=accum)
 
 
-class StreamIterator:
+class Order:
+    """Which chunks make group i of a stream: a pure function of (seed, i), so any group is reachable at once.
+
+    components: [(draw weight, chunk indices)]. Each component walks its own seeded permutation, one per
+    epoch; the group takes floor(p * G * (i + 1)) - floor(p * G * i) chunks of a component of draw share p,
+    so the shares are exact to one chunk at every point of the stream, and then shuffles the group's chunks.
+    Without shuffle (evaluation), group i is chunks [i * G, (i + 1) * G) in stored order.
+    """
+
+    def __init__(self, components, group: int, seed: int, shuffle: bool = True):
+        w = np.asarray([w for w, _ in components], np.float64)
+        self.shares = (w / w.sum()).tolist()
+        self.index = [np.asarray(idx, np.int64) for _, idx in components]
+        self.group, self.seed, self.shuffle = group, seed, shuffle
+        self._perms: dict = {}
+
+    def groups_per_pass(self) -> int:
+        return -(-sum(map(len, self.index)) // self.group)
+
+    def _perm(self, comp: int, epoch: int) -> np.ndarray:
+        key = (comp, epoch)
+        perm = self._perms.get(key)
+        if perm is None:
+            n = len(self.index[comp])
+            order = np.random.default_rng([self.seed, comp, epoch]).permutation(n)
+            perm = self.index[comp][order]
+            if len(self._perms) >= 2 * len(self.index):  # this epoch and the next, per component
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = perm
+        return perm
+
+    def _take(self, comp: int, lo: int, hi: int) -> list[np.ndarray]:
+        n, out = len(self.index[comp]), []
+        while lo < hi:
+            epoch, j = divmod(lo, n)
+            piece = self._perm(comp, epoch)[j: j + hi - lo]
+            out.append(piece)
+            lo += len(piece)
+        return out
+
+    def __call__(self, i: int) -> np.ndarray:
+        if not self.shuffle:
+            flat = np.concatenate(self.index)
+            return flat[i * self.group: (i + 1) * self.group]
+        parts = []
+        for comp, share in enumerate(self.shares):
+            parts += self._take(comp, math.floor(share * self.group * i), math.floor(share * self.group * (i + 1)))
+        ids = np.concatenate(parts)
+        if len(self.index) > 1:  # interleave the components inside the group
+            ids = ids[np.random.default_rng([self.seed, len(self.index), i, 1]).permutation(len(ids))]
+        return ids
+
+
+def group_size(source: ChunkSource) -> int:
+    """Chunks per group: about GROUP_ROWS rows of seq_len; a function of the split alone, as resume needs."""
+    mean = float(source.chunk_tokens.mean()) if len(source) else 1.0
+    return max(1, round(GROUP_ROWS * source.seq_len / mean))
+
+
+def _packer(source: ChunkSource, dcfg, order: Order):
+    lengths = source.chunk_tokens
+
+    def pack_group(i: int) -> dict:
+        ids = order(i)
+        lens = lengths[ids]
+        plan = packing.first_fit(lens.tolist(), source.seq_len, dcfg.max_segments_per_row, dcfg.packing_bins)
+        flat, starts = source.tokens_of(ids)
+        return packing.gather(plan, starts, lens, 0, source.seq_len, {"inputs": (flat, 0), "targets": (flat, 1)})
+    return pack_group
+
+
+class StreamIterator(grain.DatasetIterator):
     """This process's share of `data.streams` independent streams; a global batch holds every stream's rows.
 
     Stream s reads only chunks s, s+S, s+2S, ... of the corpus, so each process reads only the records of
     its own streams. Streams go to processes in contiguous blocks and rows are laid out stream by stream
     inside each micro-batch, so the global batches are the same for any process count that divides S;
-    each stream's state is kept under its own key, so a checkpoint resumes under any such count.
+    each stream's grain state is kept under its own key, so a checkpoint resumes under any such count.
     """
 
     def __init__(self, iters: dict, accum: int):
+        super().__init__(list(iters.values()))
         self.iters, self.accum = iters, accum
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict:
         parts = [next(self.iters[s]) for s in sorted(self.iters)]
@@ -200,17 +197,18 @@ class StreamIterator:
             it.set_state(state["streams"][str(s)])
 
 
-def _stream(source, dcfg, index: int, count: int, rows: int, components=None):
+def _stream(source, dcfg, index: int, count: int, rows: int, components=None) -> grain.DatasetIterator:
     components = components or [(1.0, np.arange(len(source)))]
     # Stream `index` of `count` owns every count-th chunk of each component, so streams never overlap.
     mine = [(w, idx[index::count]) for w, idx in components]
-    stream = packing.PackedStream(source, rows, dcfg.packing_bins, dcfg.max_segments_per_row, mine,
-                                  seed=dcfg.seed + index)
-    return packing.Prefetch(stream, dcfg.workers) if dcfg.workers > 0 else stream
+    order = Order(mine, group_size(source), dcfg.seed + index)
+    ds = packing.batches(_packer(source, dcfg, order), order.groups_per_pass(), rows, repeat=True,
+                         depth=dcfg.workers)
+    return iter(ds)
 
 
-def train_dataset(tokens_dir: Path, dcfg, global_batch: int, accum: int = 1):
-    """The training batches of this process; iterate it, and checkpoint the iterator's state."""
+def train_dataset(tokens_dir: Path, dcfg, global_batch: int, accum: int = 1) -> grain.DatasetIterator:
+    """The training batches of this process, a grain iterator; checkpoint its state (get_state/set_state)."""
     source = ChunkSource(shards.shard_files(tokens_dir, "train"), dcfg.seq_len, dcfg.cache_mb)
     streams, procs = dcfg.streams, jax.process_count()
     if streams % procs:
@@ -225,7 +223,7 @@ def train_dataset(tokens_dir: Path, dcfg, global_batch: int, accum: int = 1):
         return _stream(source, dcfg, 0, 1, rows, components)
     per = streams // procs
     mine = range(jax.process_index() * per, (jax.process_index() + 1) * per)
-    return StreamIterator({s: iter(_stream(source, dcfg, s, streams, rows, components)) for s in mine}, accum)
+    return StreamIterator({s: _stream(source, dcfg, s, streams, rows, components) for s in mine}, accum)
 
 
 def eval_batches(tokens_dir: Path, dcfg, global_batch: int, max_batches: int = 0):
@@ -236,9 +234,12 @@ def eval_batches(tokens_dir: Path, dcfg, global_batch: int, max_batches: int = 0
     """
     source = ChunkSource(shards.shard_files(tokens_dir, "val"), dcfg.seq_len, dcfg.cache_mb)
     rows = _host_slice(global_batch)
-    batches = packing.PackedStream(source, global_batch, dcfg.packing_bins, dcfg.max_segments_per_row,
-                                   [(1.0, np.arange(len(source)))], seed=0, shuffle=False, repeat=False)
-    for i, b in enumerate(batches):  # the last batch comes padded with empty rows
+    order = Order([(1.0, np.arange(len(source)))], group_size(source), 0, shuffle=False)
+    ds = packing.batches(_packer(source, dcfg, order), order.groups_per_pass(), global_batch, repeat=False)
+    for i, b in enumerate(ds):
         if max_batches and i >= max_batches:
             return
+        short = global_batch - len(b["inputs"])
+        if short:  # the last batch comes padded with empty rows
+            b = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in b.items()}
         yield b if rows is None else rows(b)

@@ -1,4 +1,4 @@
-"""ArrayRecord shards of token ids: one record per document, little-endian int32 [BOS, ids..., EOS].
+"""ArrayRecord shards of token ids: one record per document, little-endian int32 [BOS, ids..., EOS], uncompressed.
 
 Beside each shard, `<shard>.lengths.npy` holds every record's length so the loader can plan its chunks
 without reading the records; `manifest.json` counts documents, tokens and characters per split.
@@ -41,7 +41,8 @@ def tokenize_file(model_path: str, clean_file: str, out_file: str, threads: int 
     """
     sp = tok_lib.load(Path(model_path), threads)
     out = Path(out_file)
-    writer = array_record_module.ArrayRecordWriter(str(out), "group_size:1")
+    # One record per chunk, uncompressed: zstd saved 3% of the bytes of token ids and made a random read 4x slower.
+    writer = array_record_module.ArrayRecordWriter(str(out), "group_size:1,uncompressed")
     lengths, source_idx, names = [], [], {}
     stats = dict(docs=0, tokens=0, chars=0, bytes=0)
     per_source: dict[str, dict] = {}
