@@ -9,8 +9,9 @@
 prepare: the whole `kslm prepare` (read, clean, filter, exact and near dedup, shards, report) into a temporary
 folder; MB/s counts the UTF-8 bytes of the documents read, per second of wall time and per worker process.
 tokenize: `kslm tokenize` of the workdir's clean shards into a temporary folder; tokens/s per worker.
-loader: training batches delivered by the loader (order, packing, reads) in this process; tokens/s counts
-real tokens (padding excluded), the number a device step consumes.
+loader: training batches delivered by the grain loader (order, packing, reads; grain's read thread included)
+in this process; tokens/s counts real tokens (padding excluded), the number a device step consumes. The table
+names the token shards' ArrayRecord compression (`kslm tokenize` writes them uncompressed since issue 16).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from array_record.python import array_record_module  # noqa: E402
 
 from kslm_jax.core import config as config_lib  # noqa: E402
 from kslm_jax.data import prepare as prepare_lib  # noqa: E402
@@ -98,7 +101,8 @@ def bench_loader(args) -> None:
     from kslm_jax.core import workdir as workdir_lib
     from kslm_jax.data import pipeline
     cfg = config_lib.load(args.config, [f"data.seq_len={args.seq_len}", f"data.workers={args.prefetch}"] + args.set)
-    it = iter(pipeline.train_dataset(workdir_lib.paths(args.workdir)["tokens"], cfg.data, args.batch))
+    tokens = workdir_lib.paths(args.workdir)["tokens"]
+    it = iter(pipeline.train_dataset(tokens, cfg.data, args.batch))
     next(it)  # index planning and the first epoch's order are paid once per run
     real = 0
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
@@ -106,7 +110,12 @@ def bench_loader(args) -> None:
         real += int((next(it)["segment_ids"] > 0).sum())
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     slots = args.batches * args.batch * args.seq_len
+    reader = array_record_module.ArrayRecordReader(str(sorted(Path(tokens).glob("train-*.arrayrecord"))[0]))
+    options = reader.writer_options_string()
+    reader.close()
     _table([("batch x seq_len", f"{args.batch} x {args.seq_len}"), ("batches", str(args.batches)),
+            ("token shards", "uncompressed" if "uncompressed" in options else "compressed (" + options + ")"),
+            ("split in memory (data.cache_mb)", str(cfg.data.cache_mb)),
             ("prefetch depth (data.workers)", str(args.prefetch)), ("rows filled", f"{real / slots:.1%}"),
             ("wall time (s)", f"{wall:.2f}"), ("tokens/s", f"{real / wall:,.0f}"),
             ("tokens per CPU-second", f"{real / cpu:,.0f}")])

@@ -27,18 +27,20 @@ def first_fit(lengths: list[int], seq_len: int, max_segments: int, bins: int) ->
     """Rows of positions into `lengths` (each at most seq_len tokens and max_segments items), first-fit.
 
     At most `bins` rows are open: an item that fits none of them closes the fullest and opens a new row. A
-    row closes as soon as it is full or holds max_segments items; the open rows are flushed, in order, at
-    the end. Items never split, so each must be at most seq_len.
+    row closes as soon as it holds max_segments items or has less room than the group's shortest item (so
+    later items never scan it); the open rows are flushed, in order, at the end. Items never split, so each
+    must be at most seq_len.
     """
     rows: list[list[int]] = []
     open_rows: list[list[int]] = []
     room: list[int] = []  # free tokens of each open row
+    smallest = min(lengths, default=0)
     for i, n in enumerate(lengths):
         for b, r in enumerate(room):
             if n <= r:
                 row = open_rows[b]
                 row.append(i)
-                if r == n or len(row) == max_segments:
+                if r - n < smallest or len(row) == max_segments:
                     rows.append(row)
                     del open_rows[b], room[b]
                 else:
@@ -49,7 +51,7 @@ def first_fit(lengths: list[int], seq_len: int, max_segments: int, bins: int) ->
                 b = room.index(min(room))
                 rows.append(open_rows.pop(b))
                 del room[b]
-            if n >= seq_len or max_segments == 1:
+            if seq_len - n < smallest or max_segments == 1:
                 rows.append([i])
             else:
                 open_rows.append([i])
