@@ -104,6 +104,8 @@ class Order:
     """
 
     def __init__(self, components, group: int, seed: int, shuffle: bool = True):
+        if not shuffle and len(components) != 1:
+            raise ValueError("an ordered pass reads one component")
         w = np.asarray([w for w, _ in components], np.float64)
         self.shares = (w / w.sum()).tolist()
         self.index = [np.asarray(idx, np.int64) for _, idx in components]
@@ -136,8 +138,7 @@ class Order:
 
     def __call__(self, i: int) -> np.ndarray:
         if not self.shuffle:
-            flat = np.concatenate(self.index)
-            return flat[i * self.group: (i + 1) * self.group]
+            return self.index[0][i * self.group: (i + 1) * self.group]
         parts = []
         for comp, share in enumerate(self.shares):
             parts += self._take(comp, math.floor(share * self.group * i), math.floor(share * self.group * (i + 1)))
