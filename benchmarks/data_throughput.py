@@ -109,6 +109,7 @@ def bench_loader(args) -> None:
     for _ in range(args.batches):
         real += int((next(it)["segment_ids"] > 0).sum())
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    it.close()  # stops grain's threads and, with data.worker_processes, its worker processes
     slots = args.batches * args.batch * args.seq_len
     reader = array_record_module.ArrayRecordReader(str(sorted(Path(tokens).glob("train-*.arrayrecord"))[0]))
     options = reader.writer_options_string()
@@ -116,7 +117,9 @@ def bench_loader(args) -> None:
     _table([("batch x seq_len", f"{args.batch} x {args.seq_len}"), ("batches", str(args.batches)),
             ("token shards", "uncompressed" if "uncompressed" in options else "compressed (" + options + ")"),
             ("split in memory (data.cache_mb)", str(cfg.data.cache_mb)),
-            ("prefetch depth (data.workers)", str(args.prefetch)), ("rows filled", f"{real / slots:.1%}"),
+            ("prefetch depth (data.workers)", str(args.prefetch)),
+            ("worker processes (data.worker_processes)", str(cfg.data.worker_processes)),
+            ("rows filled", f"{real / slots:.1%}"),
             ("wall time (s)", f"{wall:.2f}"), ("tokens/s", f"{real / wall:,.0f}"),
             ("tokens per CPU-second", f"{real / cpu:,.0f}")])
 

@@ -193,3 +193,23 @@ def test_thread_prefetch_keeps_batches_and_state_exact():
     resumed = examples.ExampleStream(ex, 8, 64, 64, seed=1)
     resumed.set_state(state)
     assert _same(got, want[:4]) and _same([next(resumed), next(resumed)], want[4:])
+
+
+def test_worker_processes_give_the_same_batches_and_resume(prepared):
+    """data.worker_processes (grain's mp_prefetch) packs groups in other processes: the same batches as
+    grain's read thread alone, and its own state resumes exactly."""
+    tokens = prepared / "data" / "tokens"
+    want = [next(it) for it in [pipeline.train_dataset(tokens, _dcfg(), 8)] for _ in range(6)]
+    it = pipeline.train_dataset(tokens, _dcfg(worker_processes=2), 8)
+    try:
+        got = [next(it) for _ in range(3)]
+        state = json.loads(json.dumps(it.get_state()))
+    finally:
+        it.close()
+    again = pipeline.train_dataset(tokens, _dcfg(worker_processes=2), 8)
+    try:
+        again.set_state(state)
+        resumed = [next(again) for _ in range(3)]
+    finally:
+        again.close()
+    assert _same(got, want[:3]) and _same(resumed, want[3:])

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
         packing_bins=8,         # rows the first-fit packer keeps open
         max_segments_per_row=64,  # documents one packed row may hold (cudnn_packed sizes its tables by it)
         workers=0,              # batches each stream prepares ahead in a background thread (0: on demand)
+        worker_processes=0,     # grain mp_prefetch processes packing groups; pays on spare cores only (keep to resume)
         tokenize_workers=0,     # processes that encode token shards in `kslm tokenize` (0: one per CPU core)
         cache_mb=2048,          # a split whose tokens fit in this many MiB is read into memory once (0: never)
         mixture="",             # weighted sources, "pattern:weight,..." (fnmatch on each document's source); "": as read

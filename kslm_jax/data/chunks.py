@@ -38,6 +38,14 @@ class ChunkSource:
         self.seq_len = seq_len
         self.cache = 4 * int(self.lengths.sum()) <= cache_mb * 2**20
 
+    def __getstate__(self) -> dict:
+        """What a worker process (grain's mp_prefetch) needs: the index; it opens and loads on first read."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_load_lock", "_flat", "_chunk_at")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local, self._load_lock, self._flat, self._chunk_at = threading.local(), threading.Lock(), None, None
+
     def _load_all(self) -> None:
         """Every record once, in order, into one array: random reads become slices (about 10 µs a record
         saved, which on short documents is most of the loader's time)."""

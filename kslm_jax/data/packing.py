@@ -19,6 +19,7 @@ import itertools
 
 import grain
 import numpy as np
+from absl import flags
 
 FEATURES = ("inputs", "targets", "positions", "segment_ids")
 
@@ -108,19 +109,30 @@ def gather(plan: list[list[int]], starts: np.ndarray, lengths: np.ndarray, rows:
     return {k: v.reshape(-1, seq_len) for k, v in out.items()}
 
 
-def batches(pack_group, groups: int, rows: int, *, repeat: bool, depth: int = 0,
+def _flags_parsed(*_) -> None:
+    # We parse no absl flags, but grain reads its own when it starts workers and inside each spawned worker:
+    # unparsed, that is UnparsedFlagAccessError (and a parent left waiting on a dead worker).
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def batches(pack_group, groups: int, rows: int, *, repeat: bool, depth: int = 0, processes: int = 0,
             read_threads: int = 1, read_buffer: int = 2) -> grain.IterDataset:
     """grain dataset of batches of `rows` rows from `groups` packed groups (endless when `repeat`).
 
     pack_group(i) → dict of (k, seq_len) arrays, the i-th group's rows (k >= 1); it runs in grain's read
     thread, `read_buffer` groups ahead. `depth` > 0 adds grain's thread prefetch of whole batches (data.workers),
-    so rebatching, too, leaves the training thread.
+    so rebatching, too, leaves the training thread. `processes` > 0 packs groups in grain's worker processes
+    (mp_prefetch, data.worker_processes): the batches are the same for any number, the state's layout is not.
     """
     ds = grain.MapDataset.range(groups)
     if repeat:
         ds = ds.repeat()
     ds = ds.map_with_index(lambda i, _: pack_group(i))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer))
+    if processes > 0:
+        _flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes), worker_init_fn=_flags_parsed)
     it = grain.experimental.RebatchIterDataset(it, rows)
     if depth > 0:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=depth)

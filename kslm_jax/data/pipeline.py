@@ -204,7 +204,7 @@ def _stream(source, dcfg, index: int, count: int, rows: int, components=None) ->
     mine = [(w, idx[index::count]) for w, idx in components]
     order = Order(mine, group_size(source), dcfg.seed + index)
     ds = packing.batches(_packer(source, dcfg, order), order.groups_per_pass(), rows, repeat=True,
-                         depth=dcfg.workers)
+                         depth=dcfg.workers, processes=dcfg.worker_processes)
     return iter(ds)
 
 
