@@ -21,8 +21,6 @@ import grain
 import numpy as np
 from absl import flags
 
-FEATURES = ("inputs", "targets", "positions", "segment_ids")
-
 
 def first_fit(lengths: list[int], seq_len: int, max_segments: int, bins: int) -> list[list[int]]:
     """Rows of positions into `lengths` (each at most seq_len tokens and max_segments items), first-fit.
