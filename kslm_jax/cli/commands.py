@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 from kslm_jax.cli import eval_cmd
 from kslm_jax.compress import prune as prune_lib
-from kslm_jax.core import checkpoint, distributed
+from kslm_jax.core import checkpoint, config_help, distributed
+from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.config import resolve_recipe
 from kslm_jax.core.errors import KslmError
@@ -252,6 +253,25 @@ def demo(args, overrides) -> int:
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; TensorBoard: "
           f"tensorboard --logdir {Path(args.workdir) / 'tensorboard'} --host 127.0.0.1")
     return 0 if after["bits_per_char"] < unigram["bits_per_char"] else 1
+
+
+def config(args, overrides) -> int:
+    """Print the config a command would use here, key by key with its help; nothing is written."""
+    wd = Path(args.workdir) if args.workdir else None
+    if args.config is None and wd is not None and (wd / "config.json").is_file():
+        cfg = config_lib.read_workdir_config(wd)
+        for item in overrides:
+            config_lib.apply_override(cfg, item)
+        config_lib.validate(cfg)
+        origin = f"{wd / 'config.json'}"
+    else:
+        if args.config is None and wd is not None and not wd.is_dir():
+            raise KslmError(f"workdir {wd} does not exist; pass --config FILE, or a workdir made by kslm")
+        cfg = config_lib.load(args.config, overrides)
+        origin = str(resolve_recipe(args.config)) if args.config else "the defaults (base_config)"
+    print(f"# config from {origin}" + (f" with {len(overrides)} override(s)" if overrides else ""))
+    print(config_help.format_config(config_lib.flat(config_lib.to_dict(cfg))))
+    return 0
 
 
 def distill_cache(args, overrides) -> int:
