@@ -160,23 +160,44 @@ def _quantized(trainer, mode):
 
 def generate(args, overrides) -> int:
     import jax
-    if _cfg(args, overrides).finetune.kind != "none":  # a fine-tuned decoder, prompted through its template
-        return eval_cmd.generate_cli(args, overrides)
+    cfg = _cfg(args, overrides)
+    flags = dict(max_new_tokens=getattr(args, "max_new_tokens", None), temperature=getattr(args, "temperature", None),
+                 top_p=getattr(args, "top_p", None), seed=getattr(args, "seed", None))
+    gen.apply_sampling_flags(cfg.generate, **flags)  # validated before any model is built
+    samples = getattr(args, "num_samples", None) or 1
+    if samples < 1:
+        raise KslmError(f"--num-samples must be 1 or more, not {samples}")
+    if cfg.finetune.kind != "none":  # a fine-tuned decoder, prompted through its template
+        extra = [f"generate.{k}={v}" for k, v in flags.items() if v is not None]
+        return eval_cmd.generate_cli(args, list(overrides) + extra)
+    prompts = args.prompt or gen.held_out_prompts(workdir_lib.paths(args.workdir)["clean"], 3)
     cfg, trainer, _ = _restored_trainer(args, overrides)
+    gen.apply_sampling_flags(cfg.generate, **flags)
     if getattr(args, "quant", []):
         trainer.state = trainer.state.replace(params=_quantized(trainer, args.quant[-1])[0])
     sp = tok_lib.check_workdir(cfg, Path(args.workdir))
     rng = jax.random.PRNGKey(cfg.generate.seed)
-    for prompt in args.prompt or DEMO_PROMPTS:
-        rng, key = jax.random.split(rng)
-        print(gen.generate_text(trainer.model, trainer.state.params, sp, prompt, cfg.generate, key))
+    for prompt in prompts:
+        for i in range(samples):
+            rng, key = jax.random.split(rng)
+            text = gen.generate_text(trainer.model, trainer.state.params, sp, prompt, cfg.generate, key)
+            print(f"[{i + 1}] {text}" if samples > 1 else text)
     return 0
 
 
 def export(args, overrides) -> int:
+    export_dir = Path(args.workdir) / "export"
+    fresh = not export_dir.exists()
+    try:
+        return _export(args, overrides, export_dir)
+    finally:  # a failed export leaves no empty export/ behind (a folder that held something before stays)
+        if fresh and export_dir.is_dir() and not any(export_dir.iterdir()):
+            export_dir.rmdir()
+
+
+def _export(args, overrides, export_dir: Path) -> int:
     if overrides:
         raise KslmError("export takes no --config.* overrides: it exports the run as configured in its workdir")
-    export_dir = Path(args.workdir) / "export"
     quant = getattr(args, "quant", None)
     if quant and args.format != "gguf":
         raise KslmError(f"--quant {quant} applies to --format gguf only; {args.format} exports float32 "

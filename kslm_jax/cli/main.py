@@ -88,7 +88,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=None, help="0: greedy (generate.temperature)")
         p.add_argument("--top-p", type=float, default=None, help="nucleus mass (generate.top_p)")
         p.add_argument("--num-samples", type=int, default=None,
-                       help="samples per prompt (default 1), or prompts drawn from the held-out split (default 3)")
+                       help="samples per prompt (default 1)")
         p.add_argument("--seed", type=int, default=None, help="sampling seed (generate.seed)")
     if command == "config":
         p.add_argument("--show", action="store_true", help="print every key, its value and its help (the default)")

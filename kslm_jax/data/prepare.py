@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kslm_jax.core import progress
 from kslm_jax.core.errors import KslmError
 from kslm_jax.core.workdir import atomic_dir, atomic_write_text
 from kslm_jax.data import clean, dedup, filters, sources
@@ -202,7 +203,10 @@ def prepare(cfg, out_dir: Path) -> dict:
             read_per_file: dict[str, collections.Counter] = {}  # documents and reader problems of each file
             docs = _chunks(sources.read_all(files, dcfg.text_mode, dcfg.text_field, stats, per_file=read_per_file,
                                             key_field=dcfg.split_field), per_source)
+            # Documents are counted as they are cleaned; how many a file holds is not known before it is read.
+            shown = progress.bar(None, f"prepare ({len(files)} file{'s' * (len(files) > 1)})", "doc", scale=True)
             for r in clean_chunks(docs, job, worker_count(dcfg.prepare_workers)):
+                shown.update(len(r["lengths"]))
                 staging.write(r["blob"])
                 if r["bands"] is not None:
                     band_file.write(np.ascontiguousarray(r["bands"]).tobytes())
@@ -212,6 +216,7 @@ def prepare(cfg, out_dir: Path) -> dict:
                                                np.int64))
                 for k in ("splits", "lengths", "keys"):
                     cols[k].append(r[k])
+            shown.close()
         dtypes = dict(source=np.int64, splits=np.uint8, lengths=np.int64, keys=np.uint64)
         col = {k: np.concatenate(cols[k]) if cols[k] else np.zeros(0, dt) for k, dt in dtypes.items()}
         n = len(col["keys"])
