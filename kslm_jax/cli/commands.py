@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from kslm_jax.cli import eval_cmd
 from kslm_jax.compress import prune as prune_lib
-from kslm_jax.core import checkpoint, config_help, distributed
+from kslm_jax.core import checkpoint, config_help, distributed, metrics
 from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.config import resolve_recipe
@@ -19,6 +19,7 @@ from kslm_jax.data import prepare as prepare_lib
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import generate as gen
 from kslm_jax.eval import lm as evaluate
+from kslm_jax.eval import train_report
 from kslm_jax.export import check_out, gguf_io, hf_io, onnx_io
 from kslm_jax.model import quantize
 from kslm_jax.objectives import distill_cache as cache_lib
@@ -108,9 +109,16 @@ def train(args, overrides) -> int:
     if cfg.distill.teacher or cfg.distill.cache:  # distillation changes the objective and adds the teacher
         trainer_cls = distill_trainer.DistillTrainer
     trainer = trainer_cls(cfg, args.workdir)
-    summary = trainer.fit(on_eval=_print_eval)
-    if summary.get("eval"):
-        _write_eval(args.workdir, {"model": summary["eval"], "step": summary["step"]})
+    report = train_report.TrainReport(cfg, args.workdir, trainer, on_eval=_print_eval)
+    try:
+        report.measure_before()
+        summary = trainer.fit(on_eval=report.on_eval)
+        if summary.get("eval"):
+            _write_eval(args.workdir, {"model": summary["eval"], "unigram": report.unigram, "before": report.before,
+                                       "step": summary["step"]})
+            print("\n" + report.finish(summary))
+    finally:
+        report.close()
     return 0
 
 
@@ -145,6 +153,10 @@ def eval_(args, overrides) -> int:
         trainer.state = full
     rows["unigram (train split)"] = evaluate.unigram_baseline(trainer.paths["tokens"], cfg.tokenizer.vocab_size)
     print(evaluate.format_table(rows))
+    board = metrics.Board(args.workdir, "eval", cfg.logging.tensorboard)  # beside training's eval/* curves
+    board.scalars(step, {f"eval/{k}": v for k, v in rows[model_row].items() if k != "tokens"})
+    board.scalars(step, {f"eval/unigram_{k}": v for k, v in rows["unigram (train split)"].items() if k != "tokens"})
+    board.close()
     _write_eval(args.workdir, {"model": rows[model_row], "unigram": rows["unigram (train split)"], "step": step,
                                **{k: v for k, v in rows.items() if k.startswith("model int")}})
     return 0
