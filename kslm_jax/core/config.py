@@ -113,15 +113,19 @@ def _sections(node, prefix: str) -> dict:
     return out
 
 
-def unknown_key_message(section: str, name: str) -> str:
-    """One line for an unknown key or section: the nearest known names (difflib), and for a section all of them."""
-    known = list(_sections(base_config(), "")[section].keys()) if section in _sections(base_config(), "") else []
+def unknown_key_message(section: str, name: str, key: str | None = None) -> str:
+    """One line for an unknown key or section (`key`: the whole dotted name asked for): the nearest known
+    names (difflib), and for a section all of them."""
+    sections = _sections(base_config(), "")
+    known = list(sections[section].keys()) if section in sections else []
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(section + c) for c in close)}?" if close else ""
     if not section:
-        return f"unknown config section {name!r}{hint} (sections: {', '.join(known)})"
-    listing = "" if close else f" (known in {section[:-1]}: {', '.join(sorted(known))})"
-    return f"unknown config key {section + name!r}{hint}{listing}"
+        head = f"unknown config section {name!r}" if key in (None, name) else \
+            f"unknown config key {key!r}: no section {name!r}"
+        return f"{head}{hint} (sections: {', '.join(known)})"
+    listing = "" if close or not known else f" (known in {section[:-1]}: {', '.join(sorted(known))})"
+    return f"unknown config key {key or section + name!r}{hint}{listing}"
 
 
 def apply_override(cfg, item: str) -> None:
@@ -132,11 +136,11 @@ def apply_override(cfg, item: str) -> None:
     node, section = cfg, ""
     for part in parts[:-1]:
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise KslmError(unknown_key_message(section, part))
+            raise KslmError(unknown_key_message(section, part, key))
         node, section = node[part], f"{section}{part}."
     leaf = parts[-1]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise KslmError(unknown_key_message(section, leaf))
+        raise KslmError(unknown_key_message(section, leaf, key))
     old = node[leaf]
     if isinstance(old, ml_collections.ConfigDict):
         raise KslmError(f"config key {key!r} is a section; set one of its keys instead")
