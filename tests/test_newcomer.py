@@ -139,7 +139,8 @@ def test_config_show_reads_a_workdir_and_writes_nothing(tmp_path):
     (wd / "config.json").write_text(cfg.to_json(indent=2), encoding="utf-8")
     before = (wd / "config.json").read_bytes()
     proc = ok(kslm("config", "--show", "--workdir", wd, "--config.optim.lr=0.5"))
-    assert re.search(r"^train\.steps\s+= 77 ", proc.stdout, re.M) and re.search(r"^optim\.lr\s+= 0\.5 ", proc.stdout, re.M)
+    assert re.search(r"^train\.steps\s+= 77 ", proc.stdout, re.M)
+    assert re.search(r"^optim\.lr\s+= 0\.5 ", proc.stdout, re.M)
     assert (wd / "config.json").read_bytes() == before and sorted(p.name for p in wd.iterdir()) == ["config.json"]
     user_error(kslm("config", "--show", "--workdir", tmp_path / "nope"), "does not exist")
 

@@ -178,8 +178,9 @@ def _classify(s: Subject, path: str, limit: int) -> dict:
                 gold.append(int(ex.labels[e]))
                 pred.append(int(np.argmax(scores[r, j])))
     majority = max(collections.Counter(gold).values()) / len(gold) if gold else 0.0
-    return {"n": len(gold), "accuracy": metrics_text.accuracy(gold, pred), "macro_f1": metrics_text.macro_f1(gold, pred),
-            "outside_label_bins": outside, "chance": float(majority), **_one_class(pred, gold, "class")}
+    return {"n": len(gold), "accuracy": metrics_text.accuracy(gold, pred),
+            "macro_f1": metrics_text.macro_f1(gold, pred), "outside_label_bins": outside, "chance": float(majority),
+            **_one_class(pred, gold, "class")}
 
 
 def _generate(s: Subject, path: str, limit: int) -> dict:
