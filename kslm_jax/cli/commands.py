@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 from kslm_jax.cli import eval_cmd
 from kslm_jax.compress import prune as prune_lib
-from kslm_jax.core import checkpoint, distributed
+from kslm_jax.core import checkpoint, config_help, distributed, metrics
+from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.config import resolve_recipe
 from kslm_jax.core.errors import KslmError
@@ -18,6 +19,7 @@ from kslm_jax.data import prepare as prepare_lib
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import generate as gen
 from kslm_jax.eval import lm as evaluate
+from kslm_jax.eval import train_report
 from kslm_jax.export import check_out, gguf_io, hf_io, onnx_io
 from kslm_jax.model import quantize
 from kslm_jax.objectives import distill_cache as cache_lib
@@ -107,9 +109,16 @@ def train(args, overrides) -> int:
     if cfg.distill.teacher or cfg.distill.cache:  # distillation changes the objective and adds the teacher
         trainer_cls = distill_trainer.DistillTrainer
     trainer = trainer_cls(cfg, args.workdir)
-    summary = trainer.fit(on_eval=_print_eval)
-    if summary.get("eval"):
-        _write_eval(args.workdir, {"model": summary["eval"], "step": summary["step"]})
+    report = train_report.TrainReport(cfg, args.workdir, trainer, on_eval=_print_eval)
+    try:
+        report.measure_before()
+        summary = trainer.fit(on_eval=report.on_eval)
+        if summary.get("eval"):
+            _write_eval(args.workdir, {"model": summary["eval"], "unigram": report.unigram, "before": report.before,
+                                       "step": summary["step"]})
+            print("\n" + report.finish(summary))
+    finally:
+        report.close()
     return 0
 
 
@@ -144,6 +153,10 @@ def eval_(args, overrides) -> int:
         trainer.state = full
     rows["unigram (train split)"] = evaluate.unigram_baseline(trainer.paths["tokens"], cfg.tokenizer.vocab_size)
     print(evaluate.format_table(rows))
+    board = metrics.Board(args.workdir, "eval", cfg.logging.tensorboard)  # beside training's eval/* curves
+    board.scalars(step, {f"eval/{k}": v for k, v in rows[model_row].items() if k != "tokens"})
+    board.scalars(step, {f"eval/unigram_{k}": v for k, v in rows["unigram (train split)"].items() if k != "tokens"})
+    board.close()
     _write_eval(args.workdir, {"model": rows[model_row], "unigram": rows["unigram (train split)"], "step": step,
                                **{k: v for k, v in rows.items() if k.startswith("model int")}})
     return 0
@@ -159,23 +172,44 @@ def _quantized(trainer, mode):
 
 def generate(args, overrides) -> int:
     import jax
-    if _cfg(args, overrides).finetune.kind != "none":  # a fine-tuned decoder, prompted through its template
-        return eval_cmd.generate_cli(args, overrides)
+    cfg = _cfg(args, overrides)
+    flags = dict(max_new_tokens=getattr(args, "max_new_tokens", None), temperature=getattr(args, "temperature", None),
+                 top_p=getattr(args, "top_p", None), seed=getattr(args, "seed", None))
+    gen.apply_sampling_flags(cfg.generate, **flags)  # validated before any model is built
+    samples = getattr(args, "num_samples", None) or 1
+    if samples < 1:
+        raise KslmError(f"--num-samples must be 1 or more, not {samples}")
+    if cfg.finetune.kind != "none":  # a fine-tuned decoder, prompted through its template
+        extra = [f"generate.{k}={v}" for k, v in flags.items() if v is not None]
+        return eval_cmd.generate_cli(args, list(overrides) + extra)
+    prompts = args.prompt or gen.held_out_prompts(workdir_lib.paths(args.workdir)["clean"], 3)
     cfg, trainer, _ = _restored_trainer(args, overrides)
+    gen.apply_sampling_flags(cfg.generate, **flags)
     if getattr(args, "quant", []):
         trainer.state = trainer.state.replace(params=_quantized(trainer, args.quant[-1])[0])
     sp = tok_lib.check_workdir(cfg, Path(args.workdir))
     rng = jax.random.PRNGKey(cfg.generate.seed)
-    for prompt in args.prompt or DEMO_PROMPTS:
-        rng, key = jax.random.split(rng)
-        print(gen.generate_text(trainer.model, trainer.state.params, sp, prompt, cfg.generate, key))
+    for prompt in prompts:
+        for i in range(samples):
+            rng, key = jax.random.split(rng)
+            text = gen.generate_text(trainer.model, trainer.state.params, sp, prompt, cfg.generate, key)
+            print(f"[{i + 1}] {text}" if samples > 1 else text)
     return 0
 
 
 def export(args, overrides) -> int:
+    export_dir = Path(args.workdir) / "export"
+    fresh = not export_dir.exists()
+    try:
+        return _export(args, overrides, export_dir)
+    finally:  # a failed export leaves no empty export/ behind (a folder that held something before stays)
+        if fresh and export_dir.is_dir() and not any(export_dir.iterdir()):
+            export_dir.rmdir()
+
+
+def _export(args, overrides, export_dir: Path) -> int:
     if overrides:
         raise KslmError("export takes no --config.* overrides: it exports the run as configured in its workdir")
-    export_dir = Path(args.workdir) / "export"
     quant = getattr(args, "quant", None)
     if quant and args.format != "gguf":
         raise KslmError(f"--quant {quant} applies to --format gguf only; {args.format} exports float32 "
@@ -252,6 +286,25 @@ def demo(args, overrides) -> int:
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; TensorBoard: "
           f"tensorboard --logdir {Path(args.workdir) / 'tensorboard'} --host 127.0.0.1")
     return 0 if after["bits_per_char"] < unigram["bits_per_char"] else 1
+
+
+def config(args, overrides) -> int:
+    """Print the config a command would use here, key by key with its help; nothing is written."""
+    wd = Path(args.workdir) if args.workdir else None
+    if args.config is None and wd is not None and (wd / "config.json").is_file():
+        cfg = config_lib.read_workdir_config(wd)
+        for item in overrides:
+            config_lib.apply_override(cfg, item)
+        config_lib.validate(cfg)
+        origin = f"{wd / 'config.json'}"
+    else:
+        if args.config is None and wd is not None and not wd.is_dir():
+            raise KslmError(f"workdir {wd} does not exist; pass --config FILE, or a workdir made by kslm")
+        cfg = config_lib.load(args.config, overrides)
+        origin = str(resolve_recipe(args.config)) if args.config else "the defaults (base_config)"
+    print(f"# config from {origin}" + (f" with {len(overrides)} override(s)" if overrides else ""))
+    print(config_help.format_config(config_lib.flat(config_lib.to_dict(cfg))))
+    return 0
 
 
 def distill_cache(args, overrides) -> int:

@@ -56,6 +56,9 @@ COMMANDS = {
     "merge-lora": ("Fold a LoRA run's adapters into its base: a plain workdir for eval, generate and export.",
                    "reads:  WORKDIR (config, newest adapters), its finetune.init_from base\n"
                    "writes: --out: config.json, tokenizer/, checkpoints/0, merged_from.json"),
+    "config": ("Show every config key with its value and what it does (nothing is written).",
+               "reads:  --config FILE (+ --config.S.K=V), else WORKDIR/config.json, else the defaults\n"
+               "writes: nothing; prints `section.key = value  # help` for every key"),
     "demo": ("Run every stage on the bundled Korean corpus: prepare, tokenizer, tokenize, train, eval, generate.",
              "reads:  the constitution and bill texts inside the KoNLPy wheel (configs/tiny_ko.py)\n"
              "writes: everything above under WORKDIR (default runs/demo)"),
@@ -67,7 +70,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"kslm {command}", description=f"{summary}\n\n{io}", epilog=COMMON,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="recipe file (a Python file with get_config())")
-    p.add_argument("--workdir", required=command != "demo", default="runs/demo" if command == "demo" else None,
+    p.add_argument("--workdir", required=command not in ("demo", "config"),
+                   default="runs/demo" if command == "demo" else None,
                    help="the run's folder")
     p.add_argument("--force", action="store_true", help="overwrite a differing config.json in the workdir")
     if command == "tokenizer":
@@ -78,7 +82,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="measure on these files or globs (read and cleaned like data.sources) instead of the "
                             "held-out split")
     if command == "generate":
-        p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+        p.add_argument("--prompt", action="append", default=[],
+                       help="a prompt (repeatable; default: openings of held-out documents)")
+        p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to sample (generate.max_new_tokens)")
+        p.add_argument("--temperature", type=float, default=None, help="0: greedy (generate.temperature)")
+        p.add_argument("--top-p", type=float, default=None, help="nucleus mass (generate.top_p)")
+        p.add_argument("--num-samples", type=int, default=None,
+                       help="samples per prompt (default 1)")
+        p.add_argument("--seed", type=int, default=None, help="sampling seed (generate.seed)")
+    if command == "config":
+        p.add_argument("--show", action="store_true", help="print every key, its value and its help (the default)")
     if command in ("eval", "generate"):
         p.add_argument("--quant", action="append", choices=["int8", "int4"], default=[],
                        help="also run with weight-only int8/int4 weights (repeatable)")

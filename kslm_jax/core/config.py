@@ -5,9 +5,12 @@ config_schema.py; its names are re-exported here, so `kslm_jax.core.config` is t
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import os
+import re
+import traceback
 from pathlib import Path
 
 import ml_collections
@@ -49,31 +52,95 @@ def _load_file(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise KslmError(f"config file {p}: defines no get_config(); a recipe returns base_config() modified")
         cfg = module.get_config()
-    except AttributeError as e:
-        raise KslmError(f"config file {p}: {e} (a recipe sets only keys that base_config() defines)") from None
-    except KeyError as e:
-        raise KslmError(f"config file {p}: unknown config key {str(e)[:200]}") from None
-    except TypeError as e:
-        raise KslmError(f"config file {p}: {str(e).splitlines()[0][:300]}") from None
+    except KslmError:
+        raise
+    except SyntaxError as e:  # the file's own line, not the importer's
+        raise KslmError(f"{e.filename or p}:{e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - the recipe is user code: any failure is one line at its own line
+        raise KslmError(_recipe_error(p, e)) from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise KslmError(f"config file {p}: get_config() must return kslm_jax.core.config.base_config() modified")
     return cfg
+
+
+def _recipe_error(p: Path, e: Exception) -> str:
+    """`file:line: message` for an exception raised while running recipe `p`; an unknown key names its section
+    and the nearest known keys instead of ml_collections' repr of the whole section."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if Path(f.filename).resolve() == p.resolve()]
+    where = f"{p}:{ours[-1].lineno}" if ours else str(p)
+    section = _failing_section(e)
+    if section is not None and isinstance(e, (AttributeError, KeyError)):
+        name = _missing_name(e)
+        if name:
+            return f"{where}: {unknown_key_message(section, name)}"
+    first = (str(e).splitlines() or [""])[0].strip().strip("'\"")[:300]
+    return f"{where}: {type(e).__name__}: {first}" if first else f"{where}: {type(e).__name__}"
+
+
+def _missing_name(e: Exception) -> str | None:
+    text = str(e)
+    m = re.search(r'Key "([^"]+)" does not exist', text) or re.search(r"""['"]([A-Za-z_]\w*)\\?['"]""", text)
+    return m.group(1) if m else None
+
+
+def _failing_section(e: Exception) -> str | None:
+    """The dotted path of the ConfigDict that refused a key (its innermost `self` in the traceback), found by
+    its key set among base_config()'s sections; "" is the top level."""
+    tb, node = e.__traceback__, None
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, ml_collections.ConfigDict):
+            node = obj
+        tb = tb.tb_next
+    if node is None:
+        return None
+    keys = set(node.keys())
+    for path, section in _sections(base_config(), "").items():
+        if set(section.keys()) == keys:
+            return path
+    return None
+
+
+def _sections(node, prefix: str) -> dict:
+    out = {prefix: node}
+    for k, v in node.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_sections(v, f"{prefix}{k}."))
+    return out
+
+
+def unknown_key_message(section: str, name: str, key: str | None = None) -> str:
+    """One line for an unknown key or section (`key`: the whole dotted name asked for): the nearest known
+    names (difflib), and for a section all of them."""
+    sections = _sections(base_config(), "")
+    known = list(sections[section].keys()) if section in sections else []
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(section + c) for c in close)}?" if close else ""
+    if not section:
+        head = f"unknown config section {name!r}" if key in (None, name) else \
+            f"unknown config key {key!r}: no section {name!r}"
+        return f"{head}{hint} (sections: {', '.join(known)})"
+    listing = "" if close or not known else f" (known in {section[:-1]}: {', '.join(sorted(known))})"
+    return f"unknown config key {key or section + name!r}{hint}{listing}"
 
 
 def apply_override(cfg, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep:
         raise KslmError(f"override {item!r} needs the form --config.section.key=value")
-    parent, _, leaf = key.rpartition(".")
-    node = cfg
-    for part in parent.split(".") if parent else []:
+    parts = key.split(".")
+    node, section = cfg, ""
+    for part in parts[:-1]:
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise KslmError(f"unknown config key {key!r}")
-        node = node[part]
+            raise KslmError(unknown_key_message(section, part, key))
+        node, section = node[part], f"{section}{part}."
+    leaf = parts[-1]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-        raise KslmError(f"unknown config key {key!r}" + (f" (known here: {known})" if known else ""))
+        raise KslmError(unknown_key_message(section, leaf, key))
     old = node[leaf]
     if isinstance(old, ml_collections.ConfigDict):
         raise KslmError(f"config key {key!r} is a section; set one of its keys instead")

@@ -17,16 +17,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = dict(
         d_model=256,            # residual width
-        n_layers=4,
+        n_layers=4,             # transformer blocks
         n_heads=4,              # query heads
         n_kv_heads=2,           # key/value heads (GQA); must divide n_heads
         head_dim=0,             # 0: d_model // n_heads
         d_ff=0,                 # SwiGLU hidden width; 0: 8/3 * d_model rounded up to a multiple of 64
         vocab_multiple=128,     # logits width is the tokenizer vocab rounded up to this (pads never win a sample)
-        rope_theta=10000.0,
-        norm_eps=1e-5,
-        tie_embeddings=False,
-        init_std=0.02,
+        rope_theta=10000.0,     # rotary position embedding base
+        norm_eps=1e-5,          # RMSNorm epsilon
+        tie_embeddings=False,   # the output layer reuses the input embedding
+        init_std=0.02,          # std of the normal initialization of the weights
         dtype="float32",        # compute dtype: float32 | bfloat16
         param_dtype="float32",  # master weights and optimizer state dtype
         attention="xla",        # xla (reference, any device) | cudnn (flash, mask) | cudnn_packed (flash, ragged; Hopper+)
@@ -34,12 +34,12 @@ def base_config() -> ml_collections.ConfigDict:
         remat="none",           # none | dots | full: what the backward pass recomputes instead of storing
     )
     c.tokenizer = dict(
-        vocab_size=8000,
+        vocab_size=8000,        # tokenizer pieces; the logits pad this to a multiple of model.vocab_multiple
         model_type="bpe",               # bpe | unigram
         pretokenize="none",             # none | kiwi: pieces never cross a morpheme boundary (needs kiwipiepy)
         character_coverage=0.9995,      # rarer characters fall back to UTF-8 bytes
-        byte_fallback=True,
-        split_digits=True,
+        byte_fallback=True,     # characters outside the vocabulary become UTF-8 byte pieces, never <unk>
+        split_digits=True,      # each digit its own piece
         sample_sentences=2_000_000,     # sentences SentencePiece samples for training
         max_sentence_length=8192,       # longer lines are cut into pieces for tokenizer training only
         special_tokens="",              # chat-template markers made single pieces, e.g. "<|user|>,<|assistant|>,<|end|>"
@@ -74,8 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
         ),
         prepare_workers=0,      # processes that clean and hash in `kslm prepare` (0: one per CPU core)
         shard_docs=100_000,     # documents per clean/token shard
-        seq_len=256,
-        seed=0,
+        seq_len=256,            # tokens per training row (documents are packed into rows)
+        seed=0,                 # shuffling of the training stream and the tokenizer's sample
         packing_bins=8,         # rows the first-fit packer keeps open
         max_segments_per_row=64,  # documents one packed row may hold (cudnn_packed sizes its tables by it)
         workers=0,              # batches each stream prepares ahead in a background thread (0: on demand)
@@ -87,52 +87,52 @@ def base_config() -> ml_collections.ConfigDict:
         streams=1,              # independent data streams; a multi-host run needs a multiple of its host count
     )
     c.optim = dict(
-        lr=3e-3,
+        lr=3e-3,                # peak learning rate (AdamW)
         min_lr_ratio=0.1,       # cosine decays to lr * min_lr_ratio
-        warmup_steps=20,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
+        warmup_steps=20,        # linear warmup from 0 to lr
+        b1=0.9,                 # AdamW first-moment decay
+        b2=0.95,                # AdamW second-moment decay
+        eps=1e-8,               # AdamW denominator epsilon
         weight_decay=0.1,       # applied to matrices only
         grad_clip=1.0,          # global-norm clipping; 0 disables
     )
     c.train = dict(
-        steps=200,
+        steps=200,              # optimizer steps of the whole run (a resumed run continues to this)
         step_timeout_s=0.0,     # >0: a step that takes longer (after the first) ends the run with exit code 3
         batch_size=16,          # global sequences per optimizer step
         grad_accum=1,           # micro-batches per step (batch_size must divide by it)
-        seed=0,
+        seed=0,                 # weight initialization
         z_loss=1e-4,            # weight of log(Z)^2, keeps logits from drifting
         loss_chunk=0,           # >0: logits and loss in sequence chunks of this many tokens (never all fp32 logits)
         nonfinite="skip",       # a NaN/Inf step is never applied; then: skip (count it) | restore | raise
         spike_zscore=6.0,       # a loss this many running std above its running mean is a spike (0: off)
-        log_every=10,
+        log_every=10,           # steps between logged training metrics
         eval_every=0,           # 0: evaluate only at the end
         eval_batches=0,         # 0: the whole validation split
     )
     c.mesh = dict(
         data=-1,                # -1: all devices left after the other axes
-        fsdp=1,
-        tensor=1,
+        fsdp=1,                 # devices the parameters and optimizer state are sharded over
+        tensor=1,               # devices each matrix is split over (tensor parallelism)
         slices=1,               # multi-slice TPU: slices joined over DCN; mesh.data spans them
         rules="fsdp_tp",        # parameter sharding preset: dp | fsdp | fsdp_tp (see sharding.PRESETS)
     )
     c.checkpoint = dict(
-        every_steps=100,
-        keep=3,
-        async_save=True,
+        every_steps=100,        # steps between checkpoints (the last step always saves)
+        keep=3,                 # newest checkpoints kept
+        async_save=True,        # write checkpoints in the background while training goes on
     )
     c.logging = dict(
-        tensorboard=True,
-        progress_bar=True,
+        tensorboard=True,       # write WORKDIR/tensorboard event files
+        progress_bar=True,      # the training progress bar (shown on a terminal only)
         peak_tflops=0.0,        # per-device peak for MFU; 0: look the device up in metrics.PEAK_TFLOPS
     )
     c.generate = dict(
-        max_new_tokens=64,
-        temperature=0.8,
-        top_k=50,
-        top_p=0.95,
-        seed=0,
+        max_new_tokens=64,      # tokens sampled after the prompt (kslm generate --max-new-tokens)
+        temperature=0.8,        # 0: greedy; higher: more varied (--temperature)
+        top_k=50,               # sample among the k most likely tokens (0: all)
+        top_p=0.95,             # sample among the smallest set holding this probability mass (--top-p)
+        seed=0,                 # sampling seed (--seed)
     )
     c.distill = dict(
         teacher="",             # teacher: a workdir of this project or a local HF Llama folder; "" = no distillation

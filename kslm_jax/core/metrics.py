@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import jax
+from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams as hparams_summary
 
 # Dense bf16 peak TFLOP/s per device, from vendor datasheets (no sparsity).
 PEAK_TFLOPS = {
@@ -36,7 +38,6 @@ class Writer:
         if not self.active:
             return
         if tensorboard:
-            from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(logdir=str(Path(workdir) / "tensorboard"), flush_secs=30)
         self.jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
 
@@ -58,6 +59,41 @@ class Writer:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+class Board:
+    """A TensorBoard run of its own, WORKDIR/tensorboard/<run>, for what is not the trainer's step scalars:
+    a run per source keeps each event file written by one writer (TensorBoard follows one file a folder), and
+    lets a baseline share the model's tag: the `unigram` run's eval/bits_per_char draws on the same chart.
+    Only process 0 writes."""
+
+    def __init__(self, workdir: Path, run: str, enabled: bool = True):
+        self.tb = None
+        if enabled and jax.process_index() == 0:
+            self.tb = SummaryWriter(logdir=str(Path(workdir) / "tensorboard" / run), flush_secs=10)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, float(v), step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def hparams(self, config_flat: dict, metrics: dict, step: int) -> None:
+        """The HParams plugin's session: every config key (non-scalar values as text) and the final metrics,
+        which are also written as scalars of this run, where the plugin reads them."""
+        if self.tb is None:
+            return
+        values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config_flat.items()}
+        for summary in hparams_summary(values, metrics):
+            self.tb.file_writer.add_summary(summary)
+        self.scalars(step, metrics)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 class Throughput:

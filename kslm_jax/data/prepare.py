@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kslm_jax.core import progress
 from kslm_jax.core.errors import KslmError
 from kslm_jax.core.workdir import atomic_dir, atomic_write_text
 from kslm_jax.data import clean, dedup, filters, sources
+from kslm_jax.data import report as report_lib
 from kslm_jax.data.report import DEDUP_RULES, Tally, format_report  # noqa: F401  (format_report: the CLI table)
 
 CHUNK_DOCS, CHUNK_CHARS = 2000, 4_000_000  # one unit of work for a worker process
@@ -201,7 +203,10 @@ def prepare(cfg, out_dir: Path) -> dict:
             read_per_file: dict[str, collections.Counter] = {}  # documents and reader problems of each file
             docs = _chunks(sources.read_all(files, dcfg.text_mode, dcfg.text_field, stats, per_file=read_per_file,
                                             key_field=dcfg.split_field), per_source)
+            # Documents are counted as they are cleaned; how many a file holds is not known before it is read.
+            shown = progress.bar(None, f"prepare ({len(files)} file{'s' * (len(files) > 1)})", "doc", scale=True)
             for r in clean_chunks(docs, job, worker_count(dcfg.prepare_workers)):
+                shown.update(len(r["lengths"]))
                 staging.write(r["blob"])
                 if r["bands"] is not None:
                     band_file.write(np.ascontiguousarray(r["bands"]).tobytes())
@@ -211,6 +216,7 @@ def prepare(cfg, out_dir: Path) -> dict:
                                                np.int64))
                 for k in ("splits", "lengths", "keys"):
                     cols[k].append(r[k])
+            shown.close()
         dtypes = dict(source=np.int64, splits=np.uint8, lengths=np.int64, keys=np.uint64)
         col = {k: np.concatenate(cols[k]) if cols[k] else np.zeros(0, dt) for k, dt in dtypes.items()}
         n = len(col["keys"])
@@ -230,7 +236,12 @@ def prepare(cfg, out_dir: Path) -> dict:
         (tmp / _STAGING).unlink()
         report = _report(files, job, stats, tally, per_source, writers, dedup_stats)
         report["read_per_file"] = {src: dict(c) for src, c in read_per_file.items()}
+        fields = _field_problems(files, dcfg, stats, report)
+        if fields:
+            report["fields"] = fields
         if writers["train"].docs == 0:
+            if fields.get("text_field"):
+                raise KslmError(report_lib.missing_field_error(fields["text_field"], len(files)))
             raise KslmError(f"no documents left after cleaning {len(files)} file(s) from data.sources "
                             f"(dropped: {report['dropped'] or 'none read'}); check the files and "
                             "data.min_chars/min_hangul_ratio")
@@ -300,6 +311,30 @@ def _report(files, job, stats, tally, per_source, writers, dedup_stats) -> dict:
                              rows=job.rows, threshold=round(dedup.threshold(job.bands, job.rows), 4))),
         per_source=sources_out,
     )
+
+
+def _field_problems(files, dcfg, stats, report) -> dict:
+    """data.text_field / data.split_field missing from records: how often, and which keys the records have."""
+    wanted = {}
+    if stats["missing_text_field"]:
+        wanted["text_field"] = dcfg.text_field
+    if dcfg.split_field:
+        wanted["split_field"] = dcfg.split_field
+    if not wanted:
+        return {}
+    census = sources.field_census(files, list(wanted.values()))
+    out = {}
+    for role, name in wanted.items():
+        sampled = census["missing"].get(name, 0)
+        if role == "text_field":
+            missing, of = stats["missing_text_field"], stats["missing_text_field"] + report["docs_in"]
+        elif sampled:  # the split key is read only for kept records; the sample says how often it is absent
+            missing, of = sampled, census["records"]
+        else:
+            continue
+        out[role] = dict(name=f"data.{role}", field=name, missing=missing, records=of, keys=census["keys"],
+                         sampled=census["records"])
+    return out
 
 
 def read_clean(folder: Path, split: str, required: bool = True):

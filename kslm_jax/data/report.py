@@ -1,6 +1,8 @@
 """What `kslm prepare` did, per rule and per source: the tally the workers fill and the table the CLI prints."""
 from __future__ import annotations
 
+import difflib
+
 from kslm_jax.data import clean, filters
 
 EXAMPLES = 3
@@ -87,8 +89,26 @@ def format_report(report: dict) -> str:
         for source, s in report["per_source"].items():
             name = source if len(source) <= w - 2 else "…" + source[-(w - 3):]
             lines.append(f"{name:{w}s}{s['docs_in']:>12,d}{s['docs_out']:>12,d}{s['chars_in']:>14,d}{s['chars_out']:>14,d}")
+    for info in report.get("fields", {}).values():
+        lines.append("warning: " + field_note(info))
     problems = {f: {k: v for k, v in c.items() if k != "docs"} for f, c in report.get("read_per_file", {}).items()}
     for f, counts in problems.items():
         if counts:
             lines.append(f"read problems in {f}: " + ", ".join(f"{k}={v:,}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def field_note(info: dict) -> str:
+    """`data.text_field 'body' is missing from all 36,315 records; keys of the first 2,000: id (2,000), ...`"""
+    share = "all" if info["missing"] == info["records"] else f"{info['missing']:,} of"
+    keys = info["keys"]
+    listing = ", ".join(f"{k} ({n:,})" for k, n in keys.items()) or "none (the records are not JSON objects)"
+    close = difflib.get_close_matches(info["field"], list(keys), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"{info['name']} {info['field']!r} is missing from {share} {info['records']:,} records; "
+            f"keys of the first {info['sampled']:,}: {listing}{hint}")
+
+
+def missing_field_error(info: dict, n_files: int) -> str:
+    return (f"no documents read from {n_files} file(s) of data.sources: " + field_note(info)
+            + "; set --config.data.text_field=KEY (jsonl/json: a key, a.b for nested; csv/tsv/parquet: a column)")

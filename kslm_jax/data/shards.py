@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from array_record.python import array_record_module
 
+from kslm_jax.core import progress
 from kslm_jax.core.errors import KslmError
 from kslm_jax.core.workdir import atomic_write_text
 from kslm_jax.data import tokenizer as tok_lib
@@ -146,9 +147,13 @@ def tokenize(clean_dir: Path, model_path: Path, out_dir: Path, workers: int = 0)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))  # Kiwi's threads, when the tokenizer uses it
     todo = [(*t, threads) for t in todo]
 
+    sizes = {t[2]: Path(t[1]).stat().st_size for t in todo}
+    shown = progress.bar(sum(sizes.values()), "tokenize", "B", scale=True)  # clean text encoded, per shard
+
     def record(out, entry):  # as each shard finishes, so a crash later keeps it
         atomic_write_text(Path(f"{out}.done.json"), json.dumps(entry) + "\n")
         done[Path(out).name] = entry
+        shown.update(sizes[out])
 
     if workers > 1:
         # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit half-done.
@@ -158,6 +163,7 @@ def tokenize(clean_dir: Path, model_path: Path, out_dir: Path, workers: int = 0)
     else:
         for t in todo:
             record(t[2], tokenize_file(*t))
+    shown.close()
     manifest = {split: _merge([(n, done[n]) for n in sorted(done) if n.startswith(split + "-")])
                 for split in ("train", "val")}
     sp = tok_lib.load(model_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import glob
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -132,3 +133,32 @@ def read_all(files: list[Path], text_mode: str, text_field: str, stats: collecti
             entry = per_file.setdefault(str(path), collections.Counter())
             entry["docs"] += n
             entry.update(counts)
+
+
+def field_census(files: list[Path], fields: list[str], limit: int = 2000) -> dict:
+    """Which keys the first `limit` JSON records of each .jsonl file hold, and how many lack each of `fields`:
+    what a missing data.text_field or data.split_field is reported with (the full read counts only misses)."""
+    records, missing, keys = 0, collections.Counter(), collections.Counter()
+    for path in files:
+        if format_of(path) != "jsonl":
+            continue
+        seen = 0
+        try:
+            with rawio.RawReader(path) as raw:
+                for _, line in rawio.lines(rawio.text_chunks(raw, collections.Counter()), rawio.JSONL_SEP,
+                                           MAX_RECORD_CHARS, collections.Counter()):
+                    if seen >= limit:
+                        break
+                    try:
+                        record = json.loads(line)
+                    except (ValueError, RecursionError):
+                        continue
+                    if not isinstance(record, dict):
+                        continue
+                    seen += 1
+                    keys.update(list(record)[:50])
+                    missing.update(f for f in fields if formats.field(record, f) is None)
+        except rawio.BadFile:
+            continue
+        records += seen
+    return {"records": records, "missing": dict(missing), "keys": dict(keys.most_common(20))}

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import functools
+import itertools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from kslm_jax.core.errors import KslmError
+from kslm_jax.data import prepare
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.model import llama
 
@@ -69,3 +73,30 @@ def generate_text(model, params, sp, prompt: str, gcfg, rng=None) -> str:
     new = generate_ids(model, params, ids, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
                        top_k=gcfg.top_k, top_p=gcfg.top_p, rng=rng, vocab_limit=sp.GetPieceSize())
     return sp.DecodeIds(ids[1:] + new)
+
+
+def held_out_prompts(clean_dir: Path, n: int, words: int = 3) -> list[str]:
+    """The first eojeols of `n` held-out documents (data/clean/val-*, else train-*), spread over the first
+    thousand: prompts in the domain the model was trained on, whatever that domain is."""
+    for split in ("val", "train"):
+        docs = [d for d in itertools.islice(prepare.read_clean(clean_dir, split, required=False), 1000)
+                if len(d.split()) > 1]
+        if docs:
+            picks = [docs[i * len(docs) // n] for i in range(min(n, len(docs)))]
+            return [" ".join(d.split()[:max(1, min(words, len(d.split()) // 2))]) for d in picks]
+    raise KslmError(f"no prepared text in {clean_dir} to take prompts from; pass --prompt TEXT")
+
+
+def apply_sampling_flags(gcfg, max_new_tokens=None, temperature=None, top_p=None, seed=None) -> None:
+    """`kslm generate --max-new-tokens/--temperature/--top-p/--seed` over generate.* for this call only."""
+    checks = (("max_new_tokens", max_new_tokens, lambda v: v >= 1, "--max-new-tokens must be 1 or more"),
+              ("temperature", temperature, lambda v: v >= 0, "--temperature must be 0 (greedy) or more"),
+              ("top_p", top_p, lambda v: 0 < v <= 1, "--top-p must be in (0, 1]"),
+              ("seed", seed, lambda v: True, ""))
+    with gcfg.unlocked():
+        for key, value, ok, message in checks:
+            if value is None:
+                continue
+            if not ok(value):
+                raise KslmError(f"{message}, not {value}")
+            gcfg[key] = type(gcfg[key])(value)

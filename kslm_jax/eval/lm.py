@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kslm_jax.core import sharding
+from kslm_jax.core import progress, sharding
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import shards
 
@@ -35,17 +35,26 @@ def summarize(nll_sum: float, tokens: int, manifest_split: dict) -> dict:
     }
 
 
-def run_lm_eval(eval_fn, params, batches, mesh) -> tuple[float, int]:
+def run_lm_eval(eval_fn, params, batches, mesh, total: int | None = None) -> tuple[float, int]:
+    """Summed NLL and predicted tokens over `batches`; `total` (predicted tokens expected) gives the bar an ETA."""
     nll, tokens = 0.0, 0
     pending = None
-    for b in batches:
-        out = eval_fn(params, sharding.global_batch(b, mesh, 1))
+    with progress.bar(total, "eval", "tok", scale=True) as shown:
+        for b in batches:
+            out = eval_fn(params, sharding.global_batch(b, mesh, 1))
+            if pending is not None:  # read one batch behind, so the device never waits on the host
+                nll, tokens = nll + float(pending["ce_sum"]), tokens + int(pending["tokens"])
+                shown.update(int(pending["tokens"]))
+            pending = out
         if pending is not None:
             nll, tokens = nll + float(pending["ce_sum"]), tokens + int(pending["tokens"])
-        pending = out
-    if pending is not None:
-        nll, tokens = nll + float(pending["ce_sum"]), tokens + int(pending["tokens"])
     return nll, tokens
+
+
+def predicted_tokens(manifest_split: dict, max_batches: int = 0, rows: int = 0, seq_len: int = 0) -> int:
+    """Tokens an eval pass predicts (every token after a document's BOS), capped by train.eval_batches."""
+    n = manifest_split["tokens"] - manifest_split["docs"]
+    return min(n, max_batches * rows * seq_len) if max_batches else n
 
 
 def _token_arrays(tokens_dir: Path, split: str):

@@ -93,7 +93,18 @@ def _multiple_choice(s: Subject, qs, fs, shots: int) -> dict:
         pred_norm.append(int(np.argmax(ll / np.asarray([max(len(c), 1) for c in q.choices]))))
     return {"n": len(qs), "accuracy": metrics_text.accuracy(gold, pred),
             "accuracy_norm": metrics_text.accuracy(gold, pred_norm), "macro_f1": metrics_text.macro_f1(gold, pred),
-            "shots": shots if fs else 0, "chance": float(np.mean([1 / len(q.choices) for q in qs]))}
+            "shots": shots if fs else 0, "chance": float(np.mean([1 / len(q.choices) for q in qs])),
+            **_one_class(pred, gold, "choice")}
+
+
+def _one_class(pred: list[int], gold: list[int], what: str) -> dict:
+    """A warning when every prediction is the same class: the accuracy is then that class's share of the
+    file, which says nothing about the model (an untrained or collapsed one does exactly this)."""
+    if len(pred) < 2 or len(set(pred)) > 1:
+        return {}
+    share = sum(g == pred[0] for g in gold) / len(gold)
+    return {"warning": f"every prediction is {what} {pred[0]} (its share of the gold labels: {share:.3f}); "
+                       "the accuracy measures the label balance, not the model"}
 
 
 def _documents(path: str, limit: int) -> list[str]:
@@ -166,8 +177,10 @@ def _classify(s: Subject, path: str, limit: int) -> dict:
             for j, e in enumerate(row):
                 gold.append(int(ex.labels[e]))
                 pred.append(int(np.argmax(scores[r, j])))
-    return {"n": len(gold), "accuracy": metrics_text.accuracy(gold, pred), "macro_f1": metrics_text.macro_f1(gold, pred),
-            "outside_label_bins": outside}
+    majority = max(collections.Counter(gold).values()) / len(gold) if gold else 0.0
+    return {"n": len(gold), "accuracy": metrics_text.accuracy(gold, pred),
+            "macro_f1": metrics_text.macro_f1(gold, pred), "outside_label_bins": outside, "chance": float(majority),
+            **_one_class(pred, gold, "class")}
 
 
 def _generate(s: Subject, path: str, limit: int) -> dict:
@@ -199,8 +212,11 @@ def run_all(s: Subject, spec: str, fewshot_spec: str = "", shots: int = 0, limit
     fewshot = {kind: path for _, kind, path in tasks.parse_specs(fewshot_spec, "fewshot")}
     if shots and not fewshot:
         raise KslmError(f"{shots} few-shot examples asked for but no --fewshot kind=path file to draw them from")
-    return {name: run_task(s, kind, path, fewshot.get(kind), shots, limit)
-            for name, kind, path in tasks.parse_specs(spec)}
+    out = {}
+    for name, kind, path in tasks.parse_specs(spec):
+        s.scorer.label = name
+        out[name] = run_task(s, kind, path, fewshot.get(kind), shots, limit)
+    return out
 
 
 def write(workdir: Path, results: dict, step: int, tensorboard: bool) -> None:
@@ -221,13 +237,16 @@ def flat(results: dict, prefix: str = "eval/") -> dict:
 
 
 def table(results: dict) -> str:
+    """One row a task; `chance` is what guessing scores (uniform over the choices; for cls, the majority class)."""
     lines = [f"{'task':20s}{'n':>7s}  metrics"]
     for name, r in results.items():
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in r.items()
-                          if isinstance(v, float) and k not in ("chance",))
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "chance")
+        if "chance" in r:
+            shown += f"  (chance {r['chance']:.4f})"
         lines.append(f"{name:20s}{r.get('n', 0):>7d}  {shown}")
     notes = {r[k] for r in results.values() for k in ("tokenization", "method") if k in r}
-    return "\n".join(lines + [f"  ({n})" for n in sorted(notes)])
+    warnings = [f"warning: {name}: {r['warning']}" for name, r in results.items() if "warning" in r]
+    return "\n".join(lines + [f"  ({n})" for n in sorted(notes)] + warnings)
 
 
 def during_training(trainer, step: int) -> dict:

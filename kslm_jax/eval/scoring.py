@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kslm_jax.core import progress
 from kslm_jax.data import examples as ex_lib
 from kslm_jax.model import llama
 
@@ -55,19 +56,23 @@ class Scorer:
     def __init__(self, model: llama.Transformer, seq_len: int, rows: int, vocab_limit: int, max_segments: int = 64):
         self.model, self.seq_len, self.rows = model, seq_len, rows
         self.vocab_limit, self.max_segments = vocab_limit, max_segments
+        self.label = "eval"  # what the progress bar names: the task being scored
 
     def example_logprobs(self, params, ex: ex_lib.ExampleSet) -> tuple[np.ndarray, np.ndarray]:
         """(sum of log p over each example's flagged targets, their count); examples in `lm` layout."""
         sums, counts = np.zeros(len(ex)), np.zeros(len(ex), np.int64)
         order = np.argsort(-ex.lengths, kind="stable")  # longest first packs rows tighter
+        shown = progress.bar(len(ex), self.label, "seq")
         for batch, plan in ex_lib.one_pass(ex, self.rows, self.seq_len, self.max_segments, order):
             lp = np.asarray(token_logprobs(self.model, params, batch))
+            shown.update(sum(map(len, plan)))
             mask = batch["loss_mask"]
             s = _per_segment(lp, mask, batch["segment_ids"], self.max_segments)
             c = _per_segment(np.ones_like(lp), mask, batch["segment_ids"], self.max_segments)
             for r, row in enumerate(plan):
                 for j, e in enumerate(row):
                     sums[e], counts[e] = s[r, j + 1], c[r, j + 1]
+        shown.close()
         return sums, counts
 
     def loglik(self, params, requests) -> tuple[np.ndarray, np.ndarray]:
@@ -85,18 +90,22 @@ class Scorer:
         seqs = [s[: self.seq_len] for s in seqs]
         ex = ex_lib.ExampleSet(seqs, None, None, "cls")
         out = np.zeros((len(seqs), self.model.c.d_model))
+        shown = progress.bar(len(seqs), self.label, "seq")
         for batch, plan in ex_lib.one_pass(ex, self.rows, self.seq_len, self.max_segments):
             h = np.asarray(final_states(self.model, params, batch))
+            shown.update(sum(map(len, plan)))
             seg = batch["segment_ids"]
             for r, row in enumerate(plan):
                 for j, e in enumerate(row):
                     out[e] = h[r][seg[r] == j + 1].mean(axis=0)
+        shown.close()
         return out
 
     def greedy(self, params, prompts, max_new: int, stop_ids=()) -> list[list[int]]:
         """Greedy continuations (without the stop id) of each prompt; a prompt too long for the window
         keeps its last tokens."""
         t, outs = self.seq_len, []
+        shown = progress.bar(len(prompts), self.label, "prompt")
         for start in range(0, len(prompts), self.rows):
             chunk = prompts[start: start + self.rows]
             tokens = np.zeros((self.rows, t), np.int32)
@@ -126,4 +135,6 @@ class Scorer:
                 if all(done):
                     break
             outs.extend(new)
+            shown.update(len(chunk))
+        shown.close()
         return outs

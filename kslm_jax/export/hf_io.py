@@ -15,6 +15,7 @@ import numpy as np
 
 from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
@@ -60,6 +61,10 @@ def _write_safetensors(tensors: dict, out: Path, shard_bytes: int) -> None:
 
 
 def export_hf(workdir: Path, out: Path, shard_bytes: int = 5 * 2**30) -> Path:
+    try:  # checked before any work, as gguf and onnx check their packages
+        import safetensors.numpy  # noqa: F401
+    except ImportError:
+        raise KslmError("HF export needs the safetensors package: pip install 'kslm_jax[export]'") from None
     cfg = config_lib.read_workdir_config(workdir)
     sp = tok_lib.check_workdir(cfg, workdir)
     params = finetune_io.restore_params_host(cfg, workdir)

@@ -163,7 +163,9 @@ class Trainer:
         batches = pipeline.eval_batches(self.paths["tokens"], self.cfg.data, self.cfg.train.batch_size,
                                         self.cfg.train.eval_batches)
         with jax.set_mesh(self.mesh):
-            nll, tokens = evaluate.run_lm_eval(self.eval_step, self.state.params, batches, self.mesh)
+            total = evaluate.predicted_tokens(self.manifest["val"], self.cfg.train.eval_batches,
+                                              self.cfg.train.batch_size, self.cfg.data.seq_len)
+            nll, tokens = evaluate.run_lm_eval(self.eval_step, self.state.params, batches, self.mesh, total)
         return evaluate.summarize(nll, tokens, self.manifest["val"])
 
     def fit(self, on_eval=None) -> dict:
