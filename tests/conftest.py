@@ -12,7 +12,52 @@ try:
 except (AttributeError, RuntimeError):  # older jax: the XLA flag above does it
     pass
 
+import extras  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    extras.check(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip is a failure, unless the test is declared GPU-only or opt-in (extras.py)."""
+    report = (yield).get_result()
+    if (extras.in_ci() and report.skipped and not hasattr(report, "wasxfail")
+            and not extras.may_skip_in_ci(item)):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a test may not skip ({reason}); declare why in tests/extras.py if it must"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole module skipped at import fails under CI=true too."""
+    report = (yield).get_result()
+    if extras.in_ci() and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a test module may not skip ({reason})"
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for the session, in its tmp: the suite compiles the same small programs again and
+    again (each Trainer, each `python -m kslm_jax` subprocess, each xdist worker), and on CPU compiling is most of
+    its time. Every entry is kept, however small or fast to compile; the size cap only turns on jax's file lock,
+    so that workers and subprocesses never read an entry another is still writing. Subprocesses inherit it
+    through the JAX_* variables."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's tmp, above each worker's own
+    settings = {"jax_compilation_cache_dir": str(root / "xla-cache"), "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": -1, "jax_compilation_cache_max_size": 8 << 30}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
+    yield
+
 
 # A small, fast recipe on the bundled corpus; tests shrink it further with overrides.
 TINY = [

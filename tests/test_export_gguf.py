@@ -2,12 +2,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from extras import needs, optional
 
 from kslm_jax.export import gguf_io
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+torch, transformers, gguf = optional("torch"), optional("transformers"), optional("gguf")
 
 SENTENCES = ["대한민국의 주권은 국민에게 있고,", "이 법은 공포한 날부터 시행한다. 2024년 ㅋㅋ"]
 # Largest |logit difference| allowed: float16 weights are close; 8-bit and 4-bit blocks are coarser.
@@ -34,6 +33,7 @@ def test_rope_permutation_matches_interleaved_rotation():
     np.testing.assert_allclose(gguf_io.rope_permute(hf_rot[:, None], heads)[:, 0], gg_rot, atol=1e-12)
 
 
+@needs("export", "torch", "transformers", "gguf")
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
 def test_gguf_loads_in_transformers_and_matches(trained_tiny, tmp_path, quant):
     wd, sp, params = trained_tiny.workdir, trained_tiny.sp, trained_tiny.params

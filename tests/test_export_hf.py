@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from extras import needs, optional
 
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.data import tokenizer as tok_lib
@@ -12,9 +13,8 @@ from kslm_jax.export import hf_io
 from kslm_jax.objectives import finetune_io
 from kslm_jax.train import hf_import, loop
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+pytestmark = needs("export", "torch", "transformers", "safetensors")
+torch, transformers = optional("torch"), optional("transformers")
 
 SENTENCES = ["대한민국의 주권은 국민에게 있고,", "이 법은 공포한 날부터 시행한다.", "국회는 법률에 저촉되지 아니하는 범위 안에서"]
 

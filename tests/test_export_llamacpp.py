@@ -11,17 +11,15 @@ import jax
 import numpy as np
 import pytest
 from conftest import random_params
+from extras import needs, optional
 
 from kslm_jax.core import config as config_lib
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import gguf_io
 from kslm_jax.model import llama
 
-try:
-    import llama_cpp
-except ImportError as e:  # a source build; see the README's export section for a small CPU-only build
-    pytest.skip(f"llama-cpp-python is not importable ({e}); pip install llama-cpp-python", allow_module_level=True)
-gguf = pytest.importorskip("gguf")
+pytestmark = [needs("llamacpp", "llama_cpp"), needs("export", "gguf")]
+llama_cpp, gguf = optional("llama_cpp"), optional("gguf")
 
 # Digits (split one by one), Latin, punctuation, double spaces, a newline, and characters outside the
 # vocabulary that must fall back to UTF-8 byte pieces: emoji, hanja, an archaic jamo.

@@ -8,16 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_params
+from extras import needs, optional
 
 from kslm_jax.cli import commands
 from kslm_jax.export import onnx_io
 from kslm_jax.model import llama
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("onnxscript")
+pytestmark = needs("export", "onnx", "onnxruntime", "torch", "transformers", "onnxscript")
+onnx, ort = optional("onnx"), optional("onnxruntime")
 
 SENTENCES = ["대한민국의 주권은 국민에게 있고,", "이 법은 공포한 날부터 시행한다. 2024년 7월 ㅋㅋ",
              "국회는 법률에 저촉되지 아니하는 범위 안에서 의사와 내부규율에 관한 규칙을 제정할 수 있다."]

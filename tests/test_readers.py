@@ -15,14 +15,13 @@ import os
 import tracemalloc
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from kslm_jax.core import config
 from kslm_jax.data import prepare, rawio, sources
-
-zstandard = pytest.importorskip("zstandard")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 KO_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko"
 DOCS = ["대한민국은 민주공화국이다.", '서울, 부산 그리고 "대구"는 도시다.', "한글 문서의 세 번째 줄입니다."]

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from array_record.python import array_record_module
+from extras import needs
 
 from kslm_jax.cli import commands
 from kslm_jax.core import config as config_lib
@@ -136,8 +137,8 @@ def test_kiwi_tokenize_in_worker_processes_matches_encode(trained, tmp_path):
     assert manifest["train"]["docs"] == len(texts)
 
 
+@needs("export", "gguf")
 def test_gguf_refuses_a_kiwi_tokenizer(trained, tmp_path):
-    pytest.importorskip("gguf")
     from kslm_jax.export import gguf_io
     cfg = config_lib.load("tiny_ko", ["tokenizer.vocab_size=2000", "tokenizer.pretokenize=kiwi"])
     with pytest.raises(KslmError, match="Kiwi morpheme"):

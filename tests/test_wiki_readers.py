@@ -9,10 +9,9 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import pytest
+import zstandard
 
 from kslm_jax.data import jsonstream, namuwiki, rawio, sources, wikitext
-
-zstandard = pytest.importorskip("zstandard")
 
 
 def _read(path):

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from extras import opt_in
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,8 +42,7 @@ def _kslm(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.skipif(os.environ.get("KSLM_FAULT_DISK") != "1",
-                    reason="flaky under CI load (orbax's writer threads race our exit); benchmarks/faults.py runs it")
+@opt_in("KSLM_FAULT_DISK", "flaky under CI load (orbax's writer threads race our exit); benchmarks/faults.py runs it")
 def test_checkpoint_on_full_disk(prepared, small_disk):
     wd = small_disk / "run"
     shutil.copytree(prepared, wd)

@@ -9,17 +9,29 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import re
 import resource
 import shutil
+import stat
 import struct
+import threading
 import tokenize
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import sentencepiece as spm
+from conftest import random_params
+from extras import needs
 
+from kslm_jax.cli import commands
+from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.export import check_out, gguf_io
+from kslm_jax.model import llama
 from kslm_jax.train import hf_import
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,10 +201,8 @@ def test_recipe_loader_is_the_only_exec_module():
 @pytest.fixture(scope="module")
 def hf_template(tmp_path_factory):
     """A minimal HF Llama directory without weights: config.json for a tiny model and a 300-piece tokenizer."""
-    from kslm_jax.core import config
-    from kslm_jax.data import tokenizer as tok_lib
     d = tmp_path_factory.mktemp("hf_template")
-    tcfg = config.base_config().tokenizer
+    tcfg = config_lib.base_config().tokenizer
     with tcfg.unlocked():
         tcfg.vocab_size, tcfg.sample_sentences = 300, 1000
     texts = ["대한민국은 민주공화국이다.", "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.",
@@ -227,41 +237,38 @@ def _with_header(blob: bytes, edit) -> bytes:
     return struct.pack("<Q", len(h)) + h + blob[8 + n:]
 
 
-def _corruptions() -> dict:
-    good = _valid_safetensors()
-    n = _header_len(good)
-
-    def far_offsets(h):
-        h["model.norm.weight"]["data_offsets"] = [0, 10**15]
-
-    def big_shape(h):
-        h["model.norm.weight"]["shape"] = [2**40, 2**20]
-
-    def bad_dtype(h):
-        h["model.norm.weight"]["dtype"] = "Q99"
-
-    rng = np.random.default_rng(1)
-    return {
-        "empty": b"",
-        "seven_bytes": good[:7],
-        "header_cut": good[:8 + n // 2],
-        "data_cut": good[:8 + n + 100],
-        "one_byte_short": good[:-1],
-        "header_len_2^63": struct.pack("<Q", 2**63) + good[8:],
-        "header_len_2^40": struct.pack("<Q", 2**40) + good[8:],
-        "header_len_1e9": struct.pack("<Q", 10**9) + good[8:],
-        "header_len_past_end": struct.pack("<Q", len(good)) + good[8:],
-        "header_not_json": struct.pack("<Q", 16) + b"{not json at all" + good[8 + 16:],
-        "header_is_list": struct.pack("<Q", 2) + b"[]",
-        "offsets_past_end": _with_header(good, far_offsets),
-        "shape_huge": _with_header(good, big_shape),
-        "dtype_unknown": _with_header(good, bad_dtype),
-        "garbage": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
-        "text_file": "이것은 safetensors가 아니다\n".encode() * 50,
-    }
+def _far_offsets(h):
+    h["model.norm.weight"]["data_offsets"] = [0, 10**15]
 
 
-CORRUPTIONS = _corruptions()
+def _big_shape(h):
+    h["model.norm.weight"]["shape"] = [2**40, 2**20]
+
+
+def _bad_dtype(h):
+    h["model.norm.weight"]["dtype"] = "Q99"
+
+
+# Each damage made from a valid file (`good`, its header `n` bytes long); built in the test, so that a bare
+# install without safetensors still collects this file.
+CORRUPTIONS = {
+    "empty": lambda good, n: b"",
+    "seven_bytes": lambda good, n: good[:7],
+    "header_cut": lambda good, n: good[:8 + n // 2],
+    "data_cut": lambda good, n: good[:8 + n + 100],
+    "one_byte_short": lambda good, n: good[:-1],
+    "header_len_2^63": lambda good, n: struct.pack("<Q", 2**63) + good[8:],
+    "header_len_2^40": lambda good, n: struct.pack("<Q", 2**40) + good[8:],
+    "header_len_1e9": lambda good, n: struct.pack("<Q", 10**9) + good[8:],
+    "header_len_past_end": lambda good, n: struct.pack("<Q", len(good)) + good[8:],
+    "header_not_json": lambda good, n: struct.pack("<Q", 16) + b"{not json at all" + good[8 + 16:],
+    "header_is_list": lambda good, n: struct.pack("<Q", 2) + b"[]",
+    "offsets_past_end": lambda good, n: _with_header(good, _far_offsets),
+    "shape_huge": lambda good, n: _with_header(good, _big_shape),
+    "dtype_unknown": lambda good, n: _with_header(good, _bad_dtype),
+    "garbage": lambda good, n: np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+    "text_file": lambda good, n: "이것은 safetensors가 아니다\n".encode() * 50,
+}
 BAD_INDEXES = {
     "index_not_json": "{weight_map",
     "index_list": "[]",
@@ -288,19 +295,20 @@ def _import_expecting_error(hf_dir: Path, workdir: Path) -> str:
     return msg
 
 
+@needs("export", "safetensors")
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_import_hf_corrupt_safetensors(hf_template, tmp_path, case):
-    pytest.importorskip("safetensors")
     hf_dir = tmp_path / "hf"
     shutil.copytree(hf_template, hf_dir)
-    (hf_dir / "model.safetensors").write_bytes(CORRUPTIONS[case])
+    good = _valid_safetensors()
+    (hf_dir / "model.safetensors").write_bytes(CORRUPTIONS[case](good, _header_len(good)))
     msg = _import_expecting_error(hf_dir, tmp_path / "wd")
     assert "cannot read the safetensors weights" in msg and str(hf_dir) in msg
 
 
+@needs("export", "safetensors")
 @pytest.mark.parametrize("case", sorted(BAD_INDEXES))
 def test_import_hf_corrupt_index(hf_template, tmp_path, case):
-    pytest.importorskip("safetensors")
     hf_dir = tmp_path / "hf"
     shutil.copytree(hf_template, hf_dir)
     (hf_dir / "x.safetensors").write_bytes(_valid_safetensors())
@@ -309,8 +317,8 @@ def test_import_hf_corrupt_index(hf_template, tmp_path, case):
     assert "cannot read the safetensors weights" in msg
 
 
+@needs("export", "safetensors")
 def test_import_hf_corrupt_shard_of_many(hf_template, tmp_path):
-    pytest.importorskip("safetensors")
     hf_dir = tmp_path / "hf"
     shutil.copytree(hf_template, hf_dir)
     good = _valid_safetensors()
@@ -323,48 +331,135 @@ def test_import_hf_corrupt_shard_of_many(hf_template, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# truncated GGUF: gguf.GGUFReader (not ours) raises; kslm only writes GGUF
+# GGUF: kslm writes GGUF and reads only the magic of an existing --out (export/__init__.py check_out), to tell an
+# earlier export it may replace from a user's file it must keep. Hostile --out paths, arguments and vocabularies.
+
+def _gguf_run():
+    """The tiny recipe's config at 300 pieces and random weights of its model (no compilation)."""
+    cfg = config_lib.load("tiny_ko", ["tokenizer.vocab_size=300", "model.d_model=64", "model.n_layers=2",
+                                      "model.n_heads=4", "model.n_kv_heads=2"])
+    return cfg, random_params(llama.ModelConfig.from_config(cfg))[1]
 
 
-def test_gguf_reader_rejects_every_truncation(tmp_path):
-    """Measured with gguf 0.x: every proper prefix raises ValueError (mostly) or IndexError inside
-    GGUFReader; none returns a reader. We only write GGUF, so this documents the reader users load ours with."""
-    gguf = pytest.importorskip("gguf")
-    path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_string("general.name", "작은 모델")
-    w.add_token_list([b"a", "가".encode(), b"<0x00>"])
-    w.add_tensor("t1", np.arange(64, dtype=np.float32).reshape(8, 8))
-    w.add_tensor("t2", np.ones(32, dtype=np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    good = path.read_bytes()
-    reader = gguf.GGUFReader(str(path))  # the intact file reads back
-    t1 = next(t for t in reader.tensors if t.name == "t1")
-    np.testing.assert_array_equal(np.asarray(t1.data).reshape(-1), np.arange(64, dtype=np.float32))
-    del reader, t1
-    returned = []
-    for n in range(len(good)):
-        cut = tmp_path / f"cut{n}.gguf"  # a new file each time: never truncate a file a reader has mapped
-        cut.write_bytes(good[:n])
+def _refused_out(tmp_path: Path, case: str) -> tuple[Path, callable]:
+    """An --out path that is not an earlier GGUF export, and a function returning what must stay unchanged."""
+    out = tmp_path / "model.gguf"
+    victim = tmp_path / "victim.gguf"
+    victim.write_bytes(b"GGUF" + bytes(range(60)))  # someone's real-looking model the link points to
+    if case == "directory":
+        out.mkdir()
+        (out / "notes.txt").write_text("내 메모", encoding="utf-8")
+        return out, lambda: sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    if case == "symlink_to_gguf":
+        out.symlink_to(victim)
+        return out, lambda: (os.readlink(out), victim.read_bytes())
+    if case == "dangling_symlink":
+        out.symlink_to(tmp_path / "nowhere" / "x.gguf")
+        return out, lambda: (os.readlink(out), (tmp_path / "nowhere").exists())
+    if case == "fifo":  # reading its magic would block for ever
+        os.mkfifo(out)
+        return out, lambda: stat.S_ISFIFO(out.lstat().st_mode)
+    out.write_bytes({"empty": b"", "magic_cut": b"GGU", "lowercase_magic": b"gguf" + bytes(60),
+                     "text": "모델이 아니다\n".encode() * 10, "magic_at_offset_1": b" GGUF" + bytes(60)}[case])
+    return out, out.read_bytes
+
+
+REFUSED_OUTS = ["empty", "magic_cut", "lowercase_magic", "text", "magic_at_offset_1", "directory",
+                "symlink_to_gguf", "dangling_symlink", "fifo"]
+
+
+@pytest.mark.parametrize("case", REFUSED_OUTS)
+def test_export_gguf_refuses_an_out_that_is_not_an_earlier_export(tmp_path, case):
+    """`kslm export --format gguf --out X` where X is not a GGUF file kslm may replace: one KslmError, X and
+    anything it links to unchanged, and no read that could block (a FIFO) or follow a link."""
+    out, state = _refused_out(tmp_path, case)
+    before = state()
+    outcome = []
+
+    def run():
+        args = SimpleNamespace(workdir=str(tmp_path / "no-run"), format="gguf", quant=None, out=str(out))
         try:
-            gguf.GGUFReader(str(cut))
-        except Exception:  # noqa: BLE001 - any exception is the documented outcome
-            continue
-        finally:
-            cut.unlink()
-        returned.append(n)
-    assert not returned, f"GGUFReader returned a reader for truncations at {returned[:10]}"
-    for i, blob in enumerate((b"XXXX" + good[4:], good[:4] + struct.pack("<I", 99) + good[8:],
-                              good[:8] + struct.pack("<Q", 2**62) + good[16:],
-                              good[:16] + struct.pack("<Q", 2**62) + good[24:])):
-        bad = tmp_path / f"bad{i}.gguf"
-        bad.write_bytes(blob)
-        with pytest.raises(Exception):  # noqa: B017 - bad magic/version, absurd tensor or key counts
-            gguf.GGUFReader(str(bad))
+            commands.export(args, [])
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread below
+            outcome.append(e)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), f"export blocked on --out {case}"
+    assert len(outcome) == 1 and isinstance(outcome[0], KslmError), outcome
+    msg = str(outcome[0])
+    assert "is not an earlier gguf export" in msg and str(out) in msg and "\n" not in msg, msg
+    assert state() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.gguf", "victim.gguf"])
+
+
+@needs("export", "gguf")
+def test_gguf_never_writes_through_a_link_and_replaces_a_cut_export(hf_template, tmp_path):
+    """The writer renames a finished file over --out: a symlink there is replaced, never written through,
+    and an earlier export cut short (a crash) is replaced whole, byte for byte what a clean export writes."""
+    import gguf
+    cfg, params = _gguf_run()
+    sp = tok_lib.load(hf_template / "tokenizer.model")
+    clean = gguf_io.write_gguf(params, cfg, sp, tmp_path / "clean" / "m.gguf").read_bytes()
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"GGUF someone else's bytes")
+    link = tmp_path / "out" / "m.gguf"
+    link.parent.mkdir()
+    link.symlink_to(victim)
+    gguf_io.write_gguf(params, cfg, sp, link)
+    assert not link.is_symlink() and link.read_bytes() == clean
+    assert victim.read_bytes() == b"GGUF someone else's bytes"
+
+    cut = tmp_path / "cut" / "m.gguf"
+    cut.parent.mkdir()
+    cut.write_bytes(clean[: len(clean) // 3])
+    with pytest.raises(Exception):  # noqa: B017 - the cut file is unreadable, whatever the reader raises
+        gguf.GGUFReader(str(cut))
+    check_out(cut, "gguf")  # it carries the magic: an earlier export, ours to replace
+    gguf_io.write_gguf(params, cfg, sp, cut)
+    assert cut.read_bytes() == clean and sorted(p.name for p in cut.parent.iterdir()) == ["m.gguf"]
+
+
+@needs("export", "gguf")
+@pytest.mark.parametrize("quant", ["q4_0; rm -rf ~", "Q4_0", "../q8_0", "", "f32", "q4_0\n"])
+def test_gguf_hostile_quant_writes_nothing(hf_template, tmp_path, quant):
+    cfg, params = _gguf_run()
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KslmError) as info:
+        gguf_io.write_gguf(params, cfg, tok_lib.load(hf_template / "tokenizer.model"), tmp_path / "out" / "m.gguf",
+                           quant)
+    assert "is not one of f16, q8_0, q4_0" in str(info.value)
+    assert not list((tmp_path / "out").iterdir())
+
+
+# Pieces a tokenizer from elsewhere (kslm import of a Hugging Face model) may hold: direction overrides, joiners,
+# format strings, escapes, a template marker, a long piece and a multi-codepoint emoji.
+ODD_PIECES = ["\u202e뒤집힘", "a\u200db", "%s%n%x", "{0}{__class__}", "\\x00", "<|end|>", "가" * 40,
+              "\U0001f469\u200d\U0001f469\u200d\U0001f467", "${HOME}"]
+
+
+@needs("export", "gguf")
+def test_gguf_vocabulary_is_written_byte_exact(tmp_path):
+    """Every piece goes into tokenizer.ggml.tokens as its exact UTF-8 bytes (read back with the gguf package
+    as an oracle), odd pieces included, and the rows that pad the logits are unused tokens."""
+    import gguf
+    model = io.BytesIO()
+    texts = ["대한민국은 민주공화국이다.", "모든 권력은 국민으로부터 나온다.", "이 법은 공포한 날부터 시행한다."] * 30
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, model_type="bpe",
+                                   vocab_size=360, byte_fallback=True, user_defined_symbols=ODD_PIECES,
+                                   pad_id=tok_lib.PAD, unk_id=tok_lib.UNK, bos_id=tok_lib.BOS, eos_id=tok_lib.EOS,
+                                   normalization_rule_name="identity", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    assert all(sp.PieceToId(p) != sp.unk_id() for p in ODD_PIECES)
+    cfg, params = _gguf_run()
+    rows, n = llama.ModelConfig.from_config(cfg).vocab_size, sp.GetPieceSize()  # logits rows > 360 pieces
+    path = gguf_io.write_gguf(params, cfg, sp, tmp_path / "m.gguf")
+    fields = gguf.GGUFReader(str(path)).fields
+    tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]) for i in fields["tokenizer.ggml.tokens"].data]
+    assert tokens[:n] == [sp.IdToPiece(i).encode("utf-8") for i in range(n)]
+    assert len(tokens) == rows and tokens[n:] == [f"[PAD{i}]".encode() for i in range(n, rows)]
+    types = fields["tokenizer.ggml.token_type"]
+    assert {int(types.parts[i][0]) for i in types.data[n:]} == {int(gguf.TokenType.UNUSED)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,8 +471,7 @@ _TB_COMMAND = re.compile(r"(?<![\w/.-])tensorboard[ \t]+--[^\n`]*")
 @pytest.mark.parametrize("doc", ["README.md", "launch/README.md", "benchmarks/README.md", "kslm_jax/cli/commands.py"])
 def test_tensorboard_commands_bind_localhost(doc):
     path = REPO / doc
-    if not path.is_file():
-        pytest.skip(f"{doc} not present")
+    assert path.is_file(), f"{doc} is gone; update this test's list of documents"
     text = path.read_text(encoding="utf-8")
     commands = _TB_COMMAND.findall(text)
     if doc in ("README.md", "launch/README.md"):
