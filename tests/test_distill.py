@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from extras import needs
 
 from kslm_jax.cli import commands
 from kslm_jax.compress import prune
@@ -246,6 +247,7 @@ def test_cache_that_does_not_match_is_one_clear_error(offline):
         distill_cache.Reader(folder, changed("distill.topk=32"))
 
 
+@needs("export", "safetensors")
 def test_hf_teacher_loads_the_same_weights(teacher, prepared, tmp_path):
     from kslm_jax.export import hf_io
     hf_dir = hf_io.export_hf(teacher, tmp_path / "hf")

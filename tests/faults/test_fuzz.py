@@ -579,7 +579,8 @@ def test_config_overrides_only_kslm_errors(items, sep):
     assert not MARKER.exists()
 
 
-@pytest.mark.parametrize("payload", PAYLOADS[:8])
+# Fixed ids: the payloads hold a random marker path, and xdist workers must collect the same test names.
+@pytest.mark.parametrize("payload", PAYLOADS[:8], ids=[f"payload{i}" for i in range(8)])
 def test_config_values_are_never_code(payload):
     for key in REAL_KEYS:
         cfg = config.base_config()
