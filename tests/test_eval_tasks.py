@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
 
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import records
@@ -66,7 +68,6 @@ def _chatbot_pairs(n=300):
 
 
 def test_bleu_equals_sacrebleu_char():
-    sacrebleu = pytest.importorskip("sacrebleu")
     refs, hyps = _chatbot_pairs()
     theirs = sacrebleu.corpus_bleu(hyps, [refs], tokenize="char", smooth_method="none").score
     assert 5 < theirs < 95  # partial overlap: every n-gram order and the brevity penalty take part
@@ -79,7 +80,6 @@ def test_bleu_equals_sacrebleu_char():
 def test_rouge_score_cannot_read_hangul():
     """Why ROUGE-L is ours: rouge-score's tokenizer keeps only [a-z0-9], so Korean text has no tokens and an
     exact Korean match scores 0 there."""
-    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
     refs, _ = _chatbot_pairs(20)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     assert all(scorer.score(r, r)["rougeL"].fmeasure == 0.0 for r in refs)

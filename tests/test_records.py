@@ -10,14 +10,13 @@ import io
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import records
-
-zstandard = pytest.importorskip("zstandard")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 KO_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko"
 FIELDS = ["score", "sentence1", "sentence2"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from array_record.python import array_record_module
+from extras import needs
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_tokenizer_variants import HARD, _reviews, _tcfg
@@ -164,8 +165,8 @@ def test_tokenize_in_worker_processes_matches_encode(trained, tmp_path):
     assert manifest["train"]["docs"] == len(texts) and manifest["train"]["chars"] == sum(map(len, texts))
 
 
+@needs("export", "gguf")
 def test_gguf_refuses_a_jamo_tokenizer(sp, tmp_path):
-    pytest.importorskip("gguf")
     from kslm_jax.export import gguf_io
     cfg = config_lib.load("tiny_ko", ["tokenizer.vocab_size=2000", "tokenizer.pretokenize=jamo"])
     with pytest.raises(KslmError, match="jamo.*llama.cpp cannot decompose"):
