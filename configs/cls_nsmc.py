@@ -11,7 +11,7 @@ def get_config():
     c.data.seq_len = 128             # ~6 reviews per row; a longer review keeps its first 128 tokens
     c.data.workers = 2               # batches packed ahead in a background thread
     c.model.dtype = "bfloat16"
-    c.model.attention = "cudnn"
+    c.model.attention = "auto"    # splash on TPU, cudnn on GPU, xla on CPU
     c.finetune.eval_examples = 0     # every held-out review (~45k)
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 50

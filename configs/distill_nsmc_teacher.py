@@ -22,7 +22,7 @@ def get_config():
     c.model.n_kv_heads = 4
     c.model.d_ff = 2048
     c.model.dtype = "bfloat16"
-    c.model.attention = "cudnn"
+    c.model.attention = "auto"    # splash on TPU, cudnn on GPU, xla on CPU
     c.model.scan_layers = False      # unrolled layers are faster on one GPU (benchmarks/README.md)
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 200

@@ -25,7 +25,7 @@ def get_config():
     c.model.n_kv_heads = 2
     c.model.d_ff = 1024
     c.model.dtype = "bfloat16"
-    c.model.attention = "cudnn"
+    c.model.attention = "auto"    # splash on TPU, cudnn on GPU, xla on CPU
     c.model.scan_layers = False      # unrolled layers are faster on one GPU (benchmarks/README.md)
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 100

@@ -14,7 +14,7 @@ def get_config():
     c.model.n_kv_heads = 4
     c.model.d_ff = 5632
     c.model.dtype = "bfloat16"
-    c.model.attention = "cudnn"
+    c.model.attention = "auto"    # splash on TPU, cudnn on GPU, xla on CPU
     c.model.scan_layers = False      # unrolled: +31% tokens/s at 124M on an H100 (benchmarks/README.md)
     # dots fits 32 sequences of 2048 per 80 GB GPU; with 8 or fewer per device, remat=none is 8% faster
     # (50.4% vs 46.8% MFU on an H100, 31 GB) because nothing is recomputed (benchmarks/README.md).

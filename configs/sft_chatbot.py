@@ -12,7 +12,7 @@ def get_config():
     c.data.seq_len = 128
     c.data.workers = 2               # batches packed ahead in a background thread
     c.model.dtype = "bfloat16"
-    c.model.attention = "cudnn"
+    c.model.attention = "auto"    # splash on TPU, cudnn on GPU, xla on CPU
     c.finetune.eval_examples = 0     # every held-out pair
     c.finetune.eval_generate = 200
     c.finetune.max_new_tokens = 48

@@ -29,7 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
         init_std=0.02,          # std of the normal initialization of the weights
         dtype="float32",        # compute dtype: float32 | bfloat16
         param_dtype="float32",  # master weights and optimizer state dtype
-        attention="xla",        # xla (reference, any device) | cudnn (flash, mask) | cudnn_packed (flash, ragged; Hopper+)
+        attention="auto",       # auto (splash on TPU, cudnn on GPU, xla else) | xla (reference, any device) | cudnn
+                                # (flash, mask) | cudnn_packed (flash, ragged; Hopper+) | splash (Pallas, TPU)
         scan_layers=True,       # one compiled layer body scanned over depth: fast compiles at any depth
         remat="none",           # none | dots | full: what the backward pass recomputes instead of storing
     )
@@ -202,7 +203,7 @@ def d_ff(cfg) -> int:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "cudnn", "cudnn_packed"),
+    "model.attention": ("auto", "xla", "cudnn", "cudnn_packed", "splash"),
     "model.remat": ("none", "dots", "full"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "tokenizer.pretokenize": ("none", "kiwi", "jamo"),

@@ -102,6 +102,17 @@ def batch_sharding(mesh, ndim: int = 2, accum: bool = False) -> NamedSharding:
     return NamedSharding(mesh, P(*spec, *([None] * (ndim - len(spec)))))
 
 
+def attention_specs(mesh, batch: int, kv_heads: int) -> tuple[P, P]:
+    """shard_map specs for a kernel on q/k/v (B, T, heads, H) and segment ids (B, T): rows over data and fsdp,
+    heads over tensor; an axis that does not divide its dimension stays whole."""
+    rows = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    if batch % math.prod(mesh.shape[a] for a in rows):
+        rows = ()
+    heads = "tensor" if mesh.shape["tensor"] > 1 and kv_heads % mesh.shape["tensor"] == 0 else None
+    rows = rows or None
+    return P(rows, None, heads, None), P(rows, None)
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

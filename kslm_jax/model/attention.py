@@ -1,18 +1,41 @@
-"""Attention kernels behind one seam: a reference XLA path (any device, the tests' oracle) and cuDNN flash.
+"""Attention kernels behind one seam: a reference XLA path (any device, the tests' oracle), cuDNN flash (GPU) and
+Pallas Splash (TPU).
 
 Shapes: q (B, T, N, H); k, v (B, S, K, H) with N % K == 0 (grouped-query attention).
 `prepare` turns positions and segment ids into what the chosen kernel consumes, once per forward pass:
 - xla, cudnn: a boolean mask (B, T, S), causal within each packed document;
 - cudnn_packed: per-row segment lengths and offsets (cuDNN's ragged layout, Hopper or newer), so the
-  kernel skips work across documents and never reads a T x S mask.
-A TPU Splash kernel would be one more branch here.
+  kernel skips work across documents and never reads a T x S mask;
+- splash: the segment ids themselves; the kernel masks causally within each segment, block-sparse.
+`auto` picks by the platform at trace time: splash on TPU, cudnn on GPU (xla for float32, which cuDNN lacks),
+xla elsewhere.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-IMPLEMENTATIONS = ("xla", "cudnn", "cudnn_packed")
+from kslm_jax.core import sharding
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
+SPLASH_BLOCK = 512   # query and key tile; shorter rows use their full length
+SPLASH_LANES = 128   # rows must be a multiple of this
+
+
+def resolve(implementation: str, dtype=None) -> str:
+    """The kernel `auto` stands for on the default backend; any other name is returned as it is."""
+    if implementation != "auto":
+        return implementation
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and dtype in (None, jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
 
 
 def packed_mask(q_pos, k_pos, q_seg, k_seg):
@@ -47,8 +70,11 @@ def segment_layout(segment_ids, max_segments: int) -> dict:
 
 
 def prepare(implementation: str, positions, segment_ids, max_segments: int) -> dict:
+    implementation = resolve(implementation)
     if implementation == "cudnn_packed":
         return segment_layout(segment_ids, max_segments)
+    if implementation == "splash":
+        return {"segment_ids": segment_ids}
     return {"mask": packed_mask(positions, positions, segment_ids, segment_ids)}
 
 
@@ -72,7 +98,47 @@ def _cudnn_packed(q, k, v, layout):
         kv_offsets=layout["offsets"], scale=q.shape[-1] ** -0.5, mask_type=fa.MaskType.PADDING_CAUSAL)
 
 
+def _splash_local(q, k, v, segment_ids, interpret: bool):
+    """Splash on one device's rows and heads: q (B, T, N, H), k/v (B, S, K, H), segment ids (B, T)."""
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    bq, bkv = min(SPLASH_BLOCK, t), min(SPLASH_BLOCK, s)
+    blocks = splash_kernel.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                      block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((t, s))] * n)
+    kernel = splash_kernel.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                           interpret=interpret)
+
+    def one_row(q1, k1, v1, seg):
+        return kernel(q1, k1, v1, segment_ids=splash_kernel.SegmentIds(q=seg, kv=seg))
+
+    # The kernel takes heads first and applies no scale; causal by row index equals causal by position
+    # because packed documents are contiguous, and padding (segment 0) attends to padding as in `reference`.
+    q = (q * h ** -0.5).astype(q.dtype).swapaxes(1, 2)
+    out = jax.vmap(one_row)(q, k.swapaxes(1, 2), v.swapaxes(1, 2), segment_ids)
+    return out.swapaxes(1, 2)
+
+
+def splash(q, k, v, segment_ids, interpret: bool = False):
+    """Splash attention, causal within packed documents, GQA, sharded over batch and heads on the current mesh."""
+    t, s = q.shape[1], k.shape[1]
+    if t % SPLASH_LANES or s % SPLASH_LANES:
+        # The kernel tiles rows in multiples of 128 lanes; shorter rows (init's 8-token dummy) take the reference.
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+        return reference(q, k, v, packed_mask(idx, idx, segment_ids, segment_ids))
+    mesh = jax.sharding.get_abstract_mesh()
+    local = functools.partial(_splash_local, interpret=interpret)
+    if mesh.empty:
+        return local(q, k, v, segment_ids)
+    qkv_spec, seg_spec = sharding.attention_specs(mesh, q.shape[0], k.shape[2])
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
 def attend(q, k, v, inputs: dict, implementation: str = "xla"):
+    implementation = resolve(implementation, q.dtype)
+    if implementation == "splash":
+        return splash(q, k, v, inputs["segment_ids"])
     if implementation == "cudnn_packed":
         return _cudnn_packed(q, k, v, inputs)
     if implementation == "cudnn":

@@ -1,0 +1,226 @@
+"""Ahead-of-time compilation of the real train step for a TPU topology this host does not own.
+
+The mesh is built on the topology's devices, the state exists only as shapes and shardings, and the step is
+step.jit_train_step, the function `kslm train` runs, with the configured batch, accumulation and remat.
+What comes back is the compiler's own accounting (memory, FLOPs, collectives) plus a roofline estimate.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from kslm_jax.core import sharding
+from kslm_jax.core.errors import KslmError
+from kslm_jax.model import llama
+from kslm_jax.train import optim
+from kslm_jax.train import state as state_lib
+from kslm_jax.train import step as step_lib
+from kslm_jax.train import topology as topo_lib
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+_OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+# The compiler's out-of-memory refusal, e.g. "Used 20.5G of 15.75G hbm. Exceeded hbm capacity by 4.75G."
+_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+
+
+class DoesNotFit(KslmError):
+    """The config needs more HBM per chip than the topology has; the message names the lever."""
+
+
+def model_config(cfg) -> llama.ModelConfig:
+    """The model as it would run on a TPU: attention="auto" becomes Splash."""
+    mc = llama.ModelConfig.from_config(cfg)
+    return dataclasses.replace(mc, attention="splash") if cfg.model.attention == "auto" else mc
+
+
+def _abstract_batch(cfg, mesh):
+    b, t, accum = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
+    shape = (accum, b // accum, t) if accum > 1 else (b, t)
+    spec = sharding.batch_sharding(mesh, len(shape), accum > 1)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec) for k in BATCH_KEYS}
+
+
+def lower(cfg, topo: topo_lib.Topology):
+    """(jax Lowered, mesh, ModelConfig) for the configured step on the topology's devices."""
+    devices = topo_lib.devices(topo)
+    mcfg = cfg.mesh
+    if topo.slices != mcfg.slices:
+        raise KslmError(f"--slices {topo.slices} but mesh.slices={mcfg.slices}: set --config.mesh.slices="
+                        f"{topo.slices} (mesh.data then spans the slices)")
+    mesh = sharding.make_mesh(mcfg, devices)
+    if mesh.size != len(devices):
+        raise KslmError(f"mesh (data, fsdp, tensor)={tuple(mesh.shape.values())} uses {mesh.size} of the "
+                        f"{len(devices)} chips of {topo.describe()}; set one of mesh.data/fsdp/tensor to -1")
+    per_slice = cfg.train.batch_size // cfg.train.grad_accum
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if per_slice % shards:
+        raise KslmError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} = "
+                        f"{per_slice} rows per micro-batch do not split over data x fsdp = {shards} chips; "
+                        f"use a multiple of {shards}")
+    rules = sharding.rules(mcfg.rules)
+    mc = model_config(cfg)
+    model = llama.Transformer(mc)
+    tx, lr_fn = optim.make(cfg.optim, cfg.train.steps)
+    abstract, shardings = state_lib.abstract_and_shardings(model, tx, cfg.train.seed, mesh, rules)
+    loss = step_lib.lm_loss(model, cfg.train.z_loss, cfg.train.loss_chunk)
+    step = step_lib.jit_train_step(loss, tx, lr_fn, cfg.train.grad_accum, mesh, shardings, None, rules)
+    with jax.set_mesh(mesh):
+        lowered = step.lower(abstract, _abstract_batch(cfg, mesh), None)
+    return lowered, mesh, mc, abstract
+
+
+def collectives(hlo_text: str) -> dict:
+    """{kind: {"count", "bytes"}} of the optimized per-chip HLO; a loop body counts once (see `note`)."""
+    out = collections.OrderedDict((k, {"count": 0, "bytes": 0}) for k in COLLECTIVES)
+    for line in hlo_text.splitlines():
+        m = _OP.search(line)
+        if not m:
+            continue
+        sizes = [_BYTES.get(dt, 4) * _prod(dims) for dt, dims in _ARRAY.findall(m.group(1))]
+        # An async start returns (operands..., results..., scratch); its payload is the largest buffer.
+        nbytes = max(sizes, default=0) if m.group(3) else sum(sizes)
+        out[m.group(2)]["count"] += 1
+        out[m.group(2)]["bytes"] += nbytes
+    return dict(out)
+
+
+def _prod(dims: str) -> int:
+    n = 1
+    for d in filter(None, dims.split(",")):
+        n *= int(d)
+    return n
+
+
+def _size(value: str, unit: str) -> float:
+    return float(value) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[unit]
+
+
+def lever(cfg, state_bytes_per_chip: float, hbm: float) -> str:
+    """The first thing to change when a config does not fit: shard the state, recompute, or shrink the batch."""
+    if state_bytes_per_chip > 0.5 * hbm:
+        return ("raise mesh.fsdp (parameters and optimizer state alone take "
+                f"{state_bytes_per_chip / topo_lib.GiB:.1f} GiB per chip)")
+    if cfg.model.remat == "none":
+        return "set model.remat=dots (or full) so activations are recomputed instead of stored"
+    return f"lower train.batch_size={cfg.train.batch_size} or raise train.grad_accum={cfg.train.grad_accum}"
+
+
+def _state_bytes(abstract) -> float:
+    total = 0.0
+    for x in jax.tree.leaves(abstract):
+        shard = x.sharding.shard_shape(x.shape)
+        total += x.dtype.itemsize * _prod(",".join(map(str, shard)))
+    return total
+
+
+def compile_report(cfg, topo: topo_lib.Topology) -> dict:
+    """Compile and account; raises DoesNotFit (the one-line refusal) when the step needs more HBM than a chip has."""
+    t0 = time.perf_counter()
+    lowered, mesh, mc, abstract = lower(cfg, topo)
+    hbm = topo.chip.hbm_bytes
+    state_bytes = _state_bytes(abstract)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory verdict is translated
+        m = _OOM.search(str(e))
+        if not m:
+            raise
+        used = _size(m.group(1), m.group(2))
+        raise DoesNotFit(_refusal(cfg, topo, used, hbm, state_bytes)) from None
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    memory = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+              "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+              "code": mem.generated_code_size_in_bytes}
+    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
+                       + memory["code"])
+    memory["hbm"] = hbm
+    memory["headroom"] = hbm - memory["total"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    analytic = llama.flops_per_token(mc, cfg.data.seq_len) * tokens
+    report = {
+        "topology": {"name": topo.name, "jax": topo.jax_name, "slices": topo.slices, "chips": topo.devices_total,
+                     "chips_per_host": topo.chips_per_host, "hosts": topo.hosts},
+        "chip": dataclasses.asdict(topo.chip),
+        "mesh": dict(mesh.shape), "rules": cfg.mesh.rules, "attention": mc.attention, "remat": mc.remat,
+        "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len, "grad_accum": cfg.train.grad_accum,
+        "tokens_per_step": tokens,
+        "memory_per_chip": memory, "fits": memory["total"] <= hbm,
+        "state_bytes_per_chip": state_bytes,
+        "flops_per_chip_compiled": float(cost.get("flops", 0.0)),
+        "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
+        "flops_per_step_analytic": analytic,
+        "collectives_per_chip": collectives(compiled.as_text()),
+        "compile_seconds": seconds,
+    }
+    report["roofline"] = roofline(report, topo)
+    if not report["fits"]:
+        raise DoesNotFit(_refusal(cfg, topo, memory["total"], hbm, state_bytes))
+    return report
+
+
+def _refusal(cfg, topo, used: float, hbm: float, state_bytes: float) -> str:
+    return (f"does not fit: {topo.describe()} needs {used / topo_lib.GiB:.1f} GiB per chip of "
+            f"{hbm / topo_lib.GiB:.0f} GiB HBM; {lever(cfg, state_bytes, hbm)}")
+
+
+def roofline(r: dict, topo: topo_lib.Topology) -> dict:
+    """An estimate, not a measurement: the slowest of compute, HBM traffic, ICI and DCN traffic per chip, as if
+    they overlapped perfectly. Loop bodies count once in the HLO, so the collective term is a lower bound."""
+    chip = topo.chip
+    compute = r["flops_per_chip_compiled"] / chip.peak_flops
+    hbm = r["bytes_accessed_per_chip"] / chip.hbm_bw
+    coll = sum(v["bytes"] for v in r["collectives_per_chip"].values())
+    ici = coll / (chip.ici_bw / 2)
+    dcn = 0.0
+    if topo.slices > 1:
+        # data-parallel gradient all-reduce across slices: each chip's fp32 gradient shard crosses the DCN once
+        # each way, and the host's NICs are shared by its chips
+        per_chip_bw = chip.dcn_bw_per_host / topo.chips_per_host
+        dcn = 2 * (topo.slices - 1) / topo.slices * r["state_bytes_per_chip"] / 3 / per_chip_bw
+    step = max(compute, hbm, ici, dcn)
+    useful = r["flops_per_step_analytic"] / topo.devices_total
+    return {"estimate": True, "compute_s": compute, "hbm_s": hbm, "ici_s": ici, "dcn_s": dcn, "step_s": step,
+            "mfu": useful / (step * chip.peak_flops) if step else 0.0,
+            "tokens_per_s": r["tokens_per_step"] / step if step else 0.0,
+            "source": "peak bf16 FLOP/s, HBM and ICI bandwidth and host NICs from the Cloud TPU docs (train/topology.py)"}
+
+
+def format_report(r: dict) -> str:
+    g = topo_lib.GiB
+    m = r["memory_per_chip"]
+    t = r["topology"]
+    lines = [f"topology  {t['slices']} x {t['name']} ({t['jax']}): {t['chips']} chips, {t['chips_per_host']} per host, "
+             f"{t['hosts']} hosts; mesh {r['mesh']} rules={r['rules']} attention={r['attention']} remat={r['remat']}",
+             f"batch     {r['batch_size']} x {r['seq_len']} tokens (grad_accum {r['grad_accum']})",
+             "memory per chip (GiB): " + "  ".join(f"{k} {m[k] / g:.2f}" for k in
+                                                    ("arguments", "outputs", "aliased", "temporaries", "code")),
+             f"          total {m['total'] / g:.2f} of {m['hbm'] / g:.0f} HBM: "
+             + (f"fits, {m['headroom'] / g:.2f} GiB headroom" if r["fits"] else "DOES NOT FIT"),
+             f"flops     compiled {r['flops_per_chip_compiled'] * t['chips'] / 1e12:.2f} TFLOP/step "
+             f"({r['flops_per_chip_compiled'] / 1e12:.3f} per chip); analytic 6N + attention "
+             f"{r['flops_per_step_analytic'] / 1e12:.2f} TFLOP/step",
+             "collectives per chip (optimized HLO, loop bodies once):"]
+    for kind, v in r["collectives_per_chip"].items():
+        if v["count"]:
+            lines.append(f"          {kind:<19} {v['count']:>5}  {v['bytes'] / 2 ** 20:>10.1f} MiB")
+    rf, c = r["roofline"], r["chip"]
+    lines += [f"compile   {r['compile_seconds']:.1f} s on this machine",
+              f"ESTIMATE  roofline step {rf['step_s'] * 1e3:.1f} ms (compute {rf['compute_s'] * 1e3:.1f}, HBM "
+              f"{rf['hbm_s'] * 1e3:.1f}, ICI {rf['ici_s'] * 1e3:.1f}, DCN {rf['dcn_s'] * 1e3:.1f} ms), MFU "
+              f"{rf['mfu']:.1%}, {rf['tokens_per_s']:,.0f} tokens/s: an estimate from the compiler and a roofline, "
+              "not a TPU run",
+              f"          chip: {c['peak_flops'] / 1e12:.0f} TFLOP/s bf16, HBM {c['hbm_bw'] / 1e9:.0f} GB/s, "
+              f"ICI {c['ici_bw'] / 1e9:.0f} GB/s (Cloud TPU docs)"]
+    return "\n".join(lines)
