@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from kslm_jax.cli import compile as compile_cmd
 from kslm_jax.cli import eval_cmd
 from kslm_jax.compress import prune as prune_lib
 from kslm_jax.core import checkpoint, config_help, distributed, metrics
@@ -244,6 +245,10 @@ def import_(args, overrides) -> int:
     hf_import.import_hf(Path(args.hf), Path(args.workdir), getattr(args, "force", False), overrides)
     print(f"imported {args.hf} -> {args.workdir} (checkpoint step 0)")
     return 0
+
+
+def compile_(args, overrides) -> int:
+    return compile_cmd.run(args, overrides)
 
 
 def demo(args, overrides) -> int:

@@ -59,6 +59,10 @@ COMMANDS = {
     "config": ("Show every config key with its value and what it does (nothing is written).",
                "reads:  --config FILE (+ --config.S.K=V), else WORKDIR/config.json, else the defaults\n"
                "writes: nothing; prints `section.key = value  # help` for every key"),
+    "compile": ("Compile the train step for a Cloud TPU topology on this machine (no TPU needed): memory per chip,\n"
+                "fit, FLOPs, collectives and a roofline estimate; exit 2 with the lever when it does not fit.",
+                "reads:  --config (or WORKDIR/config.json), --topology v5e-16 | v5litepod-16 | v4-32 | v5p-128 | v6e-64\n"
+                "writes: WORKDIR/compile.json (when --workdir is given); needs the `tpu` extra (libtpu)"),
     "demo": ("Run every stage on the bundled Korean corpus: prepare, tokenizer, tokenize, train, eval, generate.",
              "reads:  the constitution and bill texts inside the KoNLPy wheel (configs/tiny_ko.py)\n"
              "writes: everything above under WORKDIR (default runs/demo)"),
@@ -70,7 +74,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"kslm {command}", description=f"{summary}\n\n{io}", epilog=COMMON,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="recipe file (a Python file with get_config())")
-    p.add_argument("--workdir", required=command not in ("demo", "config"),
+    p.add_argument("--workdir", required=command not in ("demo", "config", "compile"),
                    default="runs/demo" if command == "demo" else None,
                    help="the run's folder")
     p.add_argument("--force", action="store_true", help="overwrite a differing config.json in the workdir")
@@ -81,6 +85,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--text", default=None, metavar="FILES",
                        help="measure on these files or globs (read and cleaned like data.sources) instead of the "
                             "held-out split")
+    if command == "compile":
+        p.add_argument("--topology", required=True, help="a Cloud TPU accelerator type, e.g. v5e-16 or v5p-128")
+        p.add_argument("--slices", type=int, default=1, help="slices joined over the data-center network")
     if command == "generate":
         p.add_argument("--prompt", action="append", default=[],
                        help="a prompt (repeatable; default: openings of held-out documents)")
@@ -189,9 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser(command).parse_args(rest)
     _setup_logging()
     try:
-        # `import` and `eval` are Python names; their functions carry a trailing underscore.
+        # `import`, `eval` and `compile` are Python names; their functions carry a trailing underscore.
         name = command.replace("-", "_")
-        code = getattr(commands, name + "_" if command in ("import", "eval") else name)(args, overrides)
+        code = getattr(commands, name + "_" if command in ("import", "eval", "compile") else name)(args, overrides)
     except KslmError as e:
         _fail(str(e))
     except OSError as e:

@@ -20,34 +20,11 @@ from kslm_jax.eval import lm as evaluate
 from kslm_jax.eval import runner
 from kslm_jax.model import llama
 from kslm_jax.train import health as health_lib
-from kslm_jax.train import optim
+from kslm_jax.train import optim, preemption
 from kslm_jax.train import state as state_lib
 from kslm_jax.train import step as step_lib
 
 log = logging.getLogger("kslm")
-
-
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (never mid-step or mid-save)."""
-
-    def __init__(self):
-        self.received = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with whoever owns them
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class _Watchdog:
@@ -192,7 +169,7 @@ class Trainer:
         self.health = health_lib.Health(tcfg.nonfinite, tcfg.spike_zscore)
         self._action = None
         self._restores = 0  # restores since the last checkpoint saved after one
-        with checkpoint.manager(self.paths["checkpoints"], cfg.checkpoint) as mngr, _StopSignal() as stop:
+        with checkpoint.manager(self.paths["checkpoints"], cfg.checkpoint) as mngr, preemption.StopSignal() as stop:
             if self.state is None:
                 self.restore_or_init(mngr, data_iter)
             step = self.start_step
@@ -209,7 +186,7 @@ class Trainer:
             nan_step = int(os.environ.get("KSLM_FAULT_NAN_AT_STEP", "0"))
             watchdog = _Watchdog(tcfg.step_timeout_s)
             with jax.set_mesh(self.mesh):
-                while step < tcfg.steps and stop.received is None:
+                while step < tcfg.steps and not stop.check(step):
                     batch = sharding.global_batch(self.next_batch(data_iter), self.mesh, tcfg.grad_accum)
                     step_fn = self.train_step
                     if step + 1 == nan_step:  # once: a restored run passes this step again with good data

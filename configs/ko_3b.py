@@ -1,0 +1,35 @@
+"""A ~2.9B Korean model (Llama-3.2-3B-like body: d 3072, 28 layers, GQA 24/8, d_ff 8192) for a TPU slice, FSDP.
+
+Fits: FITS_LINE
+    kslm compile --config configs/ko_3b.py --topology TOPO_LINE
+    python launch/tpu_pod.py --name ko-3b --accelerator-type TOPO_LINE --zone ZONE --config configs/ko_3b.py \
+        --workdir gs://BUCKET/runs/ko_3b
+"""
+from kslm_jax.core.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.tokenizer.vocab_size = 32000
+    c.model.d_model = 3072
+    c.model.n_layers = 28
+    c.model.n_heads = 24
+    c.model.n_kv_heads = 8
+    c.model.d_ff = 8192
+    c.model.dtype = "bfloat16"
+    c.model.attention = "auto"    # splash on TPU, cudnn on GPU, xla on CPU
+    c.model.scan_layers = True    # one compiled layer body: compile time does not grow with depth
+    c.model.remat = "dots"        # matmul outputs kept, the rest recomputed: activations of 28 layers fit
+    c.data.seq_len = 2048
+    c.data.workers = 8
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 2000
+    c.train.steps = 100_000
+    c.train.batch_size = 256
+    c.train.log_every = 20
+    c.train.eval_every = 2000
+    c.train.eval_batches = 50
+    c.checkpoint.every_steps = 1000
+    return c
