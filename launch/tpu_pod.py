@@ -4,6 +4,10 @@ them at once, stream the logs, delete the slice.
     python launch/tpu_pod.py --name kslm-1b --zone us-east5-a --accelerator-type v5p-32 \\
         --runtime-version v2-alpha-tpuv5 --config configs/ko_1b.py --workdir /mnt/gcs/BUCKET/runs/ko1b --dry-run
 
+Before it creates anything, a preflight compiles the train step for the accelerator type on this machine
+(`kslm compile`, which needs the `tpu` extra) and stops when the config does not fit a chip's HBM, naming
+the lever; --skip-preflight launches anyway.
+
 Every worker runs the same command with KSLM_DISTRIBUTED=1; jax.distributed.initialize() then finds the
 slice's topology itself. The workdir must be one folder every worker sees (see launch/README.md).
 Commands are built as argv lists by pure functions (`plan`, `build_commands`) and tested in
@@ -52,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mount gs://BUCKET at /mnt/gcs/BUCKET on every worker (installs gcsfuse if absent)")
     p.add_argument("--setup-command", action="append", default=[], metavar="CMD",
                    help="shell command run on every worker before installing (e.g. mount a bucket); repeatable")
+    p.add_argument("--skip-preflight", action="store_true",
+                   help="do not compile the config for --accelerator-type on this machine before creating the TPU")
     p.add_argument("--keep", action="store_true", help="do not delete the TPU at the end")
     p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     args = p.parse_args(argv)
@@ -97,6 +103,13 @@ def train_command(args) -> str:
             f"../{REMOTE_VENV}/bin/kslm {shlex.join(kslm)}")
 
 
+def preflight_command(args) -> list[str]:
+    """`kslm compile` here, for the slice about to be created: the config's fit is known before any cost."""
+    source = ["--config", args.config] if args.config else ["--workdir", args.workdir]
+    return [sys.executable, "-m", "kslm_jax", "compile", *source, *[f"--config.{item}" for item in args.override],
+            "--topology", args.accelerator_type]
+
+
 def gcsfuse_commands(bucket: str) -> list[str]:
     """Install gcsfuse if absent (Google's apt repository) and mount the bucket at /mnt/gcs/BUCKET."""
     apt = "sudo apt-get -o DPkg::Lock::Timeout=600 -qq"
@@ -133,8 +146,8 @@ def install_command(args) -> str:
 
 
 def plan(args) -> list[tuple[str, list[str]]]:
-    """(role, argv) for every step, in order; roles: create, wait, setup, copy, install, train, delete."""
-    steps = []
+    """(role, argv) for every step, in order; roles: preflight, create, wait, setup, copy, install, train, delete."""
+    steps = [] if args.skip_preflight else [("preflight", preflight_command(args))]
     spot = ["--spot"] if args.spot else []
     if args.queued:
         if not args.reuse:
@@ -188,7 +201,14 @@ def execute(steps, run=subprocess.run, sleep=time.sleep) -> int:
             if role == "delete":
                 continue
             print(f"tpu_pod: [{role}] {shlex.join(argv)}", file=sys.stderr, flush=True)
-            if role == "wait":
+            if role == "preflight":
+                result = run(argv, check=False)
+                if result.returncode:
+                    print(f"tpu_pod: preflight: `kslm compile` refused the config for {argv[-1]} (its line is "
+                          "above); nothing was created. Fix the config, or pass --skip-preflight",
+                          file=sys.stderr, flush=True)
+                    return result.returncode
+            elif role == "wait":
                 wait_active(argv, run, sleep)
             else:
                 for attempt in range(3 if role == "setup" else 1):  # new workers may refuse ssh briefly

@@ -31,8 +31,9 @@ def no_subprocess(monkeypatch):
         monkeypatch.setattr(subprocess, name, refuse)
 
 
-TPU = ["--name", "kslm-1b", "--zone", "us-east5-a", "--accelerator-type", "v5p-32",
-       "--runtime-version", "v2-alpha-tpuv5", "--workdir", "/mnt/gcs/bucket/runs/ko1b"]
+TPU_ARGS = ["--name", "kslm-1b", "--zone", "us-east5-a", "--accelerator-type", "v5p-32",
+            "--runtime-version", "v2-alpha-tpuv5", "--workdir", "/mnt/gcs/bucket/runs/ko1b"]
+TPU = TPU_ARGS + ["--skip-preflight"]  # the preflight has its own tests below
 
 
 def _remote(cmd):
@@ -282,3 +283,27 @@ def test_scripts_run_as_files_in_dry_run():
                          capture_output=True, text=True, check=True, cwd="/", env=env).stdout
     assert out == ("env NCCL_NVLS_ENABLE=0 XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true "
                    "kslm train --workdir w\n")
+
+
+def test_tpu_dry_run_shows_the_preflight_first(no_subprocess, capsys):
+    argv = TPU_ARGS + ["--config", "configs/ko_1b.py", "--override", "train.batch_size=64"]
+    assert tpu_pod.main(argv + ["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = shlex.split(lines[0])
+    assert first[:4] == [sys.executable, "-m", "kslm_jax", "compile"]
+    assert first[4:] == ["--config", "configs/ko_1b.py", "--config.train.batch_size=64", "--topology", "v5p-32"]
+    assert "tpu-vm create" in lines[1]
+    assert not any("compile" in line for line in tpu_pod.build_commands(tpu_pod.parse_args(TPU)))
+
+
+def test_tpu_preflight_refusal_creates_nothing(capsys):
+    args = tpu_pod.parse_args(TPU_ARGS + ["--config", "configs/ko_1b.py"])
+    calls = []
+
+    def compile_refuses(argv, check=False, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 2 if "compile" in argv else 0)
+
+    assert tpu_pod.execute(tpu_pod.plan(args), run=compile_refuses, sleep=lambda s: None) == 2
+    assert calls == [tpu_pod.preflight_command(args)]  # no create, no delete
+    assert "--skip-preflight" in capsys.readouterr().err

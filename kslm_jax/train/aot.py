@@ -28,8 +28,10 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, 
           "s64": 8, "u64": 8, "f64": 8}
 _OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-# The compiler's out-of-memory refusal, e.g. "Used 20.5G of 15.75G hbm. Exceeded hbm capacity by 4.75G."
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# The compiler's out-of-memory refusals: "Ran out of memory on HBM, the total memory required for HLO temporaries
+# (170.81G) exceeds available HBM (15.75G)" and "Used 20.5G of 15.75G hbm. Exceeded hbm capacity by 4.75G."
+_OOM = (re.compile(r"required for .*?\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+        re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
 
 
 class DoesNotFit(KslmError):
@@ -131,11 +133,11 @@ def compile_report(cfg, topo: topo_lib.Topology) -> dict:
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory verdict is translated
-        m = _OOM.search(str(e))
+        m = next(filter(None, (p.search(str(e)) for p in _OOM)), None)
         if not m:
             raise
-        used = _size(m.group(1), m.group(2))
-        raise DoesNotFit(_refusal(cfg, topo, used, hbm, state_bytes)) from None
+        used, usable = _size(m.group(1), m.group(2)), _size(m.group(3), m.group(4))
+        raise DoesNotFit(_refusal(cfg, topo, used, usable, state_bytes)) from None
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     memory = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
@@ -172,7 +174,7 @@ def compile_report(cfg, topo: topo_lib.Topology) -> dict:
 
 def _refusal(cfg, topo, used: float, hbm: float, state_bytes: float) -> str:
     return (f"does not fit: {topo.describe()} needs {used / topo_lib.GiB:.1f} GiB per chip of "
-            f"{hbm / topo_lib.GiB:.0f} GiB HBM; {lever(cfg, state_bytes, hbm)}")
+            f"{hbm / topo_lib.GiB:.2f} GiB HBM; {lever(cfg, state_bytes, hbm)}")
 
 
 def roofline(r: dict, topo: topo_lib.Topology) -> dict:
