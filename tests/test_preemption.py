@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import portpicker
-
 from test_multiprocess import REPO, _cmd, _env, _steps
 
 SIGNALLED = 1   # only this process receives SIGTERM, after its step 3

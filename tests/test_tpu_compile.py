@@ -49,7 +49,7 @@ def test_two_slices_double_the_hosts():
 
 def _kslm(tmp_path, *args):
     return subprocess.run([sys.executable, "-m", "kslm_jax", "compile", "--config", "configs/tiny_ko.py",
-                           "--workdir", str(tmp_path), *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--workdir", str(tmp_path), *args], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_tiny_compiles_for_v5e_2x2_and_flops_match_the_analytic_count(tmp_path):

@@ -16,8 +16,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash_kernel,
+)
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as splash_mask,
+)
 
 from kslm_jax.core import sharding
 
@@ -100,7 +104,7 @@ def _cudnn_packed(q, k, v, layout):
 
 def _splash_local(q, k, v, segment_ids, interpret: bool):
     """Splash on one device's rows and heads: q (B, T, N, H), k/v (B, S, K, H), segment ids (B, T)."""
-    b, t, n, h = q.shape
+    _, t, n, h = q.shape
     s = k.shape[1]
     bq, bkv = min(SPLASH_BLOCK, t), min(SPLASH_BLOCK, s)
     blocks = splash_kernel.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
