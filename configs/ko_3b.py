@@ -1,9 +1,9 @@
-"""A ~2.9B Korean model (Llama-3.2-3B-like body: d 3072, 28 layers, GQA 24/8, d_ff 8192) for a TPU slice, FSDP.
+"""A ~3.0B Korean model (Llama-3.2-3B-like body: d 3072, 28 layers, GQA 24/8, d_ff 8192) for a TPU slice, FSDP.
 
 Fits: FITS_LINE
-    kslm compile --config configs/ko_3b.py --topology TOPO_LINE
-    python launch/tpu_pod.py --name ko-3b --accelerator-type TOPO_LINE --zone ZONE --config configs/ko_3b.py \
-        --workdir gs://BUCKET/runs/ko_3b
+    kslm compile --config configs/ko_3b.py --topology v5p-64
+    python launch/tpu_pod.py --name ko-3b --zone ZONE --accelerator-type v5p-64 --runtime-version v2-alpha-tpuv5 \\
+        --gcsfuse BUCKET --config configs/ko_3b.py --workdir /mnt/gcs/BUCKET/runs/ko_3b
 """
 from kslm_jax.core.config import base_config
 

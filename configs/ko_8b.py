@@ -1,9 +1,9 @@
-"""A ~7.0B Korean model (Llama-3-8B-like body: d 4096, 32 layers, GQA 32/8, d_ff 14336) for a TPU slice, FSDP.
+"""A ~7.2B Korean model (Llama-3-8B-like body: d 4096, 32 layers, GQA 32/8, d_ff 14336) for a TPU slice, FSDP.
 
 Fits: FITS_LINE
-    kslm compile --config configs/ko_8b.py --topology TOPO_LINE
-    python launch/tpu_pod.py --name ko-8b --accelerator-type TOPO_LINE --zone ZONE --config configs/ko_8b.py \
-        --workdir gs://BUCKET/runs/ko_8b
+    kslm compile --config configs/ko_8b.py --topology v5e-256
+    python launch/tpu_pod.py --name ko-8b --zone ZONE --accelerator-type v5e-256 --runtime-version v2-alpha-tpuv5-lite \\
+        --gcsfuse BUCKET --config configs/ko_8b.py --workdir /mnt/gcs/BUCKET/runs/ko_8b
 """
 from kslm_jax.core.config import base_config
 

@@ -87,3 +87,16 @@ def test_oversized_config_is_refused_in_one_line_naming_the_lever(tmp_path):
     assert len(errors) == 1 and "Traceback" not in out.stderr
     assert "does not fit" in errors[0] and "set model.remat=dots" in errors[0]
     assert json.loads((tmp_path / "compile.json").read_text())["fits"] is False
+
+
+def test_two_slices_put_data_across_slices_and_fsdp_inside():
+    _needs_libtpu()
+    from kslm_jax.train import aot
+    cfg = config_lib.load("configs/tiny_ko.py", ["mesh.data=2", "mesh.fsdp=-1", "mesh.slices=2"])
+    _, mesh, _, _ = aot.lower(cfg, topology.parse("v5e-4", slices=2))   # lowering only: no compile
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for i in range(2):   # each `data` index is one whole slice: fsdp collectives never cross the DCN
+        assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+    with pytest.raises(KslmError, match="mesh.slices"):
+        aot.lower(config_lib.load("configs/tiny_ko.py", ["mesh.fsdp=-1", "mesh.data=1"]),
+                  topology.parse("v5e-4", slices=2))
