@@ -1,6 +1,7 @@
 """A ~7.2B Korean model (Llama-3-8B-like body: d 4096, 32 layers, GQA 32/8, d_ff 14336) for a TPU slice, FSDP.
 
-Fits: FITS_LINE
+Compiled here for TPUs (`kslm compile`; the compiler's numbers, not a TPU run): fits a v5e-256 (fsdp 256, batch 256
+x 2048) in 7.5 of 16 GiB per chip; a v5e-16 would need 96.7 GiB per chip. benchmarks/README.md has the table.
     kslm compile --config configs/ko_8b.py --topology v5e-256
     python launch/tpu_pod.py --name ko-8b --zone ZONE --accelerator-type v5e-256 --runtime-version v2-alpha-tpuv5-lite \\
         --gcsfuse BUCKET --config configs/ko_8b.py --workdir /mnt/gcs/BUCKET/runs/ko_8b
