@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import sys
 
 from kslm_jax.cli import commands
+from kslm_jax.core import distributed
+from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 
 COMMON = """
@@ -180,6 +183,32 @@ def _fail(message: str) -> None:
     os._exit(2)
 
 
+# Commands that may start a workdir that does not exist yet; every other one refuses a missing --workdir.
+CREATES = ("prepare", "import", "demo", "prune")
+READS_ONLY = ("eval", "generate", "export")
+
+
+def _workdir_locks(command: str, args, stack: contextlib.ExitStack) -> None:
+    """Check that the folders the command reads exist, then lock each folder it touches (process 0 only:
+    on a pod every process runs the same command on the same workdir)."""
+    if getattr(args, "workdir", None) is None:  # `kslm config`, `kslm compile` without a workdir
+        return
+    plan = [(args.workdir, command not in READS_ONLY and not getattr(args, "text", None), command in CREATES)]
+    if command == "prune":
+        plan.append((args.teacher, False, False))
+    if command == "merge-lora":
+        plan = [(args.workdir, False, False), (args.out, True, True)]
+    for path, _, may_create in plan:
+        if not may_create:
+            workdir_lib.require_existing(path, command)
+    if distributed.requested():
+        distributed.initialize_from_env()
+    if not distributed.is_primary():
+        return
+    for path, exclusive, _ in plan:
+        stack.enter_context(workdir_lib.lock(path, exclusive, command))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -196,9 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser(command).parse_args(rest)
     _setup_logging()
     try:
-        # `import`, `eval` and `compile` are Python names; their functions carry a trailing underscore.
-        name = command.replace("-", "_")
-        code = getattr(commands, name + "_" if command in ("import", "eval", "compile") else name)(args, overrides)
+        with contextlib.ExitStack() as stack:
+            _workdir_locks(command, args, stack)
+            # `import`, `eval` and `compile` are Python names; their functions carry a trailing underscore.
+            name = command.replace("-", "_")
+            code = getattr(commands, name + "_" if command in ("import", "eval", "compile") else name)(args, overrides)
     except KslmError as e:
         _fail(str(e))
     except OSError as e:

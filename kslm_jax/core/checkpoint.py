@@ -1,19 +1,32 @@
-"""Orbax checkpoints of the train state and the data iterator, saved asynchronously, newest N kept.
+"""Orbax checkpoints of the train state and the data iterator, saved asynchronously; orbax's own policies
+decide the cadence (every `checkpoint.every_steps`) and what is kept (the newest `keep`, plus every
+`keep_every`-th step).
 
 A step directory counts only once orbax has committed it (written under a temporary name, then renamed);
 restore takes the newest committed step and falls back to older ones if a newer one cannot be read.
+
+Sealing: once a save of this process has committed, the size and CRC32 of each of its files are recorded
+(kslm_checksums.json), so later damage is caught on restore. A step found on disk unsealed (a kill -9
+between commit and seal, or one written by an older version) is never sealed blindly: it is restored only
+if orbax can read every array, its shapes match the config and its values are finite, and only then sealed.
+A step that fails any check is moved aside (to checkpoints-set-aside/, named in the log) by a writing run,
+so it neither shadows the new saves of the same step numbers nor is deleted.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import shutil
+import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from kslm_jax.core.errors import KslmError
@@ -80,27 +93,73 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 
 def manager(directory: Path, ccfg) -> ocp.CheckpointManager:
+    cm = ocp.checkpoint_managers
+    # No InitialSavePolicy: a fresh run's first step is not worth a checkpoint of its own.
+    saving = cm.AnySavePolicy([cm.FixedIntervalPolicy(ccfg.every_steps), cm.PreemptionCheckpointingPolicy()])
+    keeping = [cm.LatestN(ccfg.keep)] + ([cm.EveryNSteps(ccfg.keep_every)] if ccfg.keep_every else [])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=ccfg.keep,
+        save_decision_policy=saving,
+        preservation_policy=cm.AnyPreservationPolicy(keeping),
         enable_async_checkpointing=ccfg.async_save,
         create=True,
     )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
+# Steps each manager saved itself: only those are sealed without first being read back.
+_SAVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, force: bool = False) -> bool:
+    """Save `step` when orbax's save policy says it is due (or `force`); True if a save was started.
+
+    A step folder at or above `step` (left by a run whose newer steps were found damaged, or put there by
+    someone else) would make orbax refuse the save without a word; it is moved aside first, with a log
+    line. A forced save that still does not happen raises instead of letting the caller report it.
+    """
+    newer = [s for s in mngr.all_steps() if s >= step]
+    if newer and jax.process_index() == 0:
+        for s in newer:
+            set_aside(mngr, s, f"is not older than the step being saved ({step})")
+        mngr.reload()
+    if not force and not mngr.should_save(step):
+        return False
     args = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
         args["data"] = DataSave(data_iter)
-    return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+    if not mngr.save(step, args=ocp.args.Composite(**args), force=force):
+        raise KslmError(f"checkpoint step {step} was not saved in {mngr.directory} (orbax refused it; steps there: "
+                        f"{sorted(mngr.all_steps())}); move that folder aside and resume")
+    _SAVED.setdefault(mngr, set()).add(step)
+    return True
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int, why: str) -> Path | None:
+    """Move a step folder out of orbax's sight into checkpoints-set-aside/ (never delete it: it may be the
+    only copy of something a user wants back). Returns where it went; None on other processes."""
+    src = Path(mngr.directory) / str(step)
+    if jax.process_index() != 0 or not src.exists():
+        return None
+    dest = src.parent.parent / f"{src.parent.name}-set-aside" / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+    while dest.exists():
+        dest = dest.with_name(dest.name + "x")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+    log.warning("checkpoint step %d %s; moved it aside to %s", step, why, dest)
+    return dest
 
 
 CHECKSUMS = "kslm_checksums.json"
 
 
+def _ours(name: str) -> bool:
+    """The seal itself and its temporary files (an interrupted seal leaves `.kslm_checksums.json.tmp`)."""
+    return name == CHECKSUMS or name.startswith(f".{CHECKSUMS}")
+
+
 def _crc_files(step_dir: Path) -> dict:
     out = {}
-    for f in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+    for f in sorted(p for p in step_dir.rglob("*") if p.is_file() and not _ours(p.name)):
         crc = 0
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 22):
@@ -109,29 +168,40 @@ def _crc_files(step_dir: Path) -> dict:
     return out
 
 
+def _seal_dir(step_dir: Path) -> None:
+    target = step_dir / CHECKSUMS
+    if not step_dir.is_dir() or target.exists():
+        return
+    tmp = step_dir / f".{CHECKSUMS}.tmp"
+    tmp.unlink(missing_ok=True)  # left by a seal that was interrupted: it is not part of the step
+    tmp.write_text(json.dumps(_crc_files(step_dir)))
+    tmp.replace(target)
+
+
 def seal(mngr: ocp.CheckpointManager) -> None:
-    """Record size and CRC32 of every file of each finished step, so later damage is caught on restore.
+    """Record size and CRC32 of every file of each step this manager saved, once orbax has committed it.
 
     Orbax's commit marker says a save completed; it cannot tell a file truncated or rewritten afterwards.
     Runs between steps and costs a directory listing unless a new step has finished saving.
     """
     if jax.process_index() != 0 or mngr.is_saving_in_progress():
         return
+    mine = _SAVED.get(mngr, set())
     for step in mngr.all_steps():
-        step_dir = Path(mngr.directory) / str(step)
-        target = step_dir / CHECKSUMS
-        if step_dir.is_dir() and not target.exists():
-            tmp = step_dir / f".{CHECKSUMS}.tmp"
-            tmp.write_text(json.dumps(_crc_files(step_dir)))
-            tmp.replace(target)
+        if step in mine:
+            _seal_dir(Path(mngr.directory) / str(step))
 
 
 def verify(step_dir: Path) -> None:
-    """Raise ValueError naming the first damaged file of a sealed step (unsealed steps pass)."""
+    """Raise ValueError naming the first damaged file of a sealed step (unsealed steps pass here; restore
+    reads them back in full before trusting them)."""
     target = step_dir / CHECKSUMS
     if not target.exists():
         return
-    want = json.loads(target.read_text())
+    try:
+        want = json.loads(target.read_text())
+    except ValueError:
+        raise ValueError(f"its seal {CHECKSUMS} is damaged") from None
     have = _crc_files(step_dir)
     for name, (size, crc) in want.items():
         if name not in have:
@@ -142,29 +212,82 @@ def verify(step_dir: Path) -> None:
             raise ValueError(f"file {name} does not match its checksum")
 
 
-def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
-    """One step, checked against its manifest, into the shardings of `abstract_state`."""
+class ShapeMismatch(KslmError):
+    """The step is intact but was written for another model shape: the config changed, not the files."""
+
+
+def _names(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def check_shapes(step_dir: Path, abstract_state) -> None:
+    """Compare the shapes orbax recorded for the step's parameters with the config's, before any read."""
+    try:
+        meta = json.loads((step_dir / "state" / "_METADATA").read_text())["tree_metadata"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable metadata is damage; the restore that follows reports it
+    stored = {k: v.get("value_metadata", {}).get("write_shape") for k, v in meta.items() if isinstance(v, dict)}
+    wrong = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]:
+        key = str(("params", *_names(path)))
+        have = stored.get(key)
+        if have is None:
+            wrong.append(f"{'/'.join(map(str, _names(path)))} is missing")
+        elif tuple(have) != tuple(leaf.shape):
+            wrong.append(f"{'/'.join(map(str, _names(path)))} is {tuple(have)}, the config gives {tuple(leaf.shape)}")
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise ShapeMismatch(f"checkpoint step {step_dir.name} in {step_dir.parent} is intact but was written for "
+                            f"another model shape ({shown}); the workdir's config.json no longer matches its "
+                            "checkpoints: restore the model.* keys it was trained with, or use a new --workdir")
+
+
+def _finite(state) -> bool:
+    leaves = [x for x in jax.tree.leaves(state.params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return bool(jax.device_get(jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in leaves]))))
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, writable: bool = False):
+    """One step, checked against its seal (or, if unsealed, read back in full), into the shardings of
+    `abstract_state`."""
     step_dir = Path(mngr.directory) / str(step)
+    check_shapes(step_dir, abstract_state)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     # Imported weights (kslm import) carry no iterator state: the data then starts at its beginning.
     if data_iter is not None and (step_dir / "data").is_dir():
         args["data"] = DataRestore(data_iter)
     verify(step_dir)
-    return mngr.restore(step, args=ocp.args.Composite(**args))["state"]
+    state = mngr.restore(step, args=ocp.args.Composite(**args))["state"]
+    if not (step_dir / CHECKSUMS).exists():
+        if not _finite(state):
+            raise ValueError("it is unsealed and holds non-finite parameters")
+        if writable and jax.process_index() == 0:  # read back whole and sane: from now on damage is caught
+            _seal_dir(step_dir)
+    return state
 
 
 def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:300]
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter):
-    """Restore the newest readable step into the shardings of `abstract_state`; (None, None) if none."""
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, writable: bool = True):
+    """Restore the newest readable step into the shardings of `abstract_state`; (None, None) if none.
+
+    A training run (`writable`) moves each unreadable newer step aside, so its next saves of those step
+    numbers are not refused by orbax; a reader (eval, export) leaves the folders as they are.
+    """
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
         try:
-            return step, _restore_step(mngr, step, abstract_state, data_iter)
+            return step, _restore_step(mngr, step, abstract_state, data_iter, writable)
+        except ShapeMismatch:
+            raise
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
-            log.warning("checkpoint step %d is damaged or unreadable (%s); trying an older one", step, _first_line(e))
+            why = f"is damaged or unreadable ({_first_line(e)})"
+            if writable and set_aside(mngr, step, why + "; trying an older one") is not None:
+                mngr.reload()
+            else:
+                log.warning("checkpoint step %d %s; trying an older one", step, why)
     if steps:
         raise KslmError(f"no checkpoint in {mngr.directory} could be restored (steps {steps}); "
                         "move the folder aside to start over")
@@ -177,13 +300,15 @@ def restore_params(directory: Path, abstract_state, step: int | None = None):
     with ocp.CheckpointManager(Path(directory).absolute(),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
         if step is None:
-            step, state = restore_latest(mngr, abstract_state, None)
+            step, state = restore_latest(mngr, abstract_state, None, writable=False)
         else:
             have = sorted(mngr.all_steps())
             if step not in have:
                 raise KslmError(f"checkpoint step {step} is not in {directory} (it has {have or 'none'})")
             try:
                 state = _restore_step(mngr, step, abstract_state, None)
+            except KslmError:
+                raise
             except Exception as e:  # noqa: BLE001 - a damaged step is a user-facing condition, not a crash
                 raise KslmError(f"checkpoint step {step} in {directory} is damaged or unreadable "
                                 f"({_first_line(e)})") from None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ml_collections
 
+from kslm_jax.core.config_checks import same_value
 from kslm_jax.core.config_schema import base_config, d_ff, head_dim, padded_vocab, validate  # noqa: F401
 from kslm_jax.core.errors import KslmError
 
@@ -221,7 +222,7 @@ def breaking_differences(old: dict, new: dict, trained: bool = True) -> list[str
     a, b = {**flat(to_dict(base_config())), **flat(old)}, flat(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key) or any(key.startswith(h) for h in HARMLESS):
+        if same_value(a.get(key), b.get(key)) or any(key.startswith(h) for h in HARMLESS):
             continue
         if trained or any(key.startswith(d) for d in DATA_DEFINING):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")

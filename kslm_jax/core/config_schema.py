@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from kslm_jax.core import config_finetune
+from kslm_jax.core import config_checks, config_finetune
 from kslm_jax.core.errors import KslmError
 
 
@@ -120,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.checkpoint = dict(
         every_steps=100,        # steps between checkpoints (the last step always saves)
-        keep=3,                 # newest checkpoints kept
+        keep=3,                 # newest checkpoints kept (orbax LatestN)
+        keep_every=0,           # >0: also keep every step that is a multiple of this (orbax EveryNSteps)
         async_save=True,        # write checkpoints in the background while training goes on
     )
     c.logging = dict(
@@ -249,6 +250,7 @@ def validate(cfg) -> None:
             raise KslmError(f"config key {key}={_get(cfg, key)} must be positive")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    config_checks.check_ranges(cfg)
     _validate_distill(cfg)
     config_finetune.validate(cfg)
     _validate_cleaning(cfg.data)

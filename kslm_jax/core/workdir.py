@@ -1,9 +1,16 @@
-"""The workdir holds one run: config.json, tokenizer/, data/, checkpoints/, tensorboard/, eval/."""
+"""The workdir holds one run: config.json, tokenizer/, data/, checkpoints/, tensorboard/, eval/.
+
+One command writes to a workdir at a time: `lock` takes an exclusive flock on WORKDIR/.lock for writers
+and a shared one for readers; the OS releases it when the holder dies, even by kill -9.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
 import shutil
 import tempfile
 from pathlib import Path
@@ -65,13 +72,14 @@ def bind(workdir: str | os.PathLike, cfg, force: bool = False) -> Path:
     """Make `workdir` hold `cfg`: write config.json, or check it against the one already there.
 
     A workdir belongs to one run; a config that would change what the run computes is refused with the
-    differing keys listed, so an old run's checkpoints are never mixed into a new one.
+    differing keys listed, so an old run's checkpoints are never mixed into a new one. A config.json with
+    nothing beside it was left by a command that failed, not by a run, and is simply replaced.
     """
     workdir = Path(workdir)
     ensure_writable(workdir)
     path = workdir / "config.json"
     new = config_lib.to_dict(cfg)
-    if path.is_file():
+    if path.is_file() and is_run(workdir):
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -92,6 +100,9 @@ def bind(workdir: str | os.PathLike, cfg, force: bool = False) -> Path:
 def config_for(workdir: str | os.PathLike, config_path: str | None, overrides, force: bool = False):
     """The run's config: from --config (+ overrides), else from the workdir's config.json (+ overrides)."""
     workdir = Path(workdir)
+    if config_path is None and not (workdir / "config.json").is_file() and is_run(workdir):
+        raise KslmError(f"workdir {workdir} has no config.json (it holds {', '.join(_contents(workdir))}); "
+                        "restore it, or pass --config with the recipe this run was made with")
     if config_path is None and (workdir / "config.json").is_file():
         cfg = config_lib.read_workdir_config(workdir)
         for item in overrides:
@@ -114,3 +125,87 @@ def paths(workdir: str | os.PathLike) -> dict[str, Path]:
         metrics=w / "metrics.jsonl",
         eval=w / "eval",
     )
+
+
+# Files a workdir holds before it holds a run: a config left by a failed command, the lock, a write probe.
+_NOT_A_RUN = ("config.json", ".lock")
+
+
+def _contents(workdir: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in workdir.iterdir()
+                      if p.name not in _NOT_A_RUN and not p.name.startswith((".write-test-", ".config.json.")))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def is_run(workdir: str | os.PathLike) -> bool:
+    """Whether the workdir holds outputs of a command that succeeded (data, tokenizer, checkpoints, ...)."""
+    return bool(_contents(Path(workdir)))
+
+
+def require_existing(workdir: str | os.PathLike, command: str) -> None:
+    w = Path(workdir)
+    if not w.is_dir():
+        raise KslmError(f"workdir {w} does not exist; check --workdir (runs begin with `kslm prepare`, "
+                        f"`kslm import` or `kslm demo`; `kslm {command}` does not create one)")
+
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike, exclusive: bool, command: str):
+    """Hold WORKDIR/.lock for the block: exclusive for a command that writes the workdir, shared for one
+    that reads it. A conflicting holder makes this raise one line naming its PID and host.
+
+    Also undoes what a failed command did to a workdir that held no run: its config.json (and the folder,
+    if the command created it) is removed, so the corrected command is not refused as another run's.
+    """
+    w = Path(workdir)
+    created = not w.exists()
+    had_config = (w / "config.json").is_file()
+    if exclusive:
+        ensure_writable(w)
+    path = w / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only workdir (a shared, mounted run): readers cannot collide with anyone there
+        if exclusive:
+            raise
+        fd = None
+    held = False
+    try:
+        if fd is not None:
+            _acquire(fd, path, exclusive, command)
+            held = True
+        ok = False
+        try:
+            yield w
+            ok = True
+        finally:
+            if not ok and exclusive and not had_config and not is_run(w):
+                (w / "config.json").unlink(missing_ok=True)
+                if created:
+                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        w.rmdir()
+    finally:
+        if fd is not None:
+            if exclusive and held:  # the next writer finds no stale holder in it
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+            os.close(fd)  # releases the flock
+
+
+def _acquire(fd: int, path: Path, exclusive: bool, command: str) -> None:
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        holder = path.read_text(errors="replace").strip() if path.is_file() else ""
+        who = holder or "a reading command (eval, generate or export)"
+        raise KslmError(f"workdir {path.parent} is in use by {who}; `kslm {command}` "
+                        f"{'writes to' if exclusive else 'reads'} it and would collide: wait for that command to "
+                        "finish (or stop it), then run this one again") from None
+    if exclusive:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"kslm (PID {os.getpid()} on host {socket.gethostname()})\n".encode(), 0)

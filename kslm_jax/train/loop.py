@@ -203,8 +203,8 @@ class Trainer:
                         step, pending = self._restore_last(mngr), None
                         continue
                     throughput.add(tokens_per_step)
-                    if step % cfg.checkpoint.every_steps == 0 or step == tcfg.steps:
-                        checkpoint.save(mngr, step, self.state, data_iter)
+                    # orbax's save policy decides the cadence; the final step is always saved
+                    if checkpoint.save(mngr, step, self.state, data_iter, force=step == tcfg.steps):
                         last_saved, self._restores = step, 0
                     checkpoint.seal(mngr)
                     if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
