@@ -165,12 +165,13 @@ def lock(workdir: str | os.PathLike, exclusive: bool, command: str):
     if exclusive:
         ensure_writable(w)
     path = w / ".lock"
-    try:
+    fd = None
+    if exclusive:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # a read-only workdir (a shared, mounted run): readers cannot collide with anyone there
-        if exclusive:
-            raise
-        fd = None
+    elif path.is_file():
+        # A reader writes nothing, not even the lock file: every writer creates it, so a workdir without one
+        # has no writer to collide with. (O_RDONLY: a read-only mount can still be read.)
+        fd = os.open(path, os.O_RDONLY)
     held = False
     try:
         if fd is not None:

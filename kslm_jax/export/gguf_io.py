@@ -18,6 +18,7 @@ import numpy as np
 from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.export import GGUF_KEY
 from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
 from kslm_jax.objectives import finetune_io
@@ -115,6 +116,7 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
     try:
         w = gguf.GGUFWriter(str(tmp / path.name), arch="llama")
         w.add_name(path.stem)
+        w.add_string(GGUF_KEY, "kslm_jax")  # the marker that lets a later export replace this file
         w.add_context_length(max(cfg.data.seq_len, 2048))
         w.add_embedding_length(c.d_model)
         w.add_block_count(c.n_layers)

@@ -17,6 +17,7 @@ from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.export import write_marker
 from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
 from kslm_jax.objectives import finetune_io
@@ -84,4 +85,5 @@ def export_hf(workdir: Path, out: Path, shard_bytes: int = 5 * 2**30) -> Path:
             "bos_token_id": tok_lib.BOS, "eos_token_id": tok_lib.EOS, "pad_token_id": tok_lib.PAD,
             "do_sample": True, "temperature": cfg.generate.temperature, "top_k": cfg.generate.top_k,
             "top_p": cfg.generate.top_p}, indent=2))
+        write_marker(tmp, "hf")
     return out

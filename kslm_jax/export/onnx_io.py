@@ -30,7 +30,7 @@ from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.export import hf_io
+from kslm_jax.export import hf_io, write_marker
 from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
 from kslm_jax.objectives import finetune_io
@@ -116,6 +116,7 @@ def write_onnx(params, c: llama.ModelConfig, tokenizer: Path, out: Path, externa
                               dynamic_shapes=shapes, external_data=weight_bytes > external_over)
         onnx.checker.check_model(str(path))  # by path: it then follows the external data file too
         shutil.copy(tokenizer, tmp / "tokenizer.model")
+        write_marker(tmp, "onnx")
     return out
 
 
