@@ -1,0 +1,153 @@
+"""Issue 17, items 2, 8 and 9 and unsealed steps: a damaged, foreign or half-sealed step folder never shadows
+a new save, a save that did not happen is never reported, and a changed config is named as such."""
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from kslm_jax.core import checkpoint
+from kslm_jax.core import workdir as workdir_lib
+from kslm_jax.core.errors import KslmError
+from kslm_jax.train import loop
+
+ARGS = ["checkpoint.every_steps=2", "train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("steps") / "run"
+    shutil.copytree(prepared, wd)
+    loop.Trainer(workdir_lib.config_for(wd, None, ["train.steps=6", *ARGS], force=True), wd).fit()
+    return wd
+
+
+def _copy(trained, tmp_path) -> Path:
+    wd = tmp_path / "run"
+    shutil.copytree(trained, wd)
+    return wd
+
+
+def _fit(wd, steps):
+    return loop.Trainer(workdir_lib.config_for(wd, None, [f"train.steps={steps}", *ARGS]), wd).fit()
+
+
+def _restored(wd):
+    t = loop.Trainer(workdir_lib.config_for(wd, None, []), wd)
+    with jax.set_mesh(t.mesh):
+        return checkpoint.restore_params(t.paths["checkpoints"], t.abstract)
+
+
+def _truncate_largest(step_dir: Path):
+    f = max((p for p in step_dir.rglob("*") if p.is_file() and p.name != checkpoint.CHECKSUMS),
+            key=lambda p: p.stat().st_size)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_damaged_newest_step_is_moved_aside_and_saved_again(trained, tmp_path, caplog):
+    wd = _copy(trained, tmp_path)
+    _truncate_largest(wd / "checkpoints" / "6")
+    _fit(wd, 6)  # the same command again: restores step 4, trains 5 and 6, must save 6 anew
+    assert "moved it aside" in caplog.text and "checkpoints-set-aside" in caplog.text
+    aside = list((wd / "checkpoints-set-aside").iterdir())
+    assert [p.name.split("-")[0] for p in aside] == ["6"]  # kept, not deleted
+    step, state = _restored(wd)
+    assert step == 6
+    checkpoint.verify(wd / "checkpoints" / "6")  # the new step 6 is whole and sealed
+    assert (wd / "checkpoints" / "6" / checkpoint.CHECKSUMS).is_file()
+
+
+def test_sigterm_save_over_a_damaged_step_is_real(trained, tmp_path, monkeypatch, caplog):
+    wd = _copy(trained, tmp_path)
+    _truncate_largest(wd / "checkpoints" / "6")
+    caplog.set_level(logging.INFO, logger="kslm")
+    monkeypatch.setenv("KSLM_FAULT_SIGTERM_AT_STEP", "6")
+    summary = _fit(wd, 10)
+    assert summary["stopped_by"] == "SIGTERM" and summary["step"] == 6
+    assert "saved checkpoint at step 6" in caplog.text
+    assert _restored(wd)[0] == 6  # what the log said was saved is there
+
+
+def test_foreign_step_folder_does_not_block_saves(trained, tmp_path, caplog):
+    wd = _copy(trained, tmp_path)
+    junk = wd / "checkpoints" / "10"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a checkpoint")
+    _fit(wd, 10)
+    assert _restored(wd)[0] == 10
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == 10
+    moved = list((wd / "checkpoints-set-aside").glob("10-*"))
+    assert len(moved) == 1 and (moved[0] / "notes.txt").read_text() == "not a checkpoint"
+
+
+def test_forced_save_that_orbax_refuses_raises(trained, tmp_path):
+    wd = _copy(trained, tmp_path)
+    t = loop.Trainer(workdir_lib.config_for(wd, None, []), wd)
+    with checkpoint.manager(t.paths["checkpoints"], t.cfg.checkpoint) as mngr, jax.set_mesh(t.mesh):
+        step, state = checkpoint.restore_latest(mngr, t.abstract, None)
+        mngr.save = lambda *a, **k: False  # what orbax answers for a step it will not write
+        with pytest.raises(KslmError, match="was not saved"):
+            checkpoint.save(mngr, 8, state, None, force=True)
+
+
+def test_changed_model_shape_is_named_not_called_damage(trained, tmp_path):
+    wd = _copy(trained, tmp_path)
+    cfg = json.loads((wd / "config.json").read_text())
+    cfg["model"]["d_model"] = 96
+    (wd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KslmError) as info:
+        _restored(wd)
+    msg = str(info.value)
+    assert "intact" in msg and "another model shape" in msg and "(1024, 64)" in msg and "(1024, 96)" in msg, msg
+    assert "\n" not in msg
+
+
+def test_interrupted_seal_does_not_poison_the_step(trained, tmp_path):
+    wd = _copy(trained, tmp_path)
+    step_dir = wd / "checkpoints" / "6"
+    (step_dir / checkpoint.CHECKSUMS).replace(step_dir / f".{checkpoint.CHECKSUMS}.tmp")  # killed mid-seal
+    checkpoint._seal_dir(step_dir)  # the next seal of this step
+    want = json.loads((step_dir / checkpoint.CHECKSUMS).read_text())
+    assert not any(name.startswith(".kslm") for name in want), sorted(want)
+    checkpoint.verify(step_dir)  # passes now and after the temp file is gone
+    assert _restored(wd)[0] == 6
+
+
+def test_unsealed_damaged_step_is_neither_trusted_nor_sealed(trained, tmp_path, caplog):
+    wd = _copy(trained, tmp_path)
+    step_dir = wd / "checkpoints" / "6"
+    (step_dir / checkpoint.CHECKSUMS).unlink()  # killed between orbax's commit and our seal
+    for f in step_dir.rglob("*"):
+        if f.is_file() and "/d/" in str(f):
+            f.write_bytes(b"\0" * f.stat().st_size)  # zeroed data files, sizes kept
+    _fit(wd, 8)
+    assert "checkpoint step 6 is damaged" in caplog.text
+    assert list((wd / "checkpoints-set-aside").glob("6-*"))
+    assert not list((wd / "checkpoints-set-aside").glob(f"6-*/{checkpoint.CHECKSUMS}"))  # never sealed
+    step, state = _restored(wd)
+    assert step == 8 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_intact_unsealed_step_is_restored_then_sealed(trained, tmp_path, caplog):
+    wd = _copy(trained, tmp_path)
+    step_dir = wd / "checkpoints" / "6"
+    (step_dir / checkpoint.CHECKSUMS).unlink()
+    caplog.set_level(logging.INFO, logger="kslm")
+    _fit(wd, 8)
+    assert "restored checkpoint step 6" in caplog.text
+    assert (step_dir / checkpoint.CHECKSUMS).is_file()
+    checkpoint.verify(step_dir)
+
+
+def test_cadence_and_retention_come_from_orbax_policies(prepared, tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(prepared, wd)
+    over = ["train.steps=11", "checkpoint.every_steps=2", "checkpoint.keep=2", "checkpoint.keep_every=4"]
+    loop.Trainer(workdir_lib.config_for(wd, None, over, force=True), wd).fit()
+    kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [4, 8, 10, 11], kept  # newest 2, every 4th kept for good, the final step always saved
+    assert os.path.isfile(wd / "checkpoints" / "11" / checkpoint.CHECKSUMS)
