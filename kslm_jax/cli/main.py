@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import os
 import sys
@@ -167,9 +166,19 @@ def _setup_logging():
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
+    sys.unraisablehook = _quiet_closed_loop
     # Their failures reach us as exceptions, which we report in one line; their own tracebacks are noise.
     for noisy in ("absl", "jax._src.xla_bridge", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def _quiet_closed_loop(info) -> None:
+    """Tensorstore's reader threads still post their results to orbax's event loop after a failed read (a
+    damaged step, a full disk) has closed it; each post prints an "Event loop is closed" traceback that
+    says nothing the one line about the failure does not."""
+    if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+        return
+    sys.__unraisablehook__(info)
 
 
 def _fail(message: str) -> None:
@@ -232,10 +241,13 @@ def main(argv: list[str] | None = None) -> None:
             code = getattr(commands, name + "_" if command in ("import", "eval", "compile") else name)(args, overrides)
     except KslmError as e:
         _fail(str(e))
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:  # noqa: BLE001 - only a full disk is translated; everything else re-raises
+        if "Corrupted Riegeli/records file" in str(e):  # a token shard damaged past what verify_shards=false checks
+            _fail(f"a token shard is damaged ({str(e).splitlines()[0][:160]}); run with "
+                  "--config.data.verify_shards=true to name it, then `kslm tokenize` again")
+        if not workdir_lib.disk_full(e):
             raise
-        where = f" ({e.filename})" if e.filename else ""
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         _fail(f"disk full while writing{where}: free space and run the command again; "
               "outputs written before this command are intact")
     sys.exit(code or 0)

@@ -210,3 +210,17 @@ def _acquire(fd: int, path: Path, exclusive: bool, command: str) -> None:
     if exclusive:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"kslm (PID {os.getpid()} on host {socket.gethostname()})\n".encode(), 0)
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether an exception, or one it was raised from, is a full disk: plain writes raise OSError, while
+    orbax's writer threads, safetensors and ArrayRecord report it only in their message text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -214,14 +214,20 @@ def read_manifest(tokens_dir: Path) -> dict:
     path = tokens_dir / "manifest.json"
     if not path.is_file():
         raise KslmError(f"{path} not found; run `kslm tokenize` for this workdir first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not JSON or not UTF-8, nested too deep
+        raise KslmError(f"{path} is damaged ({str(e)[:200]}); run `kslm tokenize` again for this workdir") from None
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(s, {}), dict) for s in ("train", "val")):
+        raise KslmError(f"{path} is not a token manifest; run `kslm tokenize` again for this workdir")
+    return manifest
 
 
 def shard_files(tokens_dir: Path, split: str) -> list[Path]:
     files = sorted(tokens_dir.glob(f"{split}-*.arrayrecord"))
     if not files:
         manifest = tokens_dir / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()).get(split, {}).get("docs") == 0:
+        if manifest.is_file() and read_manifest(tokens_dir).get(split, {}).get("docs") == 0:
             raise KslmError(f"the {split} split in {tokens_dir} is empty: raise --config.data.val_fraction or add "
                             "text, then run prepare, tokenizer and tokenize again")
         raise KslmError(f"no {split} token shards in {tokens_dir}; run `kslm tokenize` for this workdir first")
