@@ -9,6 +9,7 @@ tensor, as llama.cpp's own converter does, rather than refusing the whole model.
 """
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 from pathlib import Path
@@ -150,10 +151,15 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
                 w.add_tensor(name, arr.astype(np.float16))
             else:
                 w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        except OSError as e:  # numpy's tofile reports a full disk as a short write, without an errno
+            if e.errno is None and "requested and" in str(e):
+                raise OSError(errno.ENOSPC, f"No space left on device ({e})", str(path)) from None
+            raise
         (tmp / path.name).replace(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
