@@ -1,17 +1,37 @@
 """Issue 17 items 1, 5, 6 and 10: export replaces only its own marked output; HF import refuses wrong,
 non-finite or hostile input in one line and writes nothing; damaged manifests and full disks are one line."""
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kslm_jax.core.errors import KslmError
-from tests.faults.test_workdir_lock import QUIET, kslm, one_line_error
-
 pytest.importorskip("safetensors")
+
+REPO = Path(__file__).resolve().parents[2]
+QUIET = ["--config.logging.progress_bar=false"]
+
+
+def kslm(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(proc, *names) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("kslm: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for name in names:
+        assert str(name) in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
