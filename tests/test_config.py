@@ -341,6 +341,7 @@ def test_breaking_change_is_refused_and_config_kept(tmp_path):
 
 def test_before_any_checkpoint_only_data_keys_are_fixed(tmp_path):
     workdir_lib.bind(tmp_path, _cfg("model.d_model=64"))
+    (tmp_path / "data" / "clean").mkdir(parents=True)  # prepared: a config beside nothing is a failed command's
     workdir_lib.bind(tmp_path, _cfg("model.d_model=96", "optim.lr=0.01"))  # nothing trained yet: allowed
     with pytest.raises(KslmError, match="tokenizer.vocab_size"):
         workdir_lib.bind(tmp_path, _cfg("model.d_model=96", "optim.lr=0.01", "tokenizer.vocab_size=500"))
