@@ -79,13 +79,14 @@ def bind(workdir: str | os.PathLike, cfg, force: bool = False) -> Path:
     ensure_writable(workdir)
     path = workdir / "config.json"
     new = config_lib.to_dict(cfg)
-    if path.is_file() and is_run(workdir):
+    if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise KslmError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir") from None
         trained = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
-        diffs = config_lib.breaking_differences(old, new, trained)
+        # A valid config beside nothing else was left by a command that failed: it binds no run.
+        diffs = config_lib.breaking_differences(old, new, trained) if is_run(workdir) else []
         if diffs and not force:
             shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
             raise KslmError(f"workdir {workdir} holds another run's config ({shown}); "
