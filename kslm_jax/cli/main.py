@@ -194,7 +194,7 @@ def _fail(message: str) -> None:
 
 # Commands that may start a workdir that does not exist yet; every other one refuses a missing --workdir.
 CREATES = ("prepare", "import", "demo", "prune")
-READS_ONLY = ("eval", "generate", "export")
+READS_ONLY = ("eval", "generate", "export", "compile", "config")
 
 
 def _workdir_locks(command: str, args, stack: contextlib.ExitStack) -> None:
