@@ -7,13 +7,14 @@ import pytest
 
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
-from kslm_jax.train import health, loop
+from kslm_jax.objectives import lm
+from kslm_jax.train import health
 
 
 def _fit(wd, monkeypatch, nan_step, *overrides):
     monkeypatch.setenv("KSLM_FAULT_NAN_AT_STEP", str(nan_step))
     cfg = workdir_lib.config_for(wd, None, ["train.steps=12", "checkpoint.every_steps=4", *overrides], force=True)
-    trainer = loop.Trainer(cfg, wd)
+    trainer = lm.trainer(cfg, wd)
     return trainer, trainer.fit()
 
 

@@ -14,14 +14,14 @@ import pytest
 
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
-from kslm_jax.train import loop
+from kslm_jax.objectives import lm
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _trainer(wd, *overrides):
     cfg = workdir_lib.config_for(wd, None, list(overrides), force=True)
-    return loop.Trainer(cfg, wd)
+    return lm.trainer(cfg, wd)
 
 
 def test_loss_falls_and_tensorboard_is_readable(workdir):

@@ -104,18 +104,13 @@ def one_pass(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, order=N
 
 
 class ExampleStream:
-    """Endless packed training batches over reshuffled epochs; its state is one integer, the examples drawn.
+    """Endless packed training batches over reshuffled epochs; its state is one integer, the examples drawn."""
 
-    `extra_seed` adds a per-batch `dropout_seed` array (the stream position), so adapter dropout differs
-    from batch to batch and repeats exactly after a resume.
-    """
-
-    def __init__(self, ex: ExampleSet, rows: int, seq_len: int, max_segments: int, seed: int,
-                 extra_seed: bool = False):
+    def __init__(self, ex: ExampleSet, rows: int, seq_len: int, max_segments: int, seed: int):
         if not len(ex):
             raise ValueError("no training examples")
         self.ex, self.rows, self.seq_len, self.max_segments = ex, rows, seq_len, max_segments
-        self.seed, self.extra_seed = seed, extra_seed
+        self.seed = seed
         self.pos = 0
         self._perm = (-1, None)
 
@@ -135,10 +130,7 @@ class ExampleStream:
             self.pos += 1
         if self.pos == start:
             raise ValueError(f"example {e} has {int(self.ex.lengths[e])} positions, over {self.seq_len}")
-        batch = fill(self.ex, bins.rows_used(), self.rows, self.seq_len, self.max_segments)
-        if self.extra_seed:
-            batch["dropout_seed"] = np.full((self.rows,), start % (2**31 - 1), np.int32)
-        return batch
+        return fill(self.ex, bins.rows_used(), self.rows, self.seq_len, self.max_segments)
 
     def get_state(self) -> dict:
         return {"pos": self.pos}
