@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from kslm_jax.core import config as config_lib  # noqa: E402
 from kslm_jax.core import metrics, sharding
 from kslm_jax.model import llama  # noqa: E402
+from kslm_jax.objectives import lm  # noqa: E402
 from kslm_jax.train import optim  # noqa: E402
 from kslm_jax.train import state as state_lib
 from kslm_jax.train import step as step_lib
@@ -79,7 +80,7 @@ def setup(cfg, batch: int):
     model = llama.Transformer(mc)
     tx, lr_fn = optim.make(cfg.optim, 1000)
     abstract, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh, rules)
-    loss = step_lib.lm_loss(model, cfg.train.z_loss, cfg.train.loss_chunk)
+    loss = lm.loss(model, cfg.train.z_loss, cfg.train.loss_chunk)
     step_fn = step_lib.jit_train_step(loss, tx, lr_fn, cfg.train.grad_accum, mesh, shardings, rules=rules)
     state = state_lib.create(model, tx, 0, mesh, shardings, rules)
     rng = np.random.default_rng(0)

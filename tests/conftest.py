@@ -88,11 +88,11 @@ def trained_tiny(prepared, tmp_path_factory):
 
     from kslm_jax.core import workdir as workdir_lib
     from kslm_jax.data import tokenizer as tok_lib
-    from kslm_jax.train import loop
+    from kslm_jax.objectives import lm
     wd = tmp_path_factory.mktemp("trained_tiny") / "run"
     shutil.copytree(prepared, wd)
     cfg = workdir_lib.config_for(wd, None, ["train.steps=20", "checkpoint.every_steps=20"], force=True)
-    trainer = loop.Trainer(cfg, wd)
+    trainer = lm.trainer(cfg, wd)
     trainer.fit()
     params = jax.tree.map(np.asarray, trainer.state.params)
     return SimpleNamespace(workdir=wd, cfg=cfg, model=trainer.model, params=params,

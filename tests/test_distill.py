@@ -23,9 +23,8 @@ from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline
 from kslm_jax.model import llama
-from kslm_jax.objectives import distill, distill_cache, distill_trainer, finetune_io
+from kslm_jax.objectives import distill, distill_cache, finetune_io, lm, student
 from kslm_jax.objectives import teacher as teacher_lib
-from kslm_jax.train import loop
 from kslm_jax.train import step as step_lib
 
 STUDENT = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
@@ -46,7 +45,7 @@ def teacher(trained_tiny):
 
 def _student(wd, teacher_wd, *overrides):
     cfg = workdir_lib.config_for(wd, None, [*STUDENT, f"distill.teacher={teacher_wd}", *overrides], force=True)
-    return distill_trainer.DistillTrainer(cfg, wd)
+    return student.trainer(cfg, wd)
 
 
 def _metrics(wd):
@@ -77,7 +76,7 @@ def test_pruned_model_restores_and_beats_random_init(pruned):
     assert report["params"]["student"] < report["params"]["teacher"] / 1.5
     cfg = config_lib.read_workdir_config(pruned)  # validates
     assert (cfg.model.d_model, cfg.model.head_dim, cfg.model.d_ff) == (48, 16, 96)
-    t = loop.Trainer(cfg, pruned)
+    t = lm.trainer(cfg, pruned)
     assert _restored(t) == 0
     after_prune = t.evaluate()
     # A random initialization of the same shape, drawn as the model's initializers draw it.
@@ -135,16 +134,16 @@ def test_resumed_student_keeps_the_teacher_step_it_started_with(teacher, prepare
     step that is gone is one error; a new student takes the newest step."""
     t_wd = shutil.copytree(teacher, tmp_path / "teacher")
     first = _student(_copy(prepared, tmp_path / "student"), t_wd)
-    assert first.teacher_step == 20
-    assert json.loads((tmp_path / "student" / distill_trainer.TEACHER_PIN).read_text())["step"] == 20
+    assert first.objective.teacher_step == 20
+    assert json.loads((tmp_path / "student" / student.TEACHER_PIN).read_text())["step"] == 20
     more = workdir_lib.config_for(t_wd, None, ["train.steps=22", "checkpoint.every_steps=22"], force=True)
-    loop.Trainer(more, t_wd).fit()
+    lm.trainer(more, t_wd).fit()
     assert 22 in checkpoint_steps(t_wd)
     again = _student(tmp_path / "student", t_wd)
-    assert again.teacher_step == 20
+    assert again.objective.teacher_step == 20
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), first.extra, again.extra)
     assert all(jax.tree.leaves(same))
-    assert _student(_copy(prepared, tmp_path / "fresh"), t_wd).teacher_step == 22
+    assert _student(_copy(prepared, tmp_path / "fresh"), t_wd).objective.teacher_step == 22
     shutil.rmtree(t_wd / "checkpoints" / "20")
     with pytest.raises(KslmError, match="started with the teacher's checkpoint step 20"):
         _student(tmp_path / "student", t_wd)
@@ -165,7 +164,7 @@ def offline(pruned, tmp_path_factory):
     cached = _copy(pruned, tmp_path_factory.mktemp("cached") / "run")
     commands.distill_cache(SimpleNamespace(workdir=str(cached), config=None, force=True, dtype="float32"), common)
     cfg = workdir_lib.config_for(cached, None, [*common, "distill.cache=distill_cache"], force=True)
-    run = distill_trainer.DistillTrainer(cfg, cached)
+    run = student.trainer(cfg, cached)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KSLM_FAULT_SIGTERM_AT_STEP", "4")
         stopped = run.fit()
@@ -201,19 +200,19 @@ def test_loss_terms_are_what_they_name(offline):
     cfg = config_lib.read_workdir_config(offline.online)
     for item in ("distill.topk=0", "distill.loss=forward_kl", "distill.alpha=0.3", "distill.temperature=2.0"):
         config_lib.apply_override(cfg, item)
-    t = distill_trainer.DistillTrainer(cfg, offline.online)
+    t = student.trainer(cfg, offline.online)
     # The teacher is bf16, a read-only input of the step, not part of the optimized state.
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(t.extra))
     assert llama.param_count(t.extra["teacher"]) > 1.5 * llama.param_count(t.abstract.params)
     assert _restored(t) == 8  # the online run's weights
-    batch = next(t.train_iterator())
+    batch = next(t.objective.batches())
     batch["segment_ids"][0, 40:] = 0
     batch["loss_mask"] = np.ones_like(batch["inputs"])
     batch["loss_mask"][1, :10] = 0
-    teacher_model = llama.Transformer(t.teacher.model_cfg)
+    teacher_model = llama.Transformer(t.objective.teacher.model_cfg)
 
     def direct(params, extra, b):
-        value, aux = t.loss(params, extra, b)
+        value, aux = t.objective.loss(params, extra, b, jax.random.PRNGKey(0))
         s = t.model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
         tl = teacher_model.apply({"params": extra["teacher"]}, b["inputs"], b["positions"], b["segment_ids"])
         return value, aux, s, tl, step_lib.loss_fn(params, t.model, b, t.cfg.train.z_loss)[1]
@@ -227,7 +226,7 @@ def test_loss_terms_are_what_they_name(offline):
     assert float(aux["top1_sum"]) == ((s.argmax(-1) == tl.argmax(-1)) & mask).sum()
     kd = distill.kd_full(jnp.asarray(s), jnp.asarray(tl), mask, "forward_kl", 0.5, 2.0)
     assert float(aux["kd_sum"]) == pytest.approx(float(kd.sum()), rel=1e-4)
-    want = (0.3 * float(aux["kd_sum"]) + 0.7 * float(aux["ce_sum"]) + float(aux["z_sum"])) / mask.sum()
+    want = 0.3 * float(aux["kd_sum"]) + 0.7 * float(aux["ce_sum"]) + float(aux["z_sum"])  # the step divides
     assert float(value) == pytest.approx(want, rel=1e-5)
 
 

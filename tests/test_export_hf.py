@@ -11,7 +11,8 @@ from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import hf_io
 from kslm_jax.objectives import finetune_io
-from kslm_jax.train import hf_import, loop
+from kslm_jax.objectives import lm
+from kslm_jax.train import hf_import
 
 pytestmark = needs("export", "torch", "transformers", "safetensors")
 torch, transformers = optional("torch"), optional("transformers")
@@ -24,7 +25,7 @@ def test_export_matches_transformers_and_round_trips(workdir, tmp_path, tie):
     os.environ["HF_HUB_OFFLINE"] = "1"
     cfg = workdir_lib.config_for(workdir, None, ["train.steps=3", f"model.tie_embeddings={tie}",
                                                  "checkpoint.every_steps=3"], force=True)
-    trainer = loop.Trainer(cfg, workdir)
+    trainer = lm.trainer(cfg, workdir)
     trainer.fit()
     out = hf_io.export_hf(workdir, tmp_path / "hf")
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",

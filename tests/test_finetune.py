@@ -176,7 +176,7 @@ def test_lora_targets_must_match_modules(env):
 def _run(env, name, cfg):
     wd = env.root / name
     workdir_lib.bind(wd, cfg, force=True)
-    trainer = finetune.FinetuneTrainer(cfg, wd)
+    trainer = finetune.trainer(cfg, wd)
     return wd, trainer, trainer.fit()
 
 
@@ -195,8 +195,8 @@ def test_sft_full_trains_and_evaluates_tasks_on_its_schedule(env):
     rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/kornli/accuracy" in r] == [6, 12]
     # the held-out answer loss is the masked token loss computed directly on the same examples
-    val = trainer.data.val.examples.subset(trainer.eval_indices())
-    sums, counts = trainer.scorer.example_logprobs(trainer.lm_params(), val)
+    val = trainer.objective.data.val.examples.subset(trainer.objective.eval_indices())
+    sums, counts = trainer.objective.scorer.example_logprobs(trainer.lm_params(), val)
     assert ev["loss"] == pytest.approx(-sums.sum() / counts.sum(), rel=1e-5)
     assert counts.sum() == sum(int(val.flag(i)[1:].sum()) for i in range(len(val)))
 
@@ -219,9 +219,9 @@ def test_lora_trains_only_adapters_and_merges_exactly(env):
     assert len(lora_b) == 3 and all(np.abs(np.asarray(b)).max() > 0 for b in lora_b)  # B starts at 0, trained
     for got, want in zip(jax.tree.leaves(trainer.extra["base"]), jax.tree.leaves(env.params)):
         np.testing.assert_array_equal(np.asarray(got), want)  # the frozen base did not move
-    batch = next(iter(examples.one_pass(trainer.data.val.examples, 8, 64, 64)))[0]
+    batch = next(iter(examples.one_pass(trainer.objective.data.val.examples, 8, 64, 64)))[0]
     with jax.set_mesh(trainer.mesh):
-        adapted = jax.jit(lambda p, e, b: trainer._forward(p, e, b))(params, trainer.extra, batch)
+        adapted = jax.jit(lambda p, e, b: trainer.objective.forward(p, e, b))(params, trainer.extra, batch)
         merged = _logits(trainer.lm_params(), batch)
     mask = batch["segment_ids"] > 0
     np.testing.assert_allclose(np.asarray(merged)[mask], np.asarray(adapted)[mask], atol=2e-5)
@@ -232,6 +232,31 @@ def test_lora_trains_only_adapters_and_merges_exactly(env):
     plain = finetune_io.restore_params_host(config_lib.read_workdir_config(out), out)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(jax.tree.map(np.asarray, trainer.lm_params()))):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_lora_dropout_run_resumes_bit_exact(env):
+    """Adapter dropout draws its masks from (seed, step, micro-batch), kept in the checkpointed state: a run
+    stopped by SIGTERM after step 4 and resumed draws the masks of the uninterrupted run, so its losses and
+    adapters are bit-identical."""
+    cfg = _sft(env, "lora.rank=4", "lora.targets=q,v", "lora.dropout=0.3", "train.steps=6", "train.grad_accum=2",
+               "checkpoint.every_steps=3", "optim.lr=1e-2", "finetune.eval_generate=0", "finetune.eval_examples=8")
+    wd, straight, _ = _run(env, "lora_straight", cfg)
+    resumed_wd = env.root / "lora_resumed"
+    workdir_lib.bind(resumed_wd, cfg, force=True)
+    resumed = finetune.trainer(cfg, resumed_wd)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KSLM_FAULT_SIGTERM_AT_STEP", "4")
+        assert resumed.fit()["stopped_by"] == "SIGTERM"
+    resumed.state = None  # state (its rng included) and data position come back from the step-4 checkpoint
+    resumed.fit()
+    assert resumed.start_step == 4
+
+    def losses(w):
+        return {r["step"]: r["train/loss"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+                if "train/loss" in r}
+    assert losses(resumed_wd) == losses(wd) and sorted(losses(wd)) == list(range(1, 7))
+    for a, b in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_int8_base_matches_its_dequantized_weights(env):
@@ -256,11 +281,11 @@ def test_classifier_head_trains_and_reports_accuracy_and_f1(env):
     wd, trainer, summary = _run(env, "cls", cfg)
     assert set(trainer.state.params) == {"model", "head"}
     ev = summary["eval"]
-    assert ev["examples"] == len(trainer.data.val.examples) and 0 <= ev["macro_f1"] <= ev["accuracy"] <= 1
+    assert ev["examples"] == len(trainer.objective.data.val.examples) and 0 <= ev["macro_f1"] <= ev["accuracy"] <= 1
     assert summary["losses"][10] < summary["losses"][1]
     # label-word scoring reads the LM head: the class scores are the logits of the words' first pieces
     ids = classify.label_word_ids(env.sp, "별로,최고", 2)
-    batch, plan = next(iter(examples.one_pass(trainer.data.val.examples, 8, 64, 64)))
+    batch, plan = next(iter(examples.one_pass(trainer.objective.data.val.examples, 8, 64, 64)))
     scores = classify.predict(trainer.model, env.params, None, jnp.asarray(ids), batch)
     logits = _logits(env.params, batch)
     r, s = 0, len(plan[0]) - 1

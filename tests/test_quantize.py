@@ -6,7 +6,7 @@ import pytest
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.eval import lm as evaluate
 from kslm_jax.model import quantize
-from kslm_jax.train import loop
+from kslm_jax.objectives import lm
 
 
 @pytest.mark.parametrize("mode,levels", [("int8", 127), ("int4", 7)])
@@ -21,7 +21,7 @@ def test_matrix_error_is_at_most_half_a_step(mode, levels):
 
 def test_quantized_eval(workdir):
     cfg = workdir_lib.config_for(workdir, None, ["train.steps=25"], force=True)
-    trainer = loop.Trainer(cfg, workdir)
+    trainer = lm.trainer(cfg, workdir)
     trainer.fit()
     full = trainer.evaluate()
     params = jax.tree.map(np.asarray, trainer.state.params)

@@ -9,7 +9,7 @@ import pytest
 from kslm_jax.core import checkpoint
 from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
-from kslm_jax.train import loop
+from kslm_jax.objectives import lm
 
 # n_kv_heads=4 so that every head, MLP and (padded) vocabulary dimension divides by tensor=4.
 SHAPE = ["model.n_kv_heads=4"]
@@ -20,7 +20,7 @@ def _trainer(wd, mesh, *extra):
     cfg = workdir_lib.config_for(wd, None, [*SHAPE, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}",
                                             "train.steps=3", "checkpoint.every_steps=1000", "train.eval_batches=1",
                                             *extra], force=True)
-    return loop.Trainer(cfg, wd)
+    return lm.trainer(cfg, wd)
 
 
 def _restore(wd, mesh):

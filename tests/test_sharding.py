@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kslm_jax.core import workdir as workdir_lib
-from kslm_jax.train import loop
+from kslm_jax.objectives import lm
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -13,7 +13,7 @@ def _losses(wd, mesh):
     d, f, t = mesh
     cfg = workdir_lib.config_for(wd, None, ["train.steps=4", "checkpoint.every_steps=1000", "train.eval_batches=1",
                                             f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"], force=True)
-    trainer = loop.Trainer(cfg, wd)
+    trainer = lm.trainer(cfg, wd)
     trainer.init_fresh()
     summary = trainer.fit()
     return [summary["losses"][s] for s in range(1, 5)], trainer

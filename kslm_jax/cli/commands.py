@@ -24,8 +24,8 @@ from kslm_jax.eval import train_report
 from kslm_jax.export import check_out, gguf_io, hf_io, onnx_io
 from kslm_jax.model import quantize
 from kslm_jax.objectives import distill_cache as cache_lib
-from kslm_jax.objectives import distill_trainer, finetune, finetune_io
-from kslm_jax.train import hf_import, loop
+from kslm_jax.objectives import finetune, finetune_io, lm, student
+from kslm_jax.train import hf_import
 
 log = logging.getLogger("kslm")
 
@@ -106,10 +106,8 @@ def train(args, overrides) -> int:
     if cfg.finetune.kind != "none":  # SFT or classification: examples from files, base from finetune.init_from
         return finetune.train(cfg, args.workdir)
     tok_lib.check_workdir(cfg, Path(args.workdir))
-    trainer_cls = loop.Trainer
-    if cfg.distill.teacher or cfg.distill.cache:  # distillation changes the objective and adds the teacher
-        trainer_cls = distill_trainer.DistillTrainer
-    trainer = trainer_cls(cfg, args.workdir)
+    # Distillation changes the objective and adds the teacher; the loop is the same.
+    trainer = (student.trainer if student.enabled(cfg) else lm.trainer)(cfg, args.workdir)
     report = train_report.TrainReport(cfg, args.workdir, trainer, on_eval=_print_eval)
     try:
         report.measure_before()
@@ -132,7 +130,7 @@ def _write_eval(workdir, result: dict) -> None:
 
 def _restored_trainer(args, overrides):
     cfg = _cfg(args, overrides)
-    trainer = loop.Trainer(cfg, args.workdir)
+    trainer = lm.trainer(cfg, args.workdir)
     import jax
     with jax.set_mesh(trainer.mesh):
         step, trainer.state = checkpoint.restore_params(trainer.paths["checkpoints"], trainer.abstract)
@@ -263,7 +261,7 @@ def demo(args, overrides) -> int:
         fn(args, overrides)
     cfg = workdir_lib.config_for(args.workdir, None, [])
     print(f"\n== train ({cfg.train.steps} steps on {jax.device_count()} {jax.devices()[0].platform} device(s))")
-    trainer = loop.Trainer(cfg, args.workdir)
+    trainer = lm.trainer(cfg, args.workdir)
     before = None
     if not trainer.has_checkpoint():
         trainer.init_fresh()

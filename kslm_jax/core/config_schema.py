@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
         loss_chunk=0,           # >0: logits and loss in sequence chunks of this many tokens (never all fp32 logits)
         nonfinite="skip",       # a NaN/Inf step is never applied; then: skip (count it) | restore | raise
         spike_zscore=6.0,       # a loss this many running std above its running mean is a spike (0: off)
+        max_skipped_steps=5,    # this many non-finite steps in a row stop the run, last good state saved (0: never)
         log_every=10,           # steps between logged training metrics
         eval_every=0,           # 0: evaluate only at the end
         eval_batches=0,         # 0: the whole validation split
@@ -248,6 +249,8 @@ def validate(cfg) -> None:
                 "train.grad_accum", "data.packing_bins"):
         if _get(cfg, key) < 1:
             raise KslmError(f"config key {key}={_get(cfg, key)} must be positive")
+    if cfg.train.max_skipped_steps < 0:
+        raise KslmError(f"config key train.max_skipped_steps={cfg.train.max_skipped_steps} must be 0 or more")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     config_checks.check_ranges(cfg)

@@ -90,13 +90,11 @@ def one_pass(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, order=N
 
 
 def ExampleStream(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, seed: int,  # noqa: N802
-                  extra_seed: bool = False, depth: int = 0):
+                  depth: int = 0):
     """Endless packed training batches over reshuffled epochs, a grain iterator (checkpoint its state).
 
     Group i is examples [i * G, (i + 1) * G) of the endless sequence of seeded per-epoch permutations,
-    packed first-fit and gathered as pretraining chunks are. `extra_seed` adds a per-batch `dropout_seed`
-    array (the batch's index in the stream), so adapter dropout differs from batch to batch and repeats
-    exactly after a resume. `depth` > 0 makes whole batches ahead in grain's prefetch thread.
+    packed first-fit and gathered as pretraining chunks are. `depth` > 0 makes whole batches ahead in grain's prefetch thread.
     """
     if not len(ex):
         raise ValueError("no training examples")
@@ -123,6 +121,4 @@ def ExampleStream(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, se
         return fill(ex, [[int(ids[j]) for j in row] for row in plan], 0, seq_len, max_segments)
 
     ds = packing.batches(pack_group, -(-n // group), rows, repeat=True, depth=depth)
-    if extra_seed:
-        ds = ds.map_with_index(lambda k, b: {**b, "dropout_seed": np.full((rows,), k % (2**31 - 1), np.int32)})
     return iter(ds)

@@ -251,14 +251,14 @@ def table(results: dict) -> str:
 
 def during_training(trainer, step: int) -> dict:
     """The configured tasks on the trainer's current weights; a flat {task/metric: value} for the loop."""
-    cfg = trainer.cfg
-    params = trainer.lm_params() if hasattr(trainer, "lm_params") else trainer.state.params
+    cfg, o = trainer.cfg, trainer.objective
+    params = o.lm_params(trainer.state)
     if getattr(trainer, "_task_subject", None) is None:
         trainer._task_subject = make_subject(cfg, trainer.model, params, tok_lib.check_workdir(cfg, trainer.workdir),
-                                             word_ids=getattr(trainer, "word_ids", None))
+                                             word_ids=o.word_ids)
     s = trainer._task_subject
     s.params = params
-    s.head = trainer.state.params.get("head") if "head" in trainer.state.params else None
+    s.head = o.head(trainer.state)
     with jax.set_mesh(trainer.mesh):
         results = run_all(s, cfg.eval.tasks, cfg.eval.fewshot, cfg.eval.shots, cfg.eval.limit)
     if distributed.is_primary():

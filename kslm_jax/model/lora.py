@@ -83,8 +83,12 @@ def combine(base, adapters):
     return out
 
 
-def intercept(scale: float, dropout: float = 0.0, rng=None):
-    """A Flax method interceptor adding the adapters (and dequantizing int8 kernels) in every Linear."""
+def intercept(scale: float, dropout: float = 0.0):
+    """A Flax method interceptor adding the adapters (and dequantizing int8 kernels) in every Linear.
+
+    Dropout on the adapters' input needs a "dropout" rng in `apply(..., rngs=...)`; each Linear draws its own
+    key from it (Flax folds in the module path, and the layer scan splits it per layer).
+    """
     def interceptor(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__" or not isinstance(m, llama.Linear):
@@ -100,12 +104,8 @@ def intercept(scale: float, dropout: float = 0.0, rng=None):
             return y
         a, b = m.get_variable("params", "lora_a"), m.get_variable("params", "lora_b")
         h = x.reshape(*x.shape[:x.ndim - m.n_in], -1).astype(dtype)
-        if dropout > 0 and rng is not None:
-            # The scan traces one layer body for all layers, so the layer's own A (distinct per layer and
-            # module) salts the key: masks then differ across layers and projections.
-            salt = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(a.reshape(-1)[0]).astype(jnp.float32),
-                                                jnp.int32)
-            keep = jax.random.bernoulli(jax.random.fold_in(rng, salt), 1.0 - dropout, h.shape)
+        if dropout > 0 and m.has_rng("dropout"):
+            keep = jax.random.bernoulli(m.make_rng("dropout"), 1.0 - dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - dropout), 0).astype(dtype)
         delta = (h @ a.astype(dtype)) @ b.astype(dtype)
         return y + (scale * delta).reshape(y.shape).astype(y.dtype)

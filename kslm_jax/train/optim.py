@@ -25,3 +25,10 @@ def make(ocfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Sc
     parts.append(optax.adamw(lr, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay,
                              mask=_decay_mask))
     return optax.chain(*parts), lr
+
+
+def schedule_count(opt_state, fallback):
+    """The step count optax's learning-rate schedule reads: the number of updates applied so far."""
+    found = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+             if isinstance(s, optax.ScaleByScheduleState)]
+    return found[0] if found else fallback

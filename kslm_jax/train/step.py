@@ -10,6 +10,7 @@ import optax
 
 from kslm_jax.core import sharding
 from kslm_jax.model import llama
+from kslm_jax.train import optim
 
 # optax.global_norm is deprecated in recent optax in favour of optax.tree.norm; older releases lack the latter.
 _norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
@@ -59,6 +60,7 @@ def loss_mask(batch):
 
 
 def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
+    """The pretraining loss: (summed CE + z-loss over the batch's counted tokens, sums for the log)."""
     mask = loss_mask(batch)
     t = batch["inputs"].shape[-1]
     if loss_chunk and loss_chunk < t and t % loss_chunk == 0:
@@ -70,52 +72,56 @@ def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
         logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
         ce, z = token_losses(logits, batch["targets"], mask, z_loss)
         ce_sum, z_sum = ce.sum(), z.sum()
-    n = jnp.maximum(mask.sum(), 1)
-    return (ce_sum + z_sum) / n, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": mask.sum()}
+    return ce_sum + z_sum, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": mask.sum()}
 
 
-def lm_loss(model, z_loss: float, loss_chunk: int = 0):
-    """The pretraining objective as a `loss(params, extra, batch) -> (scalar, aux)` for train_step.
+def accumulate(loss, params, extra, batch, rng, accum: int):
+    """(gradients, aux) of the whole global batch: summed over micro-batches, divided by its total count.
 
-    Every objective (LM, distillation, fine-tuning) has this shape. `extra` carries arrays the step reads but
-    never updates (a teacher's weights, a frozen base under LoRA); aux holds sums over the batch, at least
-    ce_sum, z_sum and tokens; the loop logs any other key too, divided by tokens when it ends in _sum.
+    Each loss returns a sum over its micro-batch and the count it summed over (real tokens, or examples for
+    a classifier), so with k micro-batches of any padding this is exactly the gradient of one big batch. The
+    jitted step sees the global batch of every process, so the count is global too: no process normalizes by
+    its own share. Micro-batch i draws its random numbers from fold_in(rng, i).
     """
-    def loss(params, extra, batch):
-        del extra
-        return loss_fn(params, model, batch, z_loss, loss_chunk)
-    return loss
+    grad_fn = jax.grad(loss, has_aux=True)
+    if accum == 1:
+        grads, aux = grad_fn(params, extra, batch, jax.random.fold_in(rng, 0))
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    else:
+        # Micro-batches run in a scan: one compiled body, gradients summed in float32, one update.
+        def micro(carry, xs):
+            i, mb = xs
+            g, a = grad_fn(params, extra, mb, jax.random.fold_in(rng, i))
+            g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+            return jax.tree.map(jnp.add, carry, (g, a)), None
+        first = jax.tree.map(lambda x: x[0], batch)
+        aux_shape = jax.eval_shape(lambda: loss(params, extra, first, rng)[1])
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                 jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
+        (grads, aux), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
+    n = jnp.maximum(aux["tokens"], 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
+    return grads, aux
 
 
-def train_step(state, batch, extra=None, *, loss, tx, lr_fn, accum: int, rules=sharding.RULES,
-               poison: bool = False):
+def train_step(state, batch, extra=None, *, loss, tx, lr_fn, accum: int, rules=sharding.RULES):
+    # Every random draw of this step comes from (seed, step, micro-batch): a resumed run draws the same ones.
+    rng = jax.random.fold_in(state.rng, state.step)
     with nn.logical_axis_rules(rules):
-        grad_fn = jax.grad(loss, has_aux=True)
-        if accum == 1:
-            grads, aux = grad_fn(state.params, extra, batch)
-        else:
-            # Micro-batches run in a scan: one compiled body, gradients summed in float32, one update.
-            def micro(carry, mb):
-                g, a = grad_fn(state.params, extra, mb)
-                return jax.tree.map(jnp.add, carry, (g, a)), None
-            first = jax.tree.map(lambda x: x[0], batch)
-            aux_shape = jax.eval_shape(lambda: loss(state.params, extra, first)[1])
-            zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                     jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
-            (grads, aux), _ = jax.lax.scan(micro, zeros, batch)
-            grads = jax.tree.map(lambda g: g / accum, grads)
-        if poison:  # fault injection for the tests: this step's loss and gradients become NaN
-            grads = jax.tree.map(lambda g: g * jnp.nan, grads)
-            aux = dict(aux, ce_sum=aux["ce_sum"] * jnp.nan)
+        grads, aux = accumulate(loss, state.params, extra, batch, rng, accum)
+        count = optim.schedule_count(state.opt_state, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
     grad_norm = _norm(grads)
-    # A non-finite loss or gradient never reaches the weights: the step keeps the old parameters and
+    # A non-finite loss, gradient or update never reaches the weights: the step keeps the old parameters and
     # optimizer state, and reports itself so the loop can count it, restore, or stop (train.nonfinite).
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(aux["ce_sum"])
+    # Keeping the optimizer state keeps optax's schedule count too, so a skipped step does not advance the
+    # learning-rate schedule: the schedule counts applied updates, and `lr` is the rate this step's update
+    # was (or would have been) computed with.
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(aux["ce_sum"]) & jnp.isfinite(_norm(updates))
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                      (params, opt_state), (state.params, state.opt_state))
-    metrics = dict(aux, grad_norm=grad_norm, lr=lr_fn(state.step), param_norm=_norm(params),
+    metrics = dict(aux, grad_norm=grad_norm, lr=lr_fn(count), param_norm=_norm(params),
                    nonfinite=(~finite).astype(jnp.int32))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -129,13 +135,12 @@ def eval_step(params, batch, *, model, rules=sharding.RULES):
     return {"ce_sum": ce.sum(), "tokens": mask.sum()}
 
 
-def jit_train_step(loss, tx, lr_fn, accum, mesh, state_shardings, extra_shardings=None,
-                   rules=sharding.RULES, poison: bool = False):
+def jit_train_step(loss, tx, lr_fn, accum, mesh, state_shardings, extra_shardings=None, rules=sharding.RULES):
     """Compiled step `(state, batch, extra) -> (state, metrics)`; the state is donated, `extra` is not.
 
     The batch takes the shardings sharding.global_batch gave it, so objectives may add arrays of any rank.
     """
-    fn = functools.partial(train_step, loss=loss, tx=tx, lr_fn=lr_fn, accum=accum, rules=rules, poison=poison)
+    fn = functools.partial(train_step, loss=loss, tx=tx, lr_fn=lr_fn, accum=accum, rules=rules)
     return jax.jit(fn, in_shardings=(state_shardings, None, extra_shardings),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 

@@ -13,7 +13,7 @@ import pytest
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
-from kslm_jax.train import loop
+from kslm_jax.objectives import lm
 
 ARGS = ["checkpoint.every_steps=2", "train.eval_every=0"]
 
@@ -22,7 +22,7 @@ ARGS = ["checkpoint.every_steps=2", "train.eval_every=0"]
 def trained(prepared, tmp_path_factory):
     wd = tmp_path_factory.mktemp("steps") / "run"
     shutil.copytree(prepared, wd)
-    loop.Trainer(workdir_lib.config_for(wd, None, ["train.steps=6", *ARGS], force=True), wd).fit()
+    lm.trainer(workdir_lib.config_for(wd, None, ["train.steps=6", *ARGS], force=True), wd).fit()
     return wd
 
 
@@ -33,11 +33,11 @@ def _copy(trained, tmp_path) -> Path:
 
 
 def _fit(wd, steps):
-    return loop.Trainer(workdir_lib.config_for(wd, None, [f"train.steps={steps}", *ARGS]), wd).fit()
+    return lm.trainer(workdir_lib.config_for(wd, None, [f"train.steps={steps}", *ARGS]), wd).fit()
 
 
 def _restored(wd):
-    t = loop.Trainer(workdir_lib.config_for(wd, None, []), wd)
+    t = lm.trainer(workdir_lib.config_for(wd, None, []), wd)
     with jax.set_mesh(t.mesh):
         return checkpoint.restore_params(t.paths["checkpoints"], t.abstract)
 
@@ -86,7 +86,7 @@ def test_foreign_step_folder_does_not_block_saves(trained, tmp_path, caplog):
 
 def test_forced_save_that_orbax_refuses_raises(trained, tmp_path):
     wd = _copy(trained, tmp_path)
-    t = loop.Trainer(workdir_lib.config_for(wd, None, []), wd)
+    t = lm.trainer(workdir_lib.config_for(wd, None, []), wd)
     with checkpoint.manager(t.paths["checkpoints"], t.cfg.checkpoint) as mngr, jax.set_mesh(t.mesh):
         step, state = checkpoint.restore_latest(mngr, t.abstract, None)
         mngr.save = lambda *a, **k: False  # what orbax answers for a step it will not write
@@ -147,7 +147,7 @@ def test_cadence_and_retention_come_from_orbax_policies(prepared, tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(prepared, wd)
     over = ["train.steps=11", "checkpoint.every_steps=2", "checkpoint.keep=2", "checkpoint.keep_every=4"]
-    loop.Trainer(workdir_lib.config_for(wd, None, over, force=True), wd).fit()
+    lm.trainer(workdir_lib.config_for(wd, None, over, force=True), wd).fit()
     kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [4, 8, 10, 11], kept  # newest 2, every 4th kept for good, the final step always saved
     assert os.path.isfile(wd / "checkpoints" / "11" / checkpoint.CHECKSUMS)

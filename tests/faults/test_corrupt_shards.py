@@ -10,7 +10,7 @@ import pytest
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline, shards
-from kslm_jax.train import loop
+from kslm_jax.objectives import lm
 
 
 def _shard(wd):
@@ -47,7 +47,7 @@ def test_damaged_shard_is_named_before_training(workdir, damage, words):
     damage(shard)
     cfg = workdir_lib.config_for(workdir, None, [], force=True)
     with pytest.raises(KslmError, match=words) as e:
-        loop.Trainer(cfg, workdir)
+        lm.trainer(cfg, workdir)
     assert shard.name in str(e.value) and "kslm tokenize" in str(e.value)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
-from kslm_jax.train import loop
+from kslm_jax.objectives import lm
 
 
 def _largest_file(step_dir: Path) -> Path:
@@ -38,7 +38,7 @@ def trained(prepared, tmp_path_factory):
     wd = tmp_path_factory.mktemp("damage") / "run"
     shutil.copytree(prepared, wd)
     cfg = workdir_lib.config_for(wd, None, ["train.steps=6", "checkpoint.every_steps=2"], force=True)
-    loop.Trainer(cfg, wd).fit()
+    lm.trainer(cfg, wd).fit()
     assert all((wd / "checkpoints" / str(s) / checkpoint.CHECKSUMS).is_file() for s in (2, 4, 6))
     return wd
 
@@ -48,7 +48,7 @@ def test_damaged_newest_step_falls_back(trained, tmp_path, damage, caplog):
     wd = tmp_path / "run"
     shutil.copytree(trained, wd)
     damage(wd / "checkpoints" / "6")
-    t = loop.Trainer(workdir_lib.config_for(wd, None, []), wd)
+    t = lm.trainer(workdir_lib.config_for(wd, None, []), wd)
     with jax.set_mesh(t.mesh):
         step, state = checkpoint.restore_params(t.paths["checkpoints"], t.abstract)
     assert step == 4
@@ -62,6 +62,6 @@ def test_every_step_damaged_is_a_clear_error(trained, tmp_path):
     shutil.copytree(trained, wd)
     for s in (2, 4, 6):
         flip(wd / "checkpoints" / str(s))
-    t = loop.Trainer(workdir_lib.config_for(wd, None, []), wd)
+    t = lm.trainer(workdir_lib.config_for(wd, None, []), wd)
     with pytest.raises(KslmError, match="could be restored"), jax.set_mesh(t.mesh):
         checkpoint.restore_params(t.paths["checkpoints"], t.abstract)

@@ -20,7 +20,7 @@ import pytest
 
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
-from kslm_jax.train import loop
+from kslm_jax.objectives import lm
 
 REPO = Path(__file__).resolve().parents[2]
 REPEATS = int(os.environ.get("KSLM_FAULT_REPEATS", "1"))
@@ -36,7 +36,7 @@ def _start(wd):
 
 
 def _params(wd):
-    t = loop.Trainer(workdir_lib.config_for(wd, None, []), wd)
+    t = lm.trainer(workdir_lib.config_for(wd, None, []), wd)
     with jax.set_mesh(t.mesh):
         step, state = checkpoint.restore_params(t.paths["checkpoints"], t.abstract)
     return step, [np.asarray(x) for x in jax.tree.leaves(state.params)]

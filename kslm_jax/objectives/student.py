@@ -1,8 +1,8 @@
 """`kslm train` with a `distill` section: the student learns from a teacher's predictions and the data.
 
-The loop, checkpoints, resume and evaluation are the pretraining Trainer's; this subclass only changes the
-objective (train/distill.py), puts the teacher's bf16 weights in the step's read-only `extra` input, and,
-with distill.cache, adds the stored teacher top-k to each batch instead of running the teacher.
+The data, state and evaluation are pretraining's (objectives/lm.py); this objective changes the loss
+(objectives/distill.py), puts the teacher's bf16 weights in the step's read-only `extra` input, and, with
+distill.cache, adds the stored teacher top-k to each batch instead of running the teacher.
 TensorBoard shows train/loss (the ground-truth CE), train/kd (the distillation term per token, T² included)
 and train/top1 (how often the student's most likely token is the teacher's).
 """
@@ -18,9 +18,10 @@ import jax.numpy as jnp
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.model import llama
-from kslm_jax.objectives import distill, distill_cache
+from kslm_jax.objectives import distill, distill_cache, lm
 from kslm_jax.objectives import teacher as teacher_lib
 from kslm_jax.train import loop
+from kslm_jax.train import objective as objective_lib
 from kslm_jax.train import step as step_lib
 
 log = logging.getLogger("kslm")
@@ -33,7 +34,8 @@ def enabled(cfg) -> bool:
 
 
 def distill_loss(model, cfg, teacher_model=None):
-    """`loss(params, extra, batch)`: alpha * KD + (1 - alpha) * CE (+ z-loss), sums in aux.
+    """`loss(params, extra, batch, rng)`: alpha * KD + (1 - alpha) * CE (+ z-loss), summed over the batch's
+    counted tokens (the step divides by their count over the global batch); the sums are in aux.
 
     The teacher's view comes from `extra["teacher"]` (online) or from the batch's teacher_logp/teacher_ids
     (the offline cache); KD is over the whole vocabulary when distill.topk is 0, else over the top k.
@@ -41,7 +43,8 @@ def distill_loss(model, cfg, teacher_model=None):
     d = cfg.distill
     n_vocab, k, z_loss = cfg.tokenizer.vocab_size, d.topk, cfg.train.z_loss
 
-    def loss(params, extra, batch):
+    def loss(params, extra, batch, rng):
+        del rng  # neither model has dropout
         mask = step_lib.loss_mask(batch)
         logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
         ce, z = step_lib.token_losses(logits, batch["targets"], mask, z_loss)
@@ -61,32 +64,39 @@ def distill_loss(model, cfg, teacher_model=None):
         agree = distill.top1_agreement(student, top1, mask)
         tokens = mask.sum()
         sums = {"ce_sum": ce.sum(), "z_sum": z.sum(), "kd_sum": kd.sum(), "top1_sum": agree.sum()}
-        return distill.mixed(sums["ce_sum"], sums["kd_sum"], sums["z_sum"], tokens, d.alpha), dict(sums, tokens=tokens)
+        return distill.mixed(sums["ce_sum"], sums["kd_sum"], sums["z_sum"], d.alpha), dict(sums, tokens=tokens)
     return loss
 
 
-class DistillTrainer(loop.Trainer):
-    def __init__(self, cfg, workdir):
+class Distill:
+    """The distillation Objective: pretraining's data, state and evaluation, the mixed loss, the teacher."""
+
+    word_ids = None
+
+    def __init__(self, setup: objective_lib.Setup):
+        cfg = setup.cfg
         if not enabled(cfg):
             raise KslmError("distillation needs --config.distill.teacher=PATH (or distill.cache)")
-        workdir = Path(workdir)
+        self.setup, self.workdir = setup, setup.workdir
         self.cache = self.teacher = None
         if cfg.distill.cache:
-            self.cache = distill_cache.Reader(distill_cache.folder(workdir, cfg.distill.cache), cfg)
+            self.cache = distill_cache.Reader(distill_cache.folder(setup.workdir, cfg.distill.cache), cfg)
         else:
-            self.teacher = teacher_lib.resolve(cfg, workdir)
-        super().__init__(cfg, workdir)
-
-    def build_loss(self):
+            self.teacher = teacher_lib.resolve(cfg, setup.workdir)
+        base = lm.LM(setup)
+        self.abstract, self.shardings, self.tokens_per_step = base.abstract, base.shardings, base.tokens_per_step
+        self.init_state, self.batches, self.evaluate = base.init_state, base.batches, base.evaluate
+        self.lm_params, self.head = base.lm_params, base.head
         teacher_model = None if self.teacher is None else llama.Transformer(self.teacher.model_cfg)
-        return distill_loss(self.model, self.cfg, teacher_model)
+        self.loss = distill_loss(setup.model, cfg, teacher_model)
+        self.extra, self.extra_shardings = self._teacher_params()
 
-    def build_extra(self):
+    def _teacher_params(self):
         if self.teacher is None:
             return None, None
         step = self._pinned_teacher_step()
         try:
-            params, shardings, step = teacher_lib.load_params(self.teacher, self.mesh, self.rules, step)
+            params, shardings, step = teacher_lib.load_params(self.teacher, self.setup.mesh, self.setup.rules, step)
         except KslmError as e:
             if step is None:
                 raise
@@ -113,6 +123,10 @@ class DistillTrainer(loop.Trainer):
             workdir_lib.atomic_write_text(self.workdir / TEACHER_PIN, json.dumps(
                 {"teacher": str(Path(self.teacher.workdir).resolve()), "step": step}) + "\n")
 
-    def next_batch(self, data_iter) -> dict:
-        batch = next(data_iter)
+    def attach(self, batch: dict) -> dict:
         return batch if self.cache is None else self.cache.attach(batch)
+
+
+def trainer(cfg, workdir) -> loop.Trainer:
+    """The loop with the distillation objective."""
+    return loop.Trainer(Distill(objective_lib.Setup.of(cfg, workdir)))
