@@ -75,7 +75,10 @@ def build_app(cfg, workdir: Path, opts: Options):
                               verbose=False)
         # The API key is checked by our guard, which answers in OpenAI's error shape.
         app = create_app(server_settings=ServerSettings(host="127.0.0.1", port=0), model_settings=[model])
-        return serve_http.Guard(app, name, opts.api_key, opts.max_body), (lambda: None)
+        # llama-cpp-python's own defaults (repeat penalty 1.1, top-k 40, min-p 0.05) are no OpenAI parameters;
+        # without them its sampling is OpenAI's (temperature, top_p) and the jax backend's.
+        plain = {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
+        return serve_http.Guard(app, name, opts.api_key, opts.max_body, plain), (lambda: None)
     if opts.backend != "jax":
         raise KslmError(f"--backend {opts.backend!r} is not one of llamacpp, jax")
     subject, step = eval_cmd.load(cfg, workdir)

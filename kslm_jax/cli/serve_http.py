@@ -55,8 +55,10 @@ def check_body(body: dict, model_name: str) -> tuple[int, dict] | None:
 class Guard:
     """ASGI middleware: 401 without the API key, 413 past max_body bytes, 400/404 for bodies check_body refuses."""
 
-    def __init__(self, app, model_name: str, api_key: str | None = None, max_body: int = 1 << 20):
+    def __init__(self, app, model_name: str, api_key: str | None = None, max_body: int = 1 << 20,
+                 defaults: dict | None = None):
         self.app, self.model_name, self.api_key, self.max_body = app, model_name, api_key, max_body
+        self.defaults = defaults or {}  # body keys set when a request leaves them out
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -96,6 +98,10 @@ class Guard:
             refused = check_body(body, self.model_name)
             if refused:
                 return await send_json(send, *refused)
+            if any(k not in body for k in self.defaults):
+                raw = json.dumps({**self.defaults, **body}).encode()
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                         + [(b"content-length", str(len(raw)).encode())]}
         replayed = False
 
         async def replay():

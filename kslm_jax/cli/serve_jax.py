@@ -6,8 +6,8 @@ all rows; each row samples with its own temperature, top_p and seed-derived key,
 eval/generate.py does, so a request decodes the same alone or in company. Requests arriving during a batch wait
 for the next (at most max_queue of them; more are refused with 429).
 """
-from __future__ import annotations
 
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request), imported locally.
 import asyncio
 import functools
 import json
@@ -150,9 +150,10 @@ class Engine:
                 text, finish = text[:at], "stop"
         if finish is None and len(j.out) >= j.max_new:
             finish = "length"
-        if finish is None:
-            # Hold back what could still become a stop string, and a character still missing bytes.
-            text = text[:len(text) - max((len(s) - 1 for s in j.stop), default=0)].rstrip("\ufffd")
+        if finish is None:  # hold back what could still become a stop string
+            text = text[:len(text) - max((len(s) - 1 for s in j.stop), default=0)]
+        # Bytes that are no UTF-8 (yet) are left out, as llama-cpp-python decodes with errors="ignore".
+        text = text.replace("\ufffd", "")
         if len(text) > len(j.sent) and text.startswith(j.sent):
             j.emit("delta", text[len(j.sent):])
             j.sent = text

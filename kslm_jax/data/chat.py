@@ -4,7 +4,8 @@ The same template text goes into the GGUF file (`tokenizer.chat_template`) and d
 so llama.cpp and our own decoder read a conversation identically. An SFT run's template
 A{prompt}B{response}C renders every user (or system) message as A+content+B and every assistant message as
 content+C; B already opens the assistant's turn, so no generation prompt is added. A model that was not
-SFT-tuned gets its messages joined by newlines: plain text is all it has seen.
+SFT-tuned gets its messages joined by newlines: plain text is all it has seen. Both open with `bos_token`, which
+llama-cpp-python expects a template to add.
 Encoding follows llama.cpp: BOS, then the text cut at the tokenizer's special tokens, each other piece
 encoded on its own (so each starts a word, as the SFT data's template parts did).
 """
@@ -15,7 +16,7 @@ import re
 
 from kslm_jax.data import tokenizer as tok_lib
 
-PLAIN = ("{%- for message in messages -%}{%- if not loop.first -%}{{ \"\\n\" }}{%- endif -%}"
+PLAIN = ("{{ bos_token }}{%- for message in messages -%}{%- if not loop.first -%}{{ \"\\n\" }}{%- endif -%}"
          "{{ message['content'] }}{%- endfor -%}")
 
 
@@ -30,16 +31,18 @@ def chat_template(cfg) -> str:
     t = cfg.finetune.template
     a, rest = t.split("{prompt}", 1)
     b, c = rest.split("{response}", 1)
-    return ("{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}"
+    return ("{{ bos_token }}{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}"
             "{{ message['content'] }}" + _lit(c) + "{%- else -%}" + _lit(a) + "{{ message['content'] }}" + _lit(b)
             + "{%- endif -%}{%- endfor -%}")
 
 
 def render(template: str, messages: list[dict]) -> str:
-    """The template applied in a sandbox, as llama-cpp-python's Jinja2ChatFormatter does."""
+    """The template applied in a sandbox, as llama-cpp-python's Jinja2ChatFormatter does; without the BOS text,
+    which `encode` adds as an id (runtimes put `bos_token` in, then read it back as the BOS token)."""
     import jinja2.sandbox  # the serve extra's dependency (llama-cpp-python and FastAPI's templates use it)
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="",
+                                             eos_token="")
 
 
 def encode(sp, text: str) -> list[int]:
