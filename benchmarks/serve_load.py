@@ -16,7 +16,6 @@ import concurrent.futures
 import os
 import shutil
 import socket
-import statistics
 import sys
 import tempfile
 import threading

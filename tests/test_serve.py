@@ -8,20 +8,22 @@ import socket
 import threading
 import time
 
+import openai
 import pytest
+import uvicorn
+from conftest import random_params
+from extras import needs, optional
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+from kslm_jax.cli import serve
+from kslm_jax.core import config as config_lib
+from kslm_jax.data import chat
+from kslm_jax.data import tokenizer as tok_lib
+from kslm_jax.model import llama
+from kslm_jax.objectives import finetune_io
 
-from conftest import random_params  # noqa: E402
-
-from kslm_jax.cli import serve  # noqa: E402
-from kslm_jax.core import config as config_lib  # noqa: E402
-from kslm_jax.data import chat  # noqa: E402
-from kslm_jax.data import tokenizer as tok_lib  # noqa: E402
-from kslm_jax.model import llama  # noqa: E402
-from kslm_jax.objectives import finetune_io  # noqa: E402
+gguf, llama_chat_format = optional("gguf"), optional("llama_cpp.llama_chat_format")
+LLAMA = [needs("llamacpp", "llama_cpp"), needs("export", "gguf")]  # the llamacpp backend exports and runs a GGUF
+BACKENDS = ["jax", pytest.param("llamacpp", marks=LLAMA)]
 
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 PROMPTS = ["대한민국의 주권은", "국회는", "이 법은", "대통령은 법률이 정하는 바에 의하여"]
@@ -33,7 +35,6 @@ AGREE_TOKENS = 5
 
 class Server:
     def __init__(self, app, stop):
-        import uvicorn
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -75,23 +76,30 @@ def served(trained_tiny, tmp_path_factory):
     return config_lib.read_workdir_config(wd), wd
 
 
+class Servers(dict):
+    """One server per backend, started on first use, stopped at the end of the module."""
+
+    def __init__(self, cfg, wd):
+        super().__init__()
+        self.cfg, self.wd = cfg, wd
+
+    def __missing__(self, backend):
+        opts = serve.Options(backend=backend, n_ctx=256, max_body=64 << 10, model_name="tiny", threads=2)
+        self[backend] = Server(*serve.build_app(self.cfg, self.wd, opts))
+        return self[backend]
+
+
 @pytest.fixture(scope="module")
 def servers(served):
-    cfg, wd = served
-    started = {}
+    started = Servers(*served)
     try:
-        for backend in ("jax", "llamacpp"):
-            opts = serve.Options(backend=backend, n_ctx=256, max_body=64 << 10, model_name="tiny", threads=2)
-            if backend == "llamacpp":
-                pytest.importorskip("llama_cpp")
-            started[backend] = Server(*serve.build_app(cfg, wd, opts))
         yield started
     finally:
         for s in started.values():
             s.close()
 
 
-@pytest.mark.parametrize("backend", ["jax", "llamacpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_completion_chat_and_stream(servers, backend):
     c = servers[backend].client()
     assert [m.id for m in c.models.list().data] == ["tiny"]
@@ -115,6 +123,8 @@ def test_completion_chat_and_stream(servers, backend):
     assert stopped.choices[0].finish_reason == "stop"
 
 
+@LLAMA[0]
+@LLAMA[1]
 def test_backends_give_the_same_greedy_text(served, servers):
     sp = tok_lib.load(served[1] / "tokenizer" / "spm.model")
     for prompt in PROMPTS:
@@ -129,10 +139,11 @@ def test_backends_give_the_same_greedy_text(served, servers):
     assert got[0].choices[0].message.content == got[1].choices[0].message.content
 
 
+@LLAMA[0]
+@LLAMA[1]
 def test_gguf_carries_our_chat_template(served, servers):
     """The template in the served GGUF, rendered by llama-cpp-python's formatter, gives our prompt text."""
-    gguf = pytest.importorskip("gguf")
-    llama_chat_format = pytest.importorskip("llama_cpp.llama_chat_format")
+    servers["llamacpp"]  # exports the GGUF
     cfg, wd = served
     field = gguf.GGUFReader(str(wd / "export" / "model-f16.gguf")).fields["tokenizer.chat_template"]
     template = bytes(field.parts[field.data[0]]).decode()
@@ -160,7 +171,7 @@ def _error(status, data, want_status, want_code=None):
         assert err["code"] == want_code
 
 
-@pytest.mark.parametrize("backend", ["jax", "llamacpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_requests_get_openai_errors(servers, backend):
     s = servers[backend]
     c = s.client()
@@ -209,7 +220,7 @@ def test_api_key_is_checked_on_every_request(served):
         s.close()
 
 
-@pytest.mark.parametrize("backend", ["jax", "llamacpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_32_concurrent_clients_each_get_their_own_answer(servers, backend):
     """Distinct prompts and seeds, sampled at temperature 1: each answer must be the one the same request gets
     alone, so a lost, swapped or cross-seeded request fails."""
