@@ -236,3 +236,32 @@ def test_32_concurrent_clients_each_get_their_own_answer(servers, backend):
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         got = dict(f.result(timeout=180) for f in [pool.submit(one, i) for i in range(32)])
     assert [got[i] for i in range(32)] == alone
+
+
+def test_left_padded_rows_decode_as_if_alone(trained_tiny):
+    """The cache offset that lets the jax backend batch prompts of different lengths: each padded row's logits,
+    for the prompt and for a next token, equal those of the row decoded alone."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kslm_jax.eval import generate as gen
+    t = trained_tiny
+    prompts = [t.sp.EncodeAsIds(p)[:9] for p in PROMPTS[:3]]
+    width = max(map(len, prompts))
+    tokens = np.zeros((3, width), np.int32)
+    offset = np.array([width - len(p) for p in prompts], np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, offset[i]:] = p
+    cache = llama.init_cache(t.model.c, 3, 128)
+    cache["offset"] = jnp.asarray(offset)
+    positions = np.arange(width, dtype=np.int32)[None] - offset[:, None]
+    logits, cache = gen.forward_cached(t.model, t.params, jnp.asarray(tokens), jnp.asarray(positions), cache)
+    nxt = np.array([[5], [6], [7]], np.int32)
+    step, _ = gen.forward_cached(t.model, t.params, jnp.asarray(nxt), jnp.asarray((width - offset)[:, None]), cache)
+    for i, p in enumerate(prompts):
+        alone, c1 = gen.forward_cached(t.model, t.params, jnp.asarray([p]),
+                                       jnp.arange(len(p), dtype=jnp.int32)[None], llama.init_cache(t.model.c, 1, 128))
+        np.testing.assert_allclose(logits[i, offset[i]:], alone[0], atol=1e-4)
+        one, _ = gen.forward_cached(t.model, t.params, jnp.asarray(nxt[i:i + 1]),
+                                    jnp.asarray([[len(p)]], jnp.int32), c1)
+        np.testing.assert_allclose(step[i], one[0], atol=1e-4)
