@@ -30,7 +30,8 @@ from kslm_jax.core import config as config_lib  # noqa: E402
 from kslm_jax.model import llama  # noqa: E402
 from kslm_jax.objectives import finetune_io  # noqa: E402
 
-SHAPE = ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.n_kv_heads=12", "model.d_ff=2048",
+SHAPE = ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.n_kv_heads=12",
+         "model.d_ff=2048",
          "model.vocab_multiple=32000", "model.dtype=float32", "model.attention=xla", "model.scan_layers=false",
          "data.seq_len=1024", "mesh.data=1"]
 LEVELS = (1, 8, 32)
