@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from kslm_jax.cli import compile as compile_cmd
 from kslm_jax.cli import eval_cmd
+from kslm_jax.cli import serve as serve_cmd
 from kslm_jax.compress import prune as prune_lib
 from kslm_jax.core import checkpoint, config_help, distributed, metrics
 from kslm_jax.core import config as config_lib
@@ -348,3 +349,7 @@ def merge_lora(args, overrides) -> int:
     print(f"merged LoRA adapters of {args.workdir} (rank {info['rank']}, step {info['step']}) into "
           f"{info['base']} -> {args.out} (a plain workdir at step 0: kslm eval/generate/export read it)")
     return 0
+
+
+def serve(args, overrides) -> int:
+    return serve_cmd.cli(args, overrides)

@@ -65,6 +65,11 @@ COMMANDS = {
                 "fit, FLOPs, collectives and a roofline estimate; exit 2 with the lever when it does not fit.",
                 "reads:  --config (or WORKDIR/config.json), --topology v5e-16 | v5litepod-16 | v4-32 | v5p-128 | v6e-64\n"
                 "writes: WORKDIR/compile.json (when --workdir is given); needs the `tpu` extra (libtpu)"),
+    "serve": ("Serve the newest checkpoint over HTTP, OpenAI-compatible: /v1/models, /v1/completions, "
+              "/v1/chat/completions.",
+              "reads:  llamacpp: WORKDIR/export/model-<quant>.gguf (exported first when missing or stale);\n"
+              "        jax: WORKDIR/checkpoints (newest), tokenizer/spm.model\n"
+              "writes: llamacpp: that GGUF file when it exports it; nothing else"),
     "demo": ("Run every stage on the bundled Korean corpus: prepare, tokenizer, tokenize, train, eval, generate.",
              "reads:  the constitution and bill texts inside the KoNLPy wheel (configs/tiny_ko.py)\n"
              "writes: everything above under WORKDIR (default runs/demo)"),
@@ -117,6 +122,18 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--fewshot", default=None, help="'kind=path,...': the split few-shot examples come from")
         p.add_argument("--shots", type=int, default=None, help="few-shot examples per question (default eval.shots)")
         p.add_argument("--limit", type=int, default=None, help="records per task (default eval.limit; 0: all)")
+    if command == "serve":
+        p.add_argument("--backend", choices=["llamacpp", "jax"], default="llamacpp",
+                       help="llamacpp: llama-cpp-python's server over the GGUF export; jax: our decoder, batched")
+        p.add_argument("--quant", choices=["f16", "q8_0", "q4_0"], default="f16", help="llamacpp: GGUF tensor type")
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+        p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+        p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+        p.add_argument("--n-ctx", type=int, default=2048, help="context window: prompt + completion tokens")
+        p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (413 past it)")
+        p.add_argument("--max-batch", type=int, default=8, help="jax: requests decoded together in one step")
+        p.add_argument("--max-queue", type=int, default=64, help="jax: requests waiting; more get 429")
+        p.add_argument("--threads", type=int, default=0, help="llamacpp: CPU threads (default: every core)")
     if command == "merge-lora":
         p.add_argument("--out", required=True, help="the new workdir for the merged model")
     if command == "distill-cache":

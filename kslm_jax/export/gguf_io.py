@@ -18,6 +18,7 @@ import numpy as np
 
 from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
+from kslm_jax.data import chat
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import GGUF_KEY
 from kslm_jax.model import hf_names as hf
@@ -53,10 +54,13 @@ def gguf_tensors(params, c: llama.ModelConfig) -> dict[str, np.ndarray]:
 
 def _vocab(sp, size: int, gguf):
     tokens, scores, types = [], [], []
+    specials = set(tok_lib.user_defined(sp))
     for i in range(sp.GetPieceSize()):
         tokens.append(sp.IdToPiece(i).encode("utf-8"))
         scores.append(sp.GetScore(i))
-        if sp.IsUnknown(i):
+        if tokens[-1].decode() in specials:  # chat markers: llama.cpp matches them whole, as SentencePiece does
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif sp.IsUnknown(i):
             types.append(gguf.TokenType.UNKNOWN)
         elif sp.IsControl(i):
             types.append(gguf.TokenType.CONTROL)
@@ -143,6 +147,13 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
         w.add_add_space_prefix(bool(dummy_prefix))
+        # Our chat format, so llama.cpp's server (and other GGUF runtimes) render chats as kslm serve --backend
+        # jax does; an SFT answer ends at the template's closing marker, which llama.cpp then treats as an end.
+        w.add_chat_template(chat.chat_template(cfg))
+        if cfg.finetune.kind == "sft":
+            marks = tok_lib.find_special(cfg.finetune.template)
+            if marks:
+                w.add_eot_token_id(sp.PieceToId(marks[-1]))
         for name, arr in gguf_tensors(params, c).items():
             arr = np.ascontiguousarray(arr, np.float32)
             if arr.ndim == 1:

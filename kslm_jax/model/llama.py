@@ -177,7 +177,11 @@ class Transformer(nn.Module):
         else:
             s = cache["k"].shape[2]
             k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            attn_inputs = {"mask": k_pos[:, None, :] <= positions[:, :, None]}  # unwritten slots lie ahead
+            # Rows of a batch may start at different slots (left-padded prompts, eval/serve batching): row b's
+            # slot s holds position s - offset[b]; slots before the offset are padding nobody attends to.
+            off = cache.get("offset", jnp.zeros((b,), jnp.int32))[:, None, None]
+            k_slot = k_pos[:, None, :]
+            attn_inputs = {"mask": (k_slot <= positions[:, :, None] + off) & (k_slot >= off)}  # unwritten: ahead
 
         block = Block
         if c.remat != "none":
@@ -207,7 +211,10 @@ class Transformer(nn.Module):
         logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
         if cache is None:
             return logits
-        return logits, {"k": new_layers["k"], "v": new_layers["v"], "index": cache["index"] + t}
+        new_cache = {"k": new_layers["k"], "v": new_layers["v"], "index": cache["index"] + t}
+        if "offset" in cache:
+            new_cache["offset"] = cache["offset"]
+        return logits, new_cache
 
 
 def output_kernel(params, c: ModelConfig):
