@@ -45,7 +45,7 @@ def test_cli_export_runs_in_onnxruntime(trained_tiny, tmp_path):
     t = trained_tiny
     out = tmp_path / "onnx"
     commands.export(SimpleNamespace(workdir=str(t.workdir), format="onnx", quant=None, out=str(out)), [])
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == [".kslm_export.json", "model.onnx", "tokenizer.model"]
     model = onnx.load(str(out / "model.onnx"))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
@@ -138,7 +138,7 @@ def test_external_data_file(tmp_path):
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"x")
     out = onnx_io.write_onnx(params, c, tok, tmp_path / "onnx", external_over=0)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", onnx_io.DATA_FILE, "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == [".kslm_export.json", "model.onnx", onnx_io.DATA_FILE, "tokenizer.model"]
     weight_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params))
     inline = [len(t.raw_data) for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer]
     assert max(inline) < 4096  # only norms and constants stay in the protobuf, every matrix moved out

@@ -171,6 +171,7 @@ def test_no_environment_means_single_process(monkeypatch):
 
 def test_unreachable_coordinator_exits_2_with_one_line(tmp_path):
     port = portpicker.pick_unused_port()
+    (tmp_path / "run").mkdir()  # a workdir that exists: the coordinator is what fails
     proc = subprocess.run([sys.executable, "-m", "kslm_jax", "train", "--workdir", str(tmp_path / "run")],
                           cwd=REPO, text=True, capture_output=True, timeout=120,
                           env=_env(2, KSLM_DISTRIBUTED="1", KSLM_COORDINATOR=f"127.0.0.1:{port}",

@@ -27,6 +27,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from kslm_jax.core.errors import KslmError
 
@@ -220,20 +221,24 @@ def _names(path) -> tuple:
 
 
 def check_shapes(step_dir: Path, abstract_state) -> None:
-    """Compare the shapes orbax recorded for the step's parameters with the config's, before any read."""
+    """Compare the global shapes orbax recorded for the step's parameters with the config's, before any read.
+
+    orbax's own metadata reader, not _METADATA's write_shape: that is one shard's shape under FSDP.
+    """
     try:
-        meta = json.loads((step_dir / "state" / "_METADATA").read_text())["tree_metadata"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # unreadable metadata is damage; the restore that follows reports it
-    stored = {k: v.get("value_metadata", {}).get("write_shape") for k, v in meta.items() if isinstance(v, dict)}
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir / "state"))
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        stored = {_names(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(
+            tree["params"], is_leaf=lambda x: hasattr(x, "shape"))[0]}
+    except Exception:  # noqa: BLE001 - unreadable metadata is damage; the restore that follows reports it
+        return
     wrong = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]:
-        key = str(("params", *_names(path)))
-        have = stored.get(key)
+        have = stored.get(_names(path))
         if have is None:
             wrong.append(f"{'/'.join(map(str, _names(path)))} is missing")
-        elif tuple(have) != tuple(leaf.shape):
-            wrong.append(f"{'/'.join(map(str, _names(path)))} is {tuple(have)}, the config gives {tuple(leaf.shape)}")
+        elif have != tuple(leaf.shape):
+            wrong.append(f"{'/'.join(map(str, _names(path)))} is {have}, the config gives {tuple(leaf.shape)}")
     if wrong:
         shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
         raise ShapeMismatch(f"checkpoint step {step_dir.name} in {step_dir.parent} is intact but was written for "

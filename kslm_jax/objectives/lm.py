@@ -13,12 +13,8 @@ from kslm_jax.train import state as state_lib
 from kslm_jax.train import step as step_lib
 
 
-def loss(model, z_loss: float, loss_chunk: int = 0):
-    """The pretraining loss as an Objective's `loss(params, extra, batch, rng) -> (sum, aux)`."""
-    def lm_loss(params, extra, batch, rng):
-        del extra, rng  # the decoder has no dropout
-        return step_lib.loss_fn(params, model, batch, z_loss, loss_chunk)
-    return lm_loss
+# The pretraining loss lives in train/step.py: `kslm compile` lowers the same step without an objective.
+loss = step_lib.lm_loss
 
 
 class LM:

@@ -75,6 +75,14 @@ def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
     return ce_sum + z_sum, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": mask.sum()}
 
 
+def lm_loss(model, z_loss: float, loss_chunk: int = 0):
+    """The pretraining loss as an Objective's `loss(params, extra, batch, rng) -> (sum, aux)`."""
+    def loss(params, extra, batch, rng):
+        del extra, rng  # the decoder has no dropout
+        return loss_fn(params, model, batch, z_loss, loss_chunk)
+    return loss
+
+
 def accumulate(loss, params, extra, batch, rng, accum: int):
     """(gradients, aux) of the whole global batch: summed over micro-batches, divided by its total count.
 
