@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from kslm_jax.cli import compile as compile_cmd
 from kslm_jax.cli import eval_cmd
 from kslm_jax.cli import serve as serve_cmd
+from kslm_jax.cli import sweep as sweep_cmd
 from kslm_jax.compress import prune as prune_lib
 from kslm_jax.core import checkpoint, config_help, distributed, metrics
 from kslm_jax.core import config as config_lib
@@ -120,6 +121,10 @@ def train(args, overrides) -> int:
     finally:
         report.close()
     return 0
+
+
+def sweep(args, overrides) -> int:
+    return sweep_cmd.cli(args, _cfg(args, overrides))
 
 
 def _write_eval(workdir, result: dict) -> None:
