@@ -168,6 +168,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--study", default="kslm-sweep", help="study name inside the storage")
         p.add_argument("--sampler", choices=["tpe", "qmc", "random"], default="tpe",
                        help="tpe (default); qmc spreads few trials evenly over the space")
+        p.add_argument("--pruner", choices=["hyperband", "none"], default="hyperband",
+                       help="hyperband: stop trials that trail at an eval (successive halving); none: run all out")
         p.add_argument("--seed", type=int, default=None, help="sampler seed")
         p.add_argument("--heartbeat", type=int, default=10,
                        help="seconds between a running trial's heartbeats; one silent for 3 is re-run")

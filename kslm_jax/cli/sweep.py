@@ -83,8 +83,10 @@ class Sweep:
         rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=beat, grace_period=3 * beat,
                                          heartbeat_stale_trial_callback=retry)
         self.beat, self.retry = beat, retry
-        pruner = optuna.pruners.HyperbandPruner(min_resource=self.eval_every, max_resource=steps,
-                                                reduction_factor=3)
+        pruner = optuna.pruners.NopPruner()
+        if args.pruner == "hyperband":
+            pruner = optuna.pruners.HyperbandPruner(min_resource=self.eval_every, max_resource=steps,
+                                                    reduction_factor=3)
         self.study = optuna.create_study(storage=rdb, study_name=args.study, direction="minimize",
                                          pruner=pruner, load_if_exists=True)
         record = {"space": [p.spec for p in params], "fixed": {k: str(v) for k, v in self.fixed.items()}}
