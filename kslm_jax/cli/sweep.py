@@ -79,9 +79,14 @@ class Sweep:
         self.eval_every = cfg.train.eval_every or max(1, steps // 4)
         self.fixed.update({"train.eval_every": self.eval_every, "logging.progress_bar": False})
         beat = max(1, int(args.heartbeat))
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=beat, grace_period=3 * beat,
-                                         heartbeat_stale_trial_callback=retry)
+        # Optuna 4.9 renamed the stale-trial retry callback and its argument; older releases have the first pair.
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+            on_stale = {"heartbeat_stale_trial_callback": retry}
+        else:
+            retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
+            on_stale = {"failed_trial_callback": retry}
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=beat, grace_period=3 * beat, **on_stale)
         self.beat, self.retry = beat, retry
         pruner = optuna.pruners.NopPruner()
         if args.pruner == "hyperband":
