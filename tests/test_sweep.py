@@ -41,7 +41,10 @@ def _study(storage):
 
 
 def _trials(storage, *states):
-    return [t for t in _study(storage).trials if t.state.name in states]
+    try:
+        return [t for t in _study(storage).trials if t.state.name in states]
+    except KeyError:  # the database exists, the study not yet
+        return []
 
 
 @pytest.fixture(scope="module")

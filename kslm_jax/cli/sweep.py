@@ -108,6 +108,7 @@ class Sweep:
         self.study.sampler = samplers[args.sampler]()
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.error = None
 
     def _states(self):
         return [t.state.name for t in self.study.get_trials(deepcopy=False)]
@@ -125,8 +126,15 @@ class Sweep:
             while any(w.is_alive() for w in workers):
                 time.sleep(0.2)
         except KeyboardInterrupt:
+            # The running trials get SIGTERM, save a checkpoint and stay RUNNING in the study: the next
+            # `kslm sweep` finds them stale and resumes them.
             self.stop.set()
-            raise
+            for w in workers:
+                w.join()
+            raise KslmError("interrupted: the running trials saved a checkpoint; run the same command to resume "
+                            "the sweep") from None
+        if self.error is not None:
+            raise self.error
 
     def _worker(self, device):
         optuna = self.optuna
@@ -148,7 +156,13 @@ class Sweep:
                 continue
             if self._surplus(trial):
                 continue
-            self._run_trial(trial, device)
+            try:
+                self._run_trial(trial, device)
+            except BaseException as e:  # noqa: BLE001 - reported by run() in the main thread
+                self.error = e if isinstance(e, KslmError) else KslmError(f"trial {trial.number:03d}: {e}")
+                self.stop.set()
+                self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+                return
 
     def _surplus(self, trial) -> bool:
         ahead = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number
@@ -203,7 +217,10 @@ class Sweep:
         elif proc.returncode == 0 and last is not None and last[0] >= cfg.train.steps:
             self.study.tell(trial, last[1])
             log.info("trial %03d complete: bits/char %.4f", trial.number, last[1])
-        elif not self.stop.is_set():
+        elif proc.returncode == 0:  # stopped by a signal from outside: left RUNNING, resumed once found stale
+            log.warning("trial %03d stopped at its checkpoint before the budget; a later sweep resumes it",
+                        trial.number)
+        elif proc.returncode != 0 and not self.stop.is_set():
             self.study.tell(trial, state=state.FAIL)
             log.warning("trial %03d failed (exit code %s); see %s", trial.number, proc.returncode,
                         folder / "train.log")
