@@ -31,6 +31,8 @@ from kslm_jax.train import hf_import
 
 log = logging.getLogger("kslm")
 
+sweep = sweep_cmd.cli  # `kslm sweep` runs `kslm train` in subprocesses; it lives in cli/sweep.py
+
 DEMO_PROMPTS = ("대한민국의 주권은", "국회는", "이 법은")
 
 
@@ -121,10 +123,6 @@ def train(args, overrides) -> int:
     finally:
         report.close()
     return 0
-
-
-def sweep(args, overrides) -> int:
-    return sweep_cmd.cli(args, _cfg(args, overrides))
 
 
 def _write_eval(workdir, result: dict) -> None:

@@ -257,8 +257,9 @@ def _transfer(args, cfg, best: dict) -> dict:
             "step": evals[-1][0], "bits_per_char": evals[-1][1]}
 
 
-def cli(args, cfg) -> int:
-    """The `kslm sweep` command on a config already bound to args.workdir."""
+def cli(args, overrides) -> int:
+    """The `kslm sweep` command: the config of args.workdir (or --config), bound to it like any command's."""
+    cfg = workdir_lib.config_for(args.workdir, args.config, overrides, getattr(args, "force", False))
     workdir = Path(args.workdir)
     params = space_lib.parse_all(cfg, args.space)
     if not params:
