@@ -109,6 +109,7 @@ class Sweep:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.error = None
+        self.failures = 0
 
     def _states(self):
         return [t.state.name for t in self.study.get_trials(deepcopy=False)]
@@ -224,6 +225,14 @@ class Sweep:
             self.study.tell(trial, state=state.FAIL)
             log.warning("trial %03d failed (exit code %s); see %s", trial.number, proc.returncode,
                         folder / "train.log")
+            with self.lock:
+                self.failures += 1
+                if self.failures >= 3:  # a config that cannot train would otherwise draw trials forever
+                    self.error = KslmError(f"3 trials in a row failed; the last log is {folder / 'train.log'}")
+                    self.stop.set()
+            return
+        with self.lock:
+            self.failures = 0
 
 
 def _terminate(proc) -> None:
