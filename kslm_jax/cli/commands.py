@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from kslm_jax.cli import compile as compile_cmd
 from kslm_jax.cli import eval_cmd
 from kslm_jax.cli import serve as serve_cmd
-from kslm_jax.cli import sweep as sweep_cmd
+from kslm_jax.cli.sweep import cli as sweep  # noqa: F401 - `kslm sweep`: trials run `kslm train` in subprocesses
 from kslm_jax.compress import prune as prune_lib
 from kslm_jax.core import checkpoint, config_help, distributed, metrics
 from kslm_jax.core import config as config_lib
@@ -30,8 +30,6 @@ from kslm_jax.objectives import finetune, finetune_io, lm, student
 from kslm_jax.train import hf_import
 
 log = logging.getLogger("kslm")
-
-sweep = sweep_cmd.cli  # `kslm sweep` runs `kslm train` in subprocesses; it lives in cli/sweep.py
 
 DEMO_PROMPTS = ("대한민국의 주권은", "국회는", "이 법은")
 

@@ -100,7 +100,7 @@ class Sweep:
             self.study.set_user_attr("sweep", record)
         elif old != record:
             raise KslmError(f"study {args.study!r} in {storage} was started with {json.dumps(old)}; pass the same "
-                            "--space/--budget-steps/--transfer, or a new --study or --workdir")
+                            "--space/--budget-steps/--config.train.eval_every, or a new --study or --workdir")
         seed = None if args.seed is None else args.seed + len(self.study.trials)  # a resumed process draws anew
         samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                     "random": lambda: optuna.samplers.RandomSampler(seed=seed),
