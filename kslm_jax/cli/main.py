@@ -243,7 +243,9 @@ def _workdir_locks(command: str, args, stack: contextlib.ExitStack) -> None:
     on a pod every process runs the same command on the same workdir)."""
     if getattr(args, "workdir", None) is None:  # `kslm config`, `kslm compile` without a workdir
         return
-    plan = [(args.workdir, command not in READS_ONLY and not getattr(args, "text", None), command in CREATES)]
+    # sweep: a shared lock, so several sweep processes run one study while `kslm train` there is refused
+    exclusive = command not in READS_ONLY + ("sweep",) and not getattr(args, "text", None)
+    plan = [(args.workdir, exclusive, command in CREATES)]
     if command == "prune":
         plan.append((args.teacher, False, False))
     if command == "merge-lora":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from kslm_jax.cli import sweep_space as space_lib
@@ -35,16 +34,19 @@ def write_hparams(workdir: Path, study, params) -> Path:
     from tensorboardX import SummaryWriter
 
     out = workdir / "tensorboard_sweep"
-    if out.exists():
-        shutil.rmtree(out)
-    writer = SummaryWriter(logdir=str(out))
-    for t in space_lib.ranked(study.get_trials(deepcopy=False)):
-        hp = {p.key: t.params[p.key] for p in params}
-        hp["state"] = t.state.name.lower()
-        metrics = {"hparam/bits_per_char": float(t.value),
-                   "hparam/step": float(max(t.intermediate_values, default=0))}
-        writer.add_hparams(hp, metrics, name=f"trial_{t.number:03d}")
-    writer.close()
+    try:
+        with workdir_lib.atomic_dir(out) as tmp:
+            writer = SummaryWriter(logdir=str(tmp))
+            for t in space_lib.ranked(study.get_trials(deepcopy=False)):
+                hp = {p.key: t.params[p.key] for p in params}
+                hp["state"] = t.state.name.lower()
+                metrics = {"hparam/bits_per_char": float(t.value),
+                           "hparam/step": float(max(t.intermediate_values, default=0))}
+                writer.add_hparams(hp, metrics, name=f"trial_{t.number:03d}")
+            writer.close()
+    except OSError:  # another sweep process of the same study replaced it at the same moment: same content
+        if not out.is_dir():
+            raise
     return out
 
 
