@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from kslm_jax.cli import compile as compile_cmd
 from kslm_jax.cli import eval_cmd
 from kslm_jax.cli import serve as serve_cmd
+from kslm_jax.cli.sweep import cli as sweep  # noqa: F401 - `kslm sweep`: trials run `kslm train` in subprocesses
 from kslm_jax.compress import prune as prune_lib
 from kslm_jax.core import checkpoint, config_help, distributed, metrics
 from kslm_jax.core import config as config_lib

@@ -70,6 +70,11 @@ COMMANDS = {
               "reads:  llamacpp: WORKDIR/export/model-<quant>.gguf (exported first when missing or stale);\n"
               "        jax: WORKDIR/checkpoints (newest), tokenizer/spm.model\n"
               "writes: llamacpp: that GGUF file when it exports it; nothing else"),
+    "sweep": ("Search hyperparameters with Optuna: each trial is a `kslm train` run, pruned by Hyperband on eval "
+              "bits/char.",
+              "reads:  WORKDIR/data/tokens, tokenizer/ (prepared once; shared by every trial)\n"
+              "writes: WORKDIR/sweep.db (or --storage), trials/NNN/ (ordinary workdirs), best.json, importance.png,\n"
+              "        tensorboard_sweep/ (HParams); with --transfer also transfer/"),
     "demo": ("Run every stage on the bundled Korean corpus: prepare, tokenizer, tokenize, train, eval, generate.",
              "reads:  the constitution and bill texts inside the KoNLPy wheel (configs/tiny_ko.py)\n"
              "writes: everything above under WORKDIR (default runs/demo)"),
@@ -151,6 +156,25 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--n-heads", type=int, default=None, help="query heads to keep per layer")
         p.add_argument("--n-kv-heads", type=int, default=None, help="KV heads (groups) to keep per layer")
         p.add_argument("--calib-batches", type=int, default=8, help="training batches that measure importance")
+    if command == "sweep":
+        p.add_argument("--space", action="append", default=[], metavar="KEY=KIND(ARGS)",
+                       help="a swept key: loguniform(a,b), uniform(a,b), int(a,b) or choice(v1,v2,...) (repeatable)")
+        p.add_argument("--trials", type=int, default=20, help="finished (complete or pruned) trials wanted in all")
+        p.add_argument("--budget-steps", type=int, default=None, help="train.steps of each trial (default: config)")
+        p.add_argument("--parallel", type=int, default=1,
+                       help="trials at once in this process: CPU processes, or one GPU each (CUDA_VISIBLE_DEVICES)")
+        p.add_argument("--storage", default=None,
+                       help="SQLAlchemy URL shared by several processes or hosts (default sqlite:///WORKDIR/sweep.db)")
+        p.add_argument("--study", default="kslm-sweep", help="study name inside the storage")
+        p.add_argument("--sampler", choices=["tpe", "qmc", "random"], default="tpe",
+                       help="tpe (default); qmc spreads few trials evenly over the space")
+        p.add_argument("--pruner", choices=["hyperband", "none"], default="hyperband",
+                       help="hyperband: stop trials that trail at an eval (successive halving); none: run all out")
+        p.add_argument("--seed", type=int, default=None, help="sampler seed")
+        p.add_argument("--heartbeat", type=int, default=10,
+                       help="seconds between a running trial's heartbeats; one silent for 3 is re-run")
+        p.add_argument("--transfer", default=None, metavar="KEY=VALUE",
+                       help="after the sweep, train with KEY=VALUE (e.g. model.d_model=512) and the best values")
     return p
 
 
@@ -219,7 +243,9 @@ def _workdir_locks(command: str, args, stack: contextlib.ExitStack) -> None:
     on a pod every process runs the same command on the same workdir)."""
     if getattr(args, "workdir", None) is None:  # `kslm config`, `kslm compile` without a workdir
         return
-    plan = [(args.workdir, command not in READS_ONLY and not getattr(args, "text", None), command in CREATES)]
+    # sweep: a shared lock, so several sweep processes run one study while `kslm train` there is refused
+    exclusive = command not in READS_ONLY + ("sweep",) and not getattr(args, "text", None)
+    plan = [(args.workdir, exclusive, command in CREATES)]
     if command == "prune":
         plan.append((args.teacher, False, False))
     if command == "merge-lora":
