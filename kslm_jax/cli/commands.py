@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kslm_jax.cli import compile as compile_cmd
-from kslm_jax.cli import eval_cmd
+from kslm_jax.cli import eval_cmd, export_cmd
 from kslm_jax.cli import serve as serve_cmd
 from kslm_jax.cli.sweep import cli as sweep  # noqa: F401 - `kslm sweep`: trials run `kslm train` in subprocesses
 from kslm_jax.compress import prune as prune_lib
@@ -23,7 +23,6 @@ from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import generate as gen
 from kslm_jax.eval import lm as evaluate
 from kslm_jax.eval import train_report
-from kslm_jax.export import check_out, gguf_io, hf_io, onnx_io
 from kslm_jax.model import quantize
 from kslm_jax.objectives import distill_cache as cache_lib
 from kslm_jax.objectives import finetune, finetune_io, lm, student
@@ -199,46 +198,7 @@ def generate(args, overrides) -> int:
 
 
 def export(args, overrides) -> int:
-    export_dir = Path(args.workdir) / "export"
-    fresh = not export_dir.exists()
-    try:
-        return _export(args, overrides, export_dir)
-    finally:  # a failed export leaves no empty export/ behind (a folder that held something before stays)
-        if fresh and export_dir.is_dir() and not any(export_dir.iterdir()):
-            export_dir.rmdir()
-
-
-def _export(args, overrides, export_dir: Path) -> int:
-    if overrides:
-        raise KslmError("export takes no --config.* overrides: it exports the run as configured in its workdir")
-    quant = getattr(args, "quant", None)
-    if quant and args.format != "gguf":
-        raise KslmError(f"--quant {quant} applies to --format gguf only; {args.format} exports float32 "
-                        "(measure int8/int4 with `kslm eval --quant`)")
-    if args.format == "gguf":
-        quant = quant or "f16"
-        out = Path(args.out) if args.out else export_dir / f"model-{quant}.gguf"
-        check_out(out, args.format)
-        gguf_io.export_gguf(Path(args.workdir), out, quant)
-    elif args.format == "onnx":
-        out = Path(args.out) if args.out else export_dir / "onnx"
-        check_out(out, args.format)
-        onnx_io.export_onnx(Path(args.workdir), out)
-    else:
-        out = Path(args.out) if args.out else export_dir / "hf"
-        check_out(out, args.format)
-        hf_io.export_hf(Path(args.workdir), out)
-    print(f"exported {args.workdir} -> {out} ({args.format})")
-    pretokenized = tok_lib.pretokenize(tok_lib.load(workdir_lib.paths(args.workdir)["tokenizer"]))
-    if args.format != "gguf" and pretokenized == "jamo":
-        print("note: tokenizer.model was trained on the jamo view of Hangul; a plain SentencePiece (or Hugging Face) "
-              "encoder does not decompose syllables nor recompose its output; encode and decode with "
-              "kslm_jax.data.tokenizer.load() (or kslm_jax.data.jamo.decompose/recompose around it)")
-    elif args.format != "gguf" and pretokenized != "none":
-        print("note: tokenizer.model was trained on Kiwi morpheme cuts; a plain SentencePiece (or Hugging Face) "
-              "encoder still round-trips text but splits differently than training did; encode with "
-              "kslm_jax.data.tokenizer.load() to match")
-    return 0
+    return export_cmd.run(args, overrides)
 
 
 def import_(args, overrides) -> int:

@@ -86,14 +86,24 @@ class Sweep:
         else:
             retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
             on_stale = {"failed_trial_callback": retry}
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=beat, grace_period=3 * beat, **on_stale)
         self.beat, self.retry = beat, retry
         pruner = optuna.pruners.NopPruner()
         if args.pruner == "hyperband":
             pruner = optuna.pruners.HyperbandPruner(min_resource=self.eval_every, max_resource=steps,
                                                     reduction_factor=3)
-        self.study = optuna.create_study(storage=rdb, study_name=args.study, direction="minimize",
-                                         pruner=pruner, load_if_exists=True)
+        # Processes started together race to create the tables and the study of a new database: the loser
+        # sees "table exists", "UNIQUE constraint" or "database is locked" once, then finds them made.
+        for attempt in range(6):
+            try:
+                rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=beat, grace_period=3 * beat,
+                                                 **on_stale)
+                self.study = optuna.create_study(storage=rdb, study_name=args.study, direction="minimize",
+                                                 pruner=pruner, load_if_exists=True)
+                break
+            except Exception as e:  # noqa: BLE001 - sqlalchemy's errors; a real fault repeats and is raised
+                if attempt == 5 or not any(w in str(e) for w in ("already exists", "UNIQUE", "locked")):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
         record = {"space": [p.spec for p in params], "fixed": {k: str(v) for k, v in self.fixed.items()}}
         old = self.study.user_attrs.get("sweep")
         if old is None:
