@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_tokenizer_variants import HARD, _reviews, _tcfg
 
-from kslm_jax.cli import commands
+from kslm_jax.cli import commands, export_cmd
 from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import jamo, shards
@@ -206,8 +206,8 @@ def test_hf_and_onnx_export_say_how_to_encode(trained, tmp_path, monkeypatch, ca
     """The exported tokenizer.model is the jamo one: a plain encoder would not decompose, and the note says so."""
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "spm.model").write_bytes(trained.read_bytes())
-    monkeypatch.setattr(commands.hf_io, "export_hf", lambda workdir, out: None)
-    monkeypatch.setattr(commands.onnx_io, "export_onnx", lambda workdir, out: None)
+    monkeypatch.setattr(export_cmd.hf_io, "export_hf", lambda workdir, out: None)
+    monkeypatch.setattr(export_cmd.onnx_io, "export_onnx", lambda workdir, out: None)
     args = SimpleNamespace(workdir=str(tmp_path), format=fmt, out=str(tmp_path / "out"), quant=None)
     assert commands.export(args, []) == 0
     assert "note: tokenizer.model was trained on the jamo view of Hangul" in capsys.readouterr().out

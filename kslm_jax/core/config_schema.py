@@ -292,6 +292,9 @@ def _validate_distill(cfg) -> None:
 
 
 def _check_types(cfg, ref, prefix):
+    """What ConfigDict's own typing lets through. It refuses a str or float set on an int key (and every cast
+    it cannot make) at assignment, and config.py turns that TypeError into one line; it accepts None, a bool
+    on a numeric key and a section replaced whole, which this walk refuses."""
     for k, rv in ref.items():
         v = cfg[k]
         key = f"{prefix}{k}"
