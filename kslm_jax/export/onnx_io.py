@@ -53,7 +53,7 @@ def hf_model(params, c: llama.ModelConfig, max_positions: int = 2048):
     import transformers
     config = transformers.LlamaConfig(**hf_io.hf_config(c, max_positions))
     config._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).train(False)  # inference mode (dropout off)
     state = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in hf.to_hf(params, c).items()}
     result = model.load_state_dict(state, strict=False)
     # A tied head has no tensor of its own in the export; anything else missing is a name-table mistake.

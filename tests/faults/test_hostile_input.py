@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from one_line import one_line_error
 
 from kslm_jax.core.errors import KslmError
 pytest.importorskip("safetensors")
@@ -22,16 +23,6 @@ def kslm(*args):
     env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-def one_line_error(proc, *names) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("kslm: error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    for name in names:
-        assert str(name) in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from one_line import one_line_error
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = ["--config.logging.progress_bar=false"]
@@ -23,16 +24,6 @@ def _env():
 def kslm(*args, env=None):
     return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=env or _env(),
                           capture_output=True, text=True, timeout=600)
-
-
-def one_line_error(proc, *names) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("kslm: error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    for name in names:
-        assert str(name) in lines[0], lines[0]
-    return lines[0]
 
 
 def test_second_writer_is_refused_while_the_first_holds_the_workdir(prepared, tmp_path):
