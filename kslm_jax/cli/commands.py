@@ -25,7 +25,7 @@ from kslm_jax.eval import lm as evaluate
 from kslm_jax.eval import train_report
 from kslm_jax.model import quantize
 from kslm_jax.objectives import distill_cache as cache_lib
-from kslm_jax.objectives import finetune, finetune_io, lm, student
+from kslm_jax.objectives import dpo, finetune, finetune_io, lm, student
 from kslm_jax.train import hf_import
 
 log = logging.getLogger("kslm")
@@ -104,6 +104,8 @@ def _print_eval(step, result, seconds):
 def train(args, overrides) -> int:
     distributed.initialize_from_env()
     cfg = _cfg(args, overrides)
+    if cfg.finetune.kind == "dpo":  # preference pairs against a frozen reference, from finetune.init_from
+        return dpo.train(cfg, args.workdir)
     if cfg.finetune.kind != "none":  # SFT or classification: examples from files, base from finetune.init_from
         return finetune.train(cfg, args.workdir)
     tok_lib.check_workdir(cfg, Path(args.workdir))

@@ -15,7 +15,7 @@ from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import generate as gen
 from kslm_jax.eval import runner
 from kslm_jax.model import classify, llama
-from kslm_jax.objectives import finetune, finetune_io
+from kslm_jax.objectives import dpo, finetune, finetune_io
 
 
 def load(cfg, workdir: Path) -> tuple[runner.Subject, int]:
@@ -41,7 +41,7 @@ def cli(args, overrides) -> int:
     workdir = Path(args.workdir)
     spec = args.tasks or cfg.eval.tasks
     if not spec:
-        return finetune.evaluate_workdir(cfg, workdir)
+        return finetune.evaluate_workdir(cfg, workdir, dpo.trainer if cfg.finetune.kind == "dpo" else finetune.trainer)
     shots = cfg.eval.shots if args.shots is None else args.shots
     limit = cfg.eval.limit if args.limit is None else args.limit
     s, step = load(cfg, workdir)

@@ -59,6 +59,7 @@ RANGES = {
     "finetune.eval_examples": (0, INF, True, False),
     "finetune.eval_generate": (0, INF, True, False),
     "finetune.max_new_tokens": (1, INF, True, False),
+    "finetune.dpo_beta": (0, INF, False, False),
     "lora.rank": (0, INF, True, False),
     "lora.dropout": (0, 1, True, False),
     "eval.shots": (0, INF, True, False),

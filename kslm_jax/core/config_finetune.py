@@ -47,18 +47,25 @@ def validate(cfg) -> None:
     f, lo = cfg.finetune, cfg.lora
     if f.kind == "none":
         if lo.rank:
-            raise KslmError(f"config key lora.rank={lo.rank} needs finetune.kind=sft or cls (and finetune.init_from)")
+            raise KslmError(f"config key lora.rank={lo.rank} needs finetune.kind=sft, cls or dpo (and finetune.init_from)")
         return
     if not f.train_files:
         raise KslmError(f"config key finetune.train_files is empty; finetune.kind={f.kind} needs example files")
     if not 0.0 <= f.val_fraction < 1.0:
         raise KslmError(f"config key finetune.val_fraction={f.val_fraction} must be in [0, 1)")
-    if f.kind == "sft":
+    if f.kind in ("sft", "dpo"):
         for key in ("{prompt}", "{response}"):
             if f.template.count(key) != 1:
                 raise KslmError(f"config key finetune.template must hold {key} once: {f.template!r}")
         if f.template.index("{prompt}") > f.template.index("{response}"):
             raise KslmError("config key finetune.template: {prompt} must come before {response}")
+    if f.kind == "dpo":
+        if not f.init_from:
+            raise KslmError("finetune.kind=dpo needs finetune.init_from: the policy and its frozen reference both "
+                            "start from that model")
+        if f.chosen_field == f.rejected_field:
+            raise KslmError(f"config keys finetune.chosen_field and finetune.rejected_field both name "
+                            f"{f.chosen_field!r}; a pair needs two different responses")
     if f.kind == "cls":
         if f.cls_template.count("{text}") != 1:
             raise KslmError(f"config key finetune.cls_template must hold {{text}} once: {f.cls_template!r}")

@@ -149,6 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.finetune = dict(
         kind="none",            # none (pretraining on data.sources) | sft (prompt/response) | cls (sequence classification)
+                                # | dpo (preference pairs prompt/chosen/rejected against a frozen reference)
         init_from="",           # workdir of a trained model: its newest weights start the run; its model shape and
                                 # tokenizer keys replace this config's
         train_files="",         # comma-separated example files: jsonl, json, csv, tsv (each may be .gz)
@@ -157,7 +158,11 @@ def base_config() -> ml_collections.ConfigDict:
         split_field="",         # hash this field (e.g. movie_id) to choose the held-out split; "": the whole record
         prompt_field="prompt",  # sft: the user turn
         response_field="response",  # sft: the answer; the loss is on its tokens (and the end marker) only
-        template="<|user|>{prompt}<|end|><|assistant|>{response}<|end|>",  # sft: <|name|> are tokenizer.special_tokens
+        template="<|user|>{prompt}<|end|><|assistant|>{response}<|end|>",  # sft, dpo: <|name|> are tokenizer.special_tokens
+        chosen_field="chosen",  # dpo: the preferred response; an empty one is refused with its file and line
+        rejected_field="rejected",  # dpo: the dispreferred response to the same prompt
+        dpo_loss="dpo",         # dpo: dpo (-log sigmoid(beta * margin)) | ipo ((margin - 1/(2 beta))**2, Azar et al.)
+        dpo_beta=0.1,           # dpo: strength of the pull toward the reference; rewards are beta * log-prob ratios
         text_field="text",      # cls: the text to classify
         label_field="label",    # cls: a class name, a class index, or a number that label_bins maps to a name
         labels="",              # cls: class names in index order, e.g. "negative,positive"
@@ -171,7 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_new_tokens=48,      # sft: length cap of those answers
     )
     c.lora = dict(
-        rank=0,                 # >0: train low-rank adapters only (finetune.kind sft or cls); the base stays frozen
+        rank=0,                 # >0: train low-rank adapters only (finetune.kind sft, cls or dpo); the base stays frozen
         alpha=16.0,             # adapter output scaled by alpha / rank
         dropout=0.0,            # dropout on the adapters' input during training
         targets="q,k,v,o",      # projections that get adapters: q, k, v, o (attention), gate, up, down (MLP)
@@ -219,7 +224,8 @@ _CHOICES = {
     "train.nonfinite": ("skip", "restore", "raise"),
     "distill.teacher_format": ("workdir", "hf"),
     "distill.loss": ("forward_kl", "reverse_kl", "jsd", "skew_kl"),
-    "finetune.kind": ("none", "sft", "cls"),
+    "finetune.kind": ("none", "sft", "cls", "dpo"),
+    "finetune.dpo_loss": ("dpo", "ipo"),
     "finetune.head": ("linear", "label_words"),
     "finetune.too_long": ("drop", "truncate"),
     "lora.base_dtype": ("float32", "bfloat16", "int8"),

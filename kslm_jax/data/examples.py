@@ -90,11 +90,12 @@ def one_pass(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, order=N
 
 
 def ExampleStream(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, seed: int,  # noqa: N802
-                  depth: int = 0):
+                  depth: int = 0, fill_fn=fill):
     """Endless packed training batches over reshuffled epochs, a grain iterator (checkpoint its state).
 
     Group i is examples [i * G, (i + 1) * G) of the endless sequence of seeded per-epoch permutations,
-    packed first-fit and gathered as pretraining chunks are. `depth` > 0 makes whole batches ahead in grain's prefetch thread.
+    packed first-fit and gathered as pretraining chunks are (by `fill_fn`: preference pairs have their own, with
+    max_segments then counting pairs). `depth` > 0 makes whole batches ahead in grain's prefetch thread.
     """
     if not len(ex):
         raise ValueError("no training examples")
@@ -118,7 +119,7 @@ def ExampleStream(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, se
     def pack_group(i: int) -> dict:
         ids = example_ids(i)
         plan = packing.first_fit(ex.lengths[ids].tolist(), seq_len, max_segments, BINS)
-        return fill(ex, [[int(ids[j]) for j in row] for row in plan], 0, seq_len, max_segments)
+        return fill_fn(ex, [[int(ids[j]) for j in row] for row in plan], 0, seq_len, max_segments)
 
     ds = packing.batches(pack_group, -(-n // group), rows, repeat=True, depth=depth)
     return iter(ds)

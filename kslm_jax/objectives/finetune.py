@@ -163,10 +163,12 @@ class Finetune:
         if self._base is None:
             host, step = finetune_io.base_params_host(self.base_dir)
             record = self.workdir / "finetune_base.json"
-            if record.is_file() and self.cfg.lora.rank and self.setup.has_checkpoint():
+            # LoRA adapters train on the base, and a preference run's reference is the base: neither may move.
+            frozen = self.cfg.lora.rank or self.cfg.finetune.kind == "dpo"
+            if record.is_file() and frozen and self.setup.has_checkpoint():
                 was = json.loads(record.read_text())
                 if was.get("step") != step:
-                    raise KslmError(f"the adapters in {self.workdir} were trained on step {was.get('step')} of "
+                    raise KslmError(f"the run in {self.workdir} started from step {was.get('step')} of "
                                     f"{self.base_dir}, which now has step {step}; fine-tune in a new --workdir")
             elif distributed.is_primary():
                 workdir_lib.atomic_write_text(record, json.dumps({"init_from": str(self.base_dir), "step": step}))
@@ -232,9 +234,10 @@ def train(cfg, workdir) -> int:
     return 0
 
 
-def evaluate_workdir(cfg, workdir) -> int:
-    """`kslm eval` of a fine-tuning workdir without --tasks: its held-out split, from the newest checkpoint."""
-    t = trainer(cfg, workdir)
+def evaluate_workdir(cfg, workdir, make=trainer) -> int:
+    """`kslm eval` of a fine-tuning workdir without --tasks: its held-out split, from the newest checkpoint;
+    `make` builds the trainer of its kind (objectives/dpo.py passes its own)."""
+    t = make(cfg, workdir)
     with jax.set_mesh(t.mesh):
         step, t.state = checkpoint.restore_params(t.paths["checkpoints"], t.abstract)
     result = t.evaluate()
