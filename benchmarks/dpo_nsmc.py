@@ -131,6 +131,7 @@ def main() -> int:
     p.add_argument("--judge-steps", type=int, default=150)
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--max-new", type=int, default=40)
+    p.add_argument("--reuse", action="store_true", help="keep --runs and skip the stages whose results are there")
     p.add_argument("--score", default=None, help=argparse.SUPPRESS)  # child process: JSON arguments
     args = p.parse_args()
     if args.score:
@@ -139,31 +140,39 @@ def main() -> int:
                                            a["n"], a["max_new"], a["seed"])))
         return 0
 
-    runs = fresh(args.runs)
-    data = subset(find_data("nsmc_reviews.jsonl.gz", args.data), runs / "nsmc_subset.jsonl.gz", args.rows)
+    runs = Path(args.runs).absolute() if args.reuse else fresh(args.runs)
+    data = runs / "nsmc_subset.jsonl.gz"
+    if not data.is_file():
+        subset(find_data("nsmc_reviews.jsonl.gz", args.data), data, args.rows)
     title = f"dpo_nsmc on {device_name()}, {args.rows:,} reviews, prompt {PROMPT!r}"
     log, rows, t0 = [], {}, time.perf_counter()
     base, judge = runs / "base", runs / "judge"
     base_cfg = [f"data.sources={data}", f"train.steps={args.base_steps}",
                 f"checkpoint.every_steps={args.base_steps}"] + TINY
-    for stage in ("prepare", "tokenizer", "tokenize"):
-        run([stage, "--config", "configs/finetune_nsmc_base.py", "--workdir", str(base), *flags(base_cfg)], log)
-    run(["train", "--workdir", str(base)], log)
+
+    def stage(cmd, result: Path):
+        if not (args.reuse and result.is_file()):
+            run(cmd, log)
+    for name in ("prepare", "tokenizer", "tokenize"):
+        stage([name, "--config", "configs/finetune_nsmc_base.py", "--workdir", str(base), *flags(base_cfg)],
+              base / "data" / "tokens" / "manifest.json")
+    stage(["train", "--workdir", str(base)], base / "eval" / "lm.json")
     ft = [f"finetune.init_from={base}"] + FT
-    run(["train", "--config", "configs/cls_tiny.py", "--workdir", str(judge),
-         *flags(ft + [f"finetune.train_files={data}", f"train.steps={args.judge_steps}",
-                      f"checkpoint.every_steps={args.judge_steps}", "finetune.eval_examples=2000"])], log)
+    stage(["train", "--config", "configs/cls_tiny.py", "--workdir", str(judge),
+           *flags(ft + [f"finetune.train_files={data}", f"train.steps={args.judge_steps}",
+                        f"checkpoint.every_steps={args.judge_steps}", "finetune.eval_examples=2000"])],
+          judge / "eval" / "finetune.json")
     judged = json.loads((judge / "eval" / "finetune.json").read_text())["eval"]
     pairs_file = runs / "pairs.jsonl"
     pairs = make_pairs(data, pairs_file, 60, 0)
     models = {"reference (the review model)": base}
     for beta in args.betas.split(","):
         wd = runs / f"dpo_beta{beta}"
-        run(["train", "--workdir", str(wd), *flags(ft + [
+        stage(["train", "--workdir", str(wd), *flags(ft + [
             "finetune.kind=dpo", f"finetune.train_files={pairs_file}", f"finetune.template={TEMPLATE}",
             "finetune.val_fraction=0.1", "finetune.eval_examples=1000",
             f"finetune.dpo_beta={beta}", f"optim.lr={args.lr}", f"train.steps={args.steps}",
-            f"checkpoint.every_steps={args.steps}"])], log)
+            f"checkpoint.every_steps={args.steps}"])], wd / "eval" / "finetune.json")
         r = json.loads((wd / "eval" / "finetune.json").read_text())
         name = f"DPO beta={beta}"
         models[name] = wd
@@ -174,7 +183,8 @@ def main() -> int:
     done = subprocess.run([sys.executable, __file__, "--score", child], cwd=REPO, check=True, capture_output=True,
                           text=True)
     scores = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("SCORES "))[7:])
-    log.append({"command": f"(sample {args.samples} per model and classify)", "seconds": round(time.perf_counter() - t, 1)})
+    log.append({"command": f"(sample {args.samples} per model and classify)",
+                "seconds": round(time.perf_counter() - t, 1)})
     rows = {name: dict(rows.get(name, {}), **scores[name]) for name in models}
     text = table(title, rows, judged, pairs, log, time.perf_counter() - t0)
     write_out("dpo_nsmc", text, {"title": title, "rows": rows, "judge": judged, "pairs": pairs, "stages": log})

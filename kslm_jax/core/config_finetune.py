@@ -5,6 +5,8 @@ import re
 
 from kslm_jax.core.errors import KslmError
 
+# Fine-tuning kinds whose model reads its prompts through finetune.template (generate, serve, export, tasks).
+TEMPLATED = ("sft", "dpo")
 SPECIAL_FORM = re.compile(r"<\|[^|<>\s]+\|>")
 
 
@@ -47,7 +49,8 @@ def validate(cfg) -> None:
     f, lo = cfg.finetune, cfg.lora
     if f.kind == "none":
         if lo.rank:
-            raise KslmError(f"config key lora.rank={lo.rank} needs finetune.kind=sft, cls or dpo (and finetune.init_from)")
+            raise KslmError(f"config key lora.rank={lo.rank} needs finetune.kind=sft, cls or dpo "
+                            "(and finetune.init_from)")
         return
     if not f.train_files:
         raise KslmError(f"config key finetune.train_files is empty; finetune.kind={f.kind} needs example files")

@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
         val_files="",           # held-out examples; "": val_fraction of train_files, chosen by a hash of split_field
         val_fraction=0.1,       # share of train_files held out when val_files is ""
         split_field="",         # hash this field (e.g. movie_id) to choose the held-out split; "": the whole record
-        prompt_field="prompt",  # sft: the user turn
+        prompt_field="prompt",  # sft, dpo: the user turn
         response_field="response",  # sft: the answer; the loss is on its tokens (and the end marker) only
         template="<|user|>{prompt}<|end|><|assistant|>{response}<|end|>",  # sft, dpo: <|name|> are tokenizer.special_tokens
         chosen_field="chosen",  # dpo: the preferred response; an empty one is refused with its file and line

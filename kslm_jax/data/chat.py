@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 
+from kslm_jax.core import config_finetune
 from kslm_jax.data import tokenizer as tok_lib
 
 PLAIN = ("{{ bos_token }}{%- for message in messages -%}{%- if not loop.first -%}{{ \"\\n\" }}{%- endif -%}"
@@ -26,7 +27,7 @@ def _lit(text: str) -> str:
 
 def chat_template(cfg) -> str:
     """The Jinja chat template of a workdir's model (see the module docstring)."""
-    if cfg.finetune.kind != "sft":
+    if cfg.finetune.kind not in config_finetune.TEMPLATED:
         return PLAIN
     t = cfg.finetune.template
     a, rest = t.split("{prompt}", 1)

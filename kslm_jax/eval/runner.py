@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from kslm_jax.core import distributed, metrics
+from kslm_jax.core import config_finetune, distributed, metrics
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import examples, finetune_data, records
@@ -198,7 +198,7 @@ def _generate(s: Subject, path: str, limit: int) -> dict:
 def prompt_ids(cfg, sp, prompts: list[str]):
     """Prompt ids through the SFT template (up to the assistant's turn) and the ids that end an answer, the
     template's end marker first."""
-    if cfg.finetune.kind != "sft":
+    if cfg.finetune.kind not in config_finetune.TEMPLATED:
         return [[tok_lib.BOS, *x] for x in sp.Encode(prompts, out_type=int)], (tok_lib.EOS,)
     tmpl = finetune_data.Template(cfg.finetune.template, sp, "config key finetune.template")
     out = []

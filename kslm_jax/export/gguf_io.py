@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kslm_jax.core import config as config_lib
+from kslm_jax.core import config_finetune
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import chat
 from kslm_jax.data import tokenizer as tok_lib
@@ -150,7 +151,7 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
         # Our chat format, so llama.cpp's server (and other GGUF runtimes) render chats as kslm serve --backend
         # jax does; an SFT answer ends at the template's closing marker, which llama.cpp then treats as an end.
         w.add_chat_template(chat.chat_template(cfg))
-        if cfg.finetune.kind == "sft":
+        if cfg.finetune.kind in config_finetune.TEMPLATED:
             marks = tok_lib.find_special(cfg.finetune.template)
             if marks:
                 w.add_eot_token_id(sp.PieceToId(marks[-1]))
