@@ -170,7 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
         cls_template="{text}",  # cls: the text as the model reads it, e.g. "{text} 감정:" for label_words
         head="linear",          # cls: linear (a head on the last token's final state) | label_words (LM scores)
         label_words="",         # cls head=label_words: one word per class in label order; their first pieces are scored
-        too_long="drop",        # examples over data.seq_len tokens: drop | truncate (sft: the response's end; cls: the text's)
+        too_long="drop",        # examples over data.seq_len tokens: drop | truncate (sft: the response's end; cls: the text's;
+                                # dpo: each response cut to half the row)
         eval_examples=0,        # held-out examples scored at each evaluation (0: all)
         eval_generate=32,       # sft: held-out prompts answered greedily for ROUGE-L and BLEU at each evaluation (0: off)
         max_new_tokens=48,      # sft: length cap of those answers

@@ -103,7 +103,7 @@ class Preference(finetune.Finetune):
         with jax.set_mesh(self.setup.mesh):
             for batch, plan in preference_data.one_pass(self.data.val.pairs, cfg.train.batch_size, cfg.data.seq_len,
                                                         cfg.data.max_segments_per_row, idx):
-                got = jax.device_get(self._stats(state.params, self.extra, self.attach(batch)))
+                got = jax.device_get(self._stats(state.params, self.extra, batch))  # every process: all rows
                 for r, row in enumerate(plan):
                     for j, e in enumerate(row):
                         for k in out:
