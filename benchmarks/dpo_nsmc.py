@@ -1,15 +1,16 @@
 """What preference tuning changes: a small NSMC review model aligned toward positive reviews with DPO.
 
-    python benchmarks/dpo_nsmc.py              # CPU (2 cores: ~15 minutes), tiny shapes on 20k reviews
-    python benchmarks/dpo_nsmc.py --betas 0.1,0.5 --steps 150 --samples 500
+    python benchmarks/dpo_nsmc.py              # CPU (2 cores, shared: ~20 minutes), tiny shapes on 20k reviews
+    python benchmarks/dpo_nsmc.py --betas 0.1,0.5 --ipo-betas 0.1 --steps 150 --samples 500 --reuse
 
 Every training stage is the `kslm` command a user would type (printed before it runs):
 1. the review model: prepare (held out by movie_id), tokenizer, tokenize and pretrain on a 20k-review subset of
    NSMC (configs/finetune_nsmc_base.py at tiny shapes);
 2. the judge: the project's own sentiment classifier (finetune.kind=cls, rating >= 9 positive, <= 4 negative)
-   fine-tuned from that model (configs/cls_tiny.py), its held-out accuracy reported beside the table;
+   fine-tuned from that model (configs/cls_tiny.py) on as many negative as positive reviews of the subset, so
+   that its prior is even; its held-out accuracy is reported beside the table;
 3. preference pairs from the same subset: chosen = a review rated >= 9, rejected = one rated <= 3, both after
-   the shared prompt "영화 리뷰:"; DPO from the review model at each beta, same steps and learning rate;
+   the shared prompt "영화 리뷰:"; DPO (and IPO) from the review model at each beta, same steps and learning rate;
 4. in a child process: 500 reviews sampled (temperature 1) after the prompt from the reference and from each
    aligned model, classified by the judge: the positive fraction. The mean held-out reward margin and the
    held-out response perplexity against the reference's come from each run's eval/finetune.json.
@@ -54,6 +55,21 @@ def make_pairs(reviews: Path, out: Path, max_chars: int, seed: int) -> dict:
         for c, r in zip(pos, neg):
             f.write(json.dumps({"prompt": PROMPT, "chosen": c, "rejected": r}, ensure_ascii=False) + "\n")
     return {"positive": len(pos), "negative": len(neg), "pairs": min(len(pos), len(neg))}
+
+
+def balanced(reviews: Path, out: Path, seed: int) -> dict:
+    """The judge's training file: as many positive (>= 9) as negative (<= 4) reviews, records kept whole (NSMC
+    is mostly positive; a judge trained on its skew calls most unreadable text positive)."""
+    pos, neg = [], []
+    with gzip.open(reviews, "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            (pos if r["rating"] >= 9 else neg if r["rating"] <= 4 else []).append(line)
+    random.Random(seed).shuffle(pos)
+    n = min(len(pos), len(neg))
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(pos[:n] + neg[:n])
+    return {"per_class": n}
 
 
 def score(judge: Path, models: dict, n: int, max_new: int, seed: int) -> dict:
@@ -102,17 +118,19 @@ def score(judge: Path, models: dict, n: int, max_new: int, seed: int) -> dict:
 
 def table(title: str, rows: dict, judge: dict, pairs: dict, log: list, seconds: float) -> str:
     out = [f"{title}; {seconds:.0f}s in all", "",
-           f"judge (finetune.kind=cls, held-out movies): accuracy {judge['accuracy']:.4f}, macro-F1 "
-           f"{judge['macro_f1']:.4f} on {judge['examples']:,} reviews; pairs: {pairs['pairs']:,} "
-           f"({pairs['positive']:,} positive, {pairs['negative']:,} negative reviews)", "",
-           "| model | beta | positive fraction of samples | held-out reward margin | held-out pair accuracy "
-           "| held-out ppl (reference ppl) | ppl drift | steps |", "|---|---|---|---|---|---|---|---|"]
+           f"judge (finetune.kind=cls on {judge['per_class']:,} reviews a class, held-out movies): accuracy "
+           f"{judge['accuracy']:.4f}, macro-F1 {judge['macro_f1']:.4f} on {judge['examples']:,} reviews; pairs: "
+           f"{pairs['pairs']:,} ({pairs['positive']:,} positive, {pairs['negative']:,} negative reviews)", "",
+           "| model | beta | positive fraction of samples | mean sample chars | held-out reward margin "
+           "| held-out pair accuracy | held-out ppl (reference ppl) | ppl drift | steps |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         ev = r.get("eval")
         if ev is None:
-            out.append(f"| {name} | - | {r['positive_fraction']:.3f} | 0 | - | - | 1 | 0 |")
+            out.append(f"| {name} | - | {r['positive_fraction']:.3f} | {r['mean_chars']:.1f} | 0 | - | - | 1 | 0 |")
             continue
-        out.append(f"| {name} | {r['beta']} | {r['positive_fraction']:.3f} | {ev['reward_margin']:.3f} "
+        out.append(f"| {name} | {r['beta']} | {r['positive_fraction']:.3f} | {r['mean_chars']:.1f} "
+                   f"| {ev['reward_margin']:.3f} "
                    f"| {ev['accuracy']:.3f} | {ev['perplexity']:.2f} ({ev['reference_perplexity']:.2f}) "
                    f"| {ev['perplexity_drift']:.3f} | {r['steps']} |")
     out += ["", "stages:"] + [f"- {e['seconds']:>6.1f}s  {e['command']}" for e in log]
@@ -125,10 +143,11 @@ def main() -> int:
     p.add_argument("--runs", default=str(REPO / "runs" / "dpo_nsmc"), help="folder for the workdirs (replaced)")
     p.add_argument("--rows", type=int, default=20_000, help="reviews of the subset")
     p.add_argument("--betas", default="0.1,0.5")
+    p.add_argument("--ipo-betas", default="0.1", help="IPO runs beside the DPO ones ('' = none)")
     p.add_argument("--steps", type=int, default=150, help="DPO steps per beta")
     p.add_argument("--lr", type=float, default=3e-4, help="DPO learning rate")
-    p.add_argument("--base-steps", type=int, default=300)
-    p.add_argument("--judge-steps", type=int, default=150)
+    p.add_argument("--base-steps", type=int, default=600)
+    p.add_argument("--judge-steps", type=int, default=300)
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--max-new", type=int, default=40)
     p.add_argument("--reuse", action="store_true", help="keep --runs and skip the stages whose results are there")
@@ -152,29 +171,34 @@ def main() -> int:
 
     def stage(cmd, result: Path):
         if not (args.reuse and result.is_file()):
+            Path(cmd[cmd.index("--workdir") + 1]).mkdir(parents=True, exist_ok=True)  # `kslm train` makes none
             run(cmd, log)
     for name in ("prepare", "tokenizer", "tokenize"):
         stage([name, "--config", "configs/finetune_nsmc_base.py", "--workdir", str(base), *flags(base_cfg)],
               base / "data" / "tokens" / "manifest.json")
     stage(["train", "--workdir", str(base)], base / "eval" / "lm.json")
     ft = [f"finetune.init_from={base}"] + FT
+    judge_file = runs / "judge_balanced.jsonl"
+    judge_data = balanced(data, judge_file, 0)
     stage(["train", "--config", "configs/cls_tiny.py", "--workdir", str(judge),
-           *flags(ft + [f"finetune.train_files={data}", f"train.steps={args.judge_steps}",
+           *flags(ft + [f"finetune.train_files={judge_file}", f"train.steps={args.judge_steps}",
                         f"checkpoint.every_steps={args.judge_steps}", "finetune.eval_examples=2000"])],
           judge / "eval" / "finetune.json")
-    judged = json.loads((judge / "eval" / "finetune.json").read_text())["eval"]
+    judged = dict(json.loads((judge / "eval" / "finetune.json").read_text())["eval"], **judge_data)
     pairs_file = runs / "pairs.jsonl"
     pairs = make_pairs(data, pairs_file, 60, 0)
     models = {"reference (the review model)": base}
-    for beta in args.betas.split(","):
-        wd = runs / f"dpo_beta{beta}"
+    runs_spec = ([("dpo", b) for b in args.betas.split(",") if b]
+                 + [("ipo", b) for b in args.ipo_betas.split(",") if b])
+    for kind, beta in runs_spec:
+        wd = runs / f"{kind}_beta{beta}"
         stage(["train", "--workdir", str(wd), *flags(ft + [
             "finetune.kind=dpo", f"finetune.train_files={pairs_file}", f"finetune.template={TEMPLATE}",
-            "finetune.val_fraction=0.1", "finetune.eval_examples=1000",
+            "finetune.val_fraction=0.1", "finetune.eval_examples=1000", f"finetune.dpo_loss={kind}",
             f"finetune.dpo_beta={beta}", f"optim.lr={args.lr}", f"train.steps={args.steps}",
             f"checkpoint.every_steps={args.steps}"])], wd / "eval" / "finetune.json")
         r = json.loads((wd / "eval" / "finetune.json").read_text())
-        name = f"DPO beta={beta}"
+        name = f"{kind.upper()} beta={beta}"
         models[name] = wd
         rows[name] = {"beta": float(beta), "eval": r["eval"], "steps": r["step"]}
     t = time.perf_counter()
