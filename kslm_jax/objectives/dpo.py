@@ -71,8 +71,8 @@ class Preference(finetune.Finetune):
                                                 if k not in ("records", "pairs", "tokens")) or "none left out",
                  f.dpo_loss, f.dpo_beta)
         if not len(self.data.train.pairs):
-            raise KslmError(f"every training pair of {f.train_files} is over data.seq_len="
-                                     f"{cfg.data.seq_len} positions; raise it or set finetune.too_long=truncate")
+            raise KslmError(f"every training pair of {f.train_files} is over data.seq_len={cfg.data.seq_len} "
+                            "positions; raise it or set finetune.too_long=truncate")
 
     def _reference(self):
         """The base's decoder as bf16 arrays on the mesh, sharded like the policy's decoder."""
