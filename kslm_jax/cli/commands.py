@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kslm_jax.cli import compile as compile_cmd
-from kslm_jax.cli import eval_cmd, export_cmd
+from kslm_jax.cli import eval_cmd, export_cmd, inspect_cmd
 from kslm_jax.cli import serve as serve_cmd
 from kslm_jax.cli.sweep import cli as sweep  # noqa: F401 - `kslm sweep`: trials run `kslm train` in subprocesses
 from kslm_jax.compress import prune as prune_lib
@@ -103,6 +103,8 @@ def _print_eval(step, result, seconds):
 
 def train(args, overrides) -> int:
     distributed.initialize_from_env()
+    if getattr(args, "profile", None):
+        overrides = [*overrides, f"logging.profile_steps={args.profile}"]
     cfg = _cfg(args, overrides)
     if cfg.finetune.kind == "dpo":  # preference pairs against a frozen reference, from finetune.init_from
         return dpo.train(cfg, args.workdir)
@@ -211,6 +213,10 @@ def import_(args, overrides) -> int:
 
 def compile_(args, overrides) -> int:
     return compile_cmd.run(args, overrides)
+
+
+def inspect(args, overrides) -> int:
+    return inspect_cmd.run(args, overrides)
 
 
 def demo(args, overrides) -> int:

@@ -65,6 +65,11 @@ COMMANDS = {
                 "fit, FLOPs, collectives and a roofline estimate; exit 2 with the lever when it does not fit.",
                 "reads:  --config (or WORKDIR/config.json), --topology v5e-16 | v5litepod-16 | v4-32 | v5p-128 | v6e-64\n"
                 "writes: WORKDIR/compile.json (when --workdir is given); needs the `tpu` extra (libtpu)"),
+    "inspect": ("Show the parameters (shape, dtype, count per module), each one's PartitionSpec and bytes per device\n"
+                "on the configured mesh, per-device totals of parameters, optimizer state and gradients, and the\n"
+                "compiled train step's memory and FLOPs on this machine's devices (nothing is allocated).",
+                "reads:  WORKDIR/config.json (or --config, + --config.S.K=V such as --config.mesh.fsdp=4)\n"
+                "writes: nothing; prints the report"),
     "serve": ("Serve the newest checkpoint over HTTP, OpenAI-compatible: /v1/models, /v1/completions, "
               "/v1/chat/completions.",
               "reads:  llamacpp: WORKDIR/export/model-<quant>.gguf (exported first when missing or stale);\n"
@@ -100,6 +105,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "compile":
         p.add_argument("--topology", required=True, help="a Cloud TPU accelerator type, e.g. v5e-16 or v5p-128")
         p.add_argument("--slices", type=int, default=1, help="slices joined over the data-center network")
+    if command == "train":
+        p.add_argument("--profile", default=None, metavar="START:STOP",
+                       help="trace steps START..STOP with jax.profiler into WORKDIR/tensorboard (TensorBoard's "
+                            "Profile tab); the same as --config.logging.profile_steps=START:STOP")
     if command == "generate":
         p.add_argument("--prompt", action="append", default=[],
                        help="a prompt (repeatable; default: openings of held-out documents)")
@@ -222,20 +231,20 @@ def _quiet_closed_loop(info) -> None:
     sys.__unraisablehook__(info)
 
 
-def _fail(message: str) -> None:
-    """One line, exit code 2. os._exit: after a failed asynchronous save, orbax's writer threads would
-    otherwise print their own tracebacks while the interpreter shuts down."""
+def _fail(message: str, code: int = 2) -> None:
+    """One line, exit code 2 (or the error's own: 4 for out of memory). os._exit: after a failed asynchronous
+    save, orbax's writer threads would otherwise print their own tracebacks while the interpreter shuts down."""
     print(f"kslm: error: {message}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)  # nothing a dying library thread prints can follow our line
-    os._exit(2)
+    os._exit(code)
 
 
 # Commands that may start a workdir that does not exist yet; every other one refuses a missing --workdir.
 CREATES = ("prepare", "import", "demo", "prune")
-READS_ONLY = ("eval", "generate", "export", "compile", "config")
+READS_ONLY = ("eval", "generate", "export", "compile", "config", "inspect")
 
 
 def _workdir_locks(command: str, args, stack: contextlib.ExitStack) -> None:
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             name = command.replace("-", "_")
             code = getattr(commands, name + "_" if command in ("import", "eval", "compile") else name)(args, overrides)
     except KslmError as e:
-        _fail(str(e))
+        _fail(str(e), getattr(e, "exit_code", 2))
     except Exception as e:  # noqa: BLE001 - only a full disk is translated; everything else re-raises
         if "Corrupted Riegeli/records file" in str(e):  # a token shard damaged past what verify_shards=false checks
             _fail(f"a token shard is damaged ({str(e).splitlines()[0][:160]}); run with "

@@ -178,7 +178,7 @@ def parse_value(key: str, raw: str, old):
 HARMLESS = ("distill.cache",  # checked batch by batch against the teacher outputs it stands for
             "logging.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.steps",
             "train.step_timeout_s", "train.nonfinite", "train.spike_zscore",
-            "train.max_skipped_steps", "generate.", "data.workers", "mesh.",
+            "train.max_skipped_steps", "train.debug_nans", "generate.", "data.workers", "mesh.",
             "data.prepare_workers", "data.verify_shards", "eval.", "finetune.eval_", "finetune.max_new_tokens",
             "data.tokenize_workers", "data.cache_mb")
 

@@ -90,6 +90,21 @@ def check_ranges(cfg) -> None:
             raise KslmError(f"config key mesh.{axis}={cfg.mesh[axis]} must be -1 (all devices left) or positive")
 
 
+def profile_steps(spec: str) -> tuple[int, int] | None:
+    """logging.profile_steps "START:STOP" as (START, STOP), 1-based and both included; "" is None."""
+    if not spec.strip():
+        return None
+    start, sep, stop = spec.partition(":")
+    try:
+        first, last = int(start), int(stop)
+    except ValueError:
+        first = last = 0
+    if not sep or not 1 <= first <= last:
+        raise KslmError(f"config key logging.profile_steps={spec!r} must be START:STOP with 1 <= START <= STOP, "
+                        "e.g. 10:15 (steps 10 to 15, both traced)")
+    return first, last
+
+
 def _numbers(node, prefix):
     for k, v in node.items():
         if isinstance(v, ml_collections.ConfigDict):

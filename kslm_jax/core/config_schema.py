@@ -108,6 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
         nonfinite="skip",       # a NaN/Inf step is never applied; then: skip (count it) | restore | raise
         spike_zscore=6.0,       # a loss this many running std above its running mean is a spike (0: off)
         max_skipped_steps=5,    # this many non-finite steps in a row stop the run, last good state saved (0: never)
+        debug_nans=False,       # the first non-finite step is re-run op by op under jax_debug_nans to name the
+                                # operation and Flax module that made it; the run then stops, last good state saved
         log_every=10,           # steps between logged training metrics
         eval_every=0,           # 0: evaluate only at the end
         eval_batches=0,         # 0: the whole validation split
@@ -129,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
         tensorboard=True,       # write WORKDIR/tensorboard event files
         progress_bar=True,      # the training progress bar (shown on a terminal only)
         peak_tflops=0.0,        # per-device peak for MFU; 0: look the device up in metrics.PEAK_TFLOPS
+        profile_steps="",       # "START:STOP": a jax.profiler trace of steps START..STOP (both included) into
+                                # WORKDIR/tensorboard, TensorBoard's Profile tab; "": none (kslm train --profile)
+        profile_all_hosts=False,  # trace on every process, not only process 0
     )
     c.generate = dict(
         max_new_tokens=64,      # tokens sampled after the prompt (kslm generate --max-new-tokens)
@@ -261,6 +266,7 @@ def validate(cfg) -> None:
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     config_checks.check_ranges(cfg)
+    config_checks.profile_steps(cfg.logging.profile_steps)
     _validate_distill(cfg)
     config_finetune.validate(cfg)
     _validate_cleaning(cfg.data)

@@ -52,7 +52,7 @@ def _abstract_batch(cfg, mesh):
 
 
 def lower(cfg, topo: topo_lib.Topology):
-    """(jax Lowered, mesh, ModelConfig) for the configured step on the topology's devices."""
+    """(jax Lowered, mesh, ModelConfig, abstract state) for the configured step on the topology's devices."""
     devices = topo_lib.devices(topo)
     mcfg = cfg.mesh
     if topo.slices != mcfg.slices:
@@ -62,14 +62,22 @@ def lower(cfg, topo: topo_lib.Topology):
     if mesh.size != len(devices):
         raise KslmError(f"mesh (data, fsdp, tensor)={tuple(mesh.shape.values())} uses {mesh.size} of the "
                         f"{len(devices)} chips of {topo.describe()}; set one of mesh.data/fsdp/tensor to -1")
+    return lower_on(cfg, mesh, model_config(cfg), "chips")
+
+
+def lower_local(cfg):
+    """The same step on this machine's devices, the mesh and model exactly as `kslm train` builds them."""
+    return lower_on(cfg, sharding.make_mesh(cfg.mesh), llama.ModelConfig.from_config(cfg), "devices")
+
+
+def lower_on(cfg, mesh, mc: llama.ModelConfig, unit: str):
     per_slice = cfg.train.batch_size // cfg.train.grad_accum
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if per_slice % shards:
         raise KslmError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} = "
-                        f"{per_slice} rows per micro-batch do not split over data x fsdp = {shards} chips; "
+                        f"{per_slice} rows per micro-batch do not split over data x fsdp = {shards} {unit}; "
                         f"use a multiple of {shards}")
-    rules = sharding.rules(mcfg.rules)
-    mc = model_config(cfg)
+    rules = sharding.rules(cfg.mesh.rules)
     model = llama.Transformer(mc)
     tx, lr_fn = optim.make(cfg.optim, cfg.train.steps)
     abstract, shardings = state_lib.abstract_and_shardings(model, tx, cfg.train.seed, mesh, rules)
@@ -78,6 +86,17 @@ def lower(cfg, topo: topo_lib.Topology):
     with jax.set_mesh(mesh):
         lowered = step.lower(abstract, _abstract_batch(cfg, mesh), None)
     return lowered, mesh, mc, abstract
+
+
+def memory_of(compiled) -> dict:
+    """The compiler's memory accounting of one device's program, in bytes; `total` counts donated inputs once."""
+    mem = compiled.memory_analysis()
+    memory = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+              "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+              "code": mem.generated_code_size_in_bytes}
+    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
+                       + memory["code"])
+    return memory
 
 
 def collectives(hlo_text: str) -> dict:
@@ -106,6 +125,12 @@ def _size(value: str, unit: str) -> float:
     return float(value) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[unit]
 
 
+def compiler_oom_sizes(text: str) -> tuple[float, float] | None:
+    """(bytes needed, bytes available) from the TPU compiler's out-of-memory refusal, or None."""
+    m = next(filter(None, (p.search(text) for p in _OOM)), None)
+    return (_size(m.group(1), m.group(2)), _size(m.group(3), m.group(4))) if m else None
+
+
 def lever(cfg, state_bytes_per_chip: float, hbm: float) -> str:
     """The first thing to change when a config does not fit: shard the state, recompute, or shrink the batch."""
     if state_bytes_per_chip > 0.5 * hbm:
@@ -116,7 +141,8 @@ def lever(cfg, state_bytes_per_chip: float, hbm: float) -> str:
     return f"lower train.batch_size={cfg.train.batch_size} or raise train.grad_accum={cfg.train.grad_accum}"
 
 
-def _state_bytes(abstract) -> float:
+def state_bytes_per_device(abstract) -> float:
+    """Bytes of the state one device holds: each leaf's shard under its sharding."""
     total = 0.0
     for x in jax.tree.leaves(abstract):
         shard = x.sharding.shard_shape(x.shape)
@@ -129,22 +155,17 @@ def compile_report(cfg, topo: topo_lib.Topology) -> dict:
     t0 = time.perf_counter()
     lowered, mesh, mc, abstract = lower(cfg, topo)
     hbm = topo.chip.hbm_bytes
-    state_bytes = _state_bytes(abstract)
+    state_bytes = state_bytes_per_device(abstract)
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory verdict is translated
-        m = next(filter(None, (p.search(str(e)) for p in _OOM)), None)
-        if not m:
+        sizes = compiler_oom_sizes(str(e))
+        if not sizes:
             raise
-        used, usable = _size(m.group(1), m.group(2)), _size(m.group(3), m.group(4))
+        used, usable = sizes
         raise DoesNotFit(_refusal(cfg, topo, used, usable, state_bytes)) from None
     seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    memory = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-              "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
-              "code": mem.generated_code_size_in_bytes}
-    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
-                       + memory["code"])
+    memory = memory_of(compiled)
     memory["hbm"] = hbm
     memory["headroom"] = hbm - memory["total"]
     cost = compiled.cost_analysis()

@@ -5,6 +5,8 @@
 - KSLM_FAULT_STALL_AT_STEP=N: step N never finishes (the watchdog's case).
 - KSLM_FAULT_NAN_AT_STEP=N or N-M: the loss and gradients of step N (of steps N..M) become NaN. Each step is
   poisoned once, so a run sent back to an earlier checkpoint passes it again with good data.
+- KSLM_FAULT_OOM=N or N:compile: step N raises XLA's RESOURCE_EXHAUSTED error, as an allocation at run time
+  or as the TPU compiler's refusal words it.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import signal
 import time
 
+import jax
 import jax.numpy as jnp
 
 from kslm_jax.core.errors import KslmError
@@ -34,13 +37,25 @@ class Faults:
         self.signal = getattr(signal, "SIG" + env.get("KSLM_FAULT_SIGNAL", "TERM"))
         self.stall_at = int(env.get("KSLM_FAULT_STALL_AT_STEP", "0"))
         self.nan_steps = _steps(env.get("KSLM_FAULT_NAN_AT_STEP", ""))
+        oom_step, _, self.oom_phase = env.get("KSLM_FAULT_OOM", "0").partition(":")
+        self.oom_step = int(oom_step)
 
     def step_fn(self, step: int, normal, poisoned):
         """The compiled step to run as `step` (1-based): `normal`, or once per poisoned step `poisoned()`."""
+        if step == self.oom_step:
+            return self._out_of_memory
         if step in self.nan_steps:
             self.nan_steps.discard(step)
             return poisoned()
         return normal
+
+    def _out_of_memory(self, *args):
+        if self.oom_phase == "compile":
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+                "Used 20.50G of 15.48G hbm. Exceeded hbm capacity by 5.02G.")
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 "
+                                         "bytes.")
 
     def after_step(self, step: int) -> None:
         if step == self.signal_at:

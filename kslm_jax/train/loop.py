@@ -16,11 +16,14 @@ from kslm_jax.core import checkpoint, metrics, sharding
 from kslm_jax.core.errors import KslmError
 from kslm_jax.eval import runner
 from kslm_jax.model import llama
+from kslm_jax.train import debug_nans
 from kslm_jax.train import faults as faults_lib
 from kslm_jax.train import guards
 from kslm_jax.train import health as health_lib
 from kslm_jax.train import objective as objective_lib
+from kslm_jax.train import oom
 from kslm_jax.train import preemption
+from kslm_jax.train import profiler as profiler_lib
 from kslm_jax.train import step as step_lib
 
 log = logging.getLogger("kslm")
@@ -74,7 +77,9 @@ class Trainer:
         """Train to cfg.train.steps from the newest checkpoint (or from scratch). Returns a summary."""
         try:
             return self._fit(on_eval)
-        except Exception as e:  # noqa: BLE001 - only a full disk is translated; everything else re-raises
+        except Exception as e:  # noqa: BLE001 - only out of memory and a full disk are translated
+            if oom.is_oom(e):
+                raise oom.OutOfMemory(oom.explain(self, e)) from None
             if not guards.disk_full(e):
                 raise
             done = sorted(int(p.name) for p in self.paths["checkpoints"].glob("*") if p.name.isdigit())
@@ -94,7 +99,10 @@ class Trainer:
         self._action = None
         self._restores = 0  # restores since the last checkpoint saved after one
         faults = faults_lib.Faults()
-        with checkpoint.manager(self.paths["checkpoints"], cfg.checkpoint) as mngr, preemption.StopSignal() as stop:
+        profiler = profiler_lib.StepProfiler(self.paths["tensorboard"], cfg.logging.profile_steps,
+                                             cfg.logging.profile_all_hosts)
+        with checkpoint.manager(self.paths["checkpoints"], cfg.checkpoint) as mngr, preemption.StopSignal() as stop, \
+                profiler:
             if self.state is None:
                 self.restore_or_init(mngr, data_iter)
             step = self.start_step
@@ -111,13 +119,21 @@ class Trainer:
                     batch = self.objective.attach(next(data_iter))
                     batch = sharding.global_batch(batch, self.mesh, tcfg.grad_accum)
                     step_fn = faults.step_fn(step + 1, self.train_step, self._poisoned_step)
-                    self.state, out = step_fn(self.state, batch, self.extra)
+                    self.oom_context = (step + 1, batch)
+                    with profiler.step(step + 1):
+                        self.state, out = step_fn(self.state, batch, self.extra)
                     step += 1
+                    profiler.after(step, out)
                     # Read the previous step's metrics only now, so the device never waits on the host.
                     if pending is not None:
                         self._log(pending, writer, throughput, bar, summary)
                     pending = (step, out)
-                    if self._action in ("raise", "stop"):
+                    if tcfg.debug_nans:  # the next step must not move the weights before a bad one is re-run
+                        self._log(pending, writer, throughput, bar, summary)
+                        pending = None
+                        if self.health.in_a_row:
+                            self._finding, self._action = debug_nans.explain(self, batch, step), "debug_nans"
+                    if self._action in _STOPS:
                         break
                     if self._action == "restore":
                         step, pending = self._restore_last(mngr), None
@@ -134,7 +150,7 @@ class Trainer:
                 if pending is not None:
                     self._log(pending, writer, throughput, bar, summary, force=True)
                 # Skipped steps never touched the weights, so the state saved here is the last good one.
-                if (stop.received is not None or self._action in ("raise", "stop")) and last_saved != step:
+                if (stop.received is not None or self._action in _STOPS) and last_saved != step:
                     checkpoint.save(mngr, step, self.state, data_iter, force=True)
                 mngr.wait_until_finished()
                 checkpoint.seal(mngr)
@@ -142,9 +158,10 @@ class Trainer:
             bar.close()
         summary["step"] = step
         summary.update(nonfinite=self.health.nonfinite, spikes=self.health.spikes)
-        if self._action in ("raise", "stop"):
+        if self._action in _STOPS:
             writer.close()
             why = ("non-finite loss or gradient (train.nonfinite=raise)" if self._action == "raise" else
+                   self._finding.describe() + " (train.debug_nans=true)" if self._action == "debug_nans" else
                    f"{self.health.in_a_row} steps in a row had a non-finite loss, gradient or update "
                    f"(train.max_skipped_steps={tcfg.max_skipped_steps})")
             raise KslmError(f"{why}; the run stopped at step {step} with its last good state saved; "
@@ -214,4 +231,5 @@ class Trainer:
                   file=sys.stderr)
 
 
+_STOPS = ("raise", "stop", "debug_nans")
 _STEP_KEYS = ("ce_sum", "z_sum", "tokens", "grad_norm", "lr", "param_norm", "nonfinite")
