@@ -10,6 +10,7 @@ non-finite values are listed first, since no operation can be blamed for them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -17,7 +18,7 @@ import time
 
 import flax.linen as nn
 import jax
-import numpy as np
+import jax.numpy as jnp
 from jax._src import source_info_util  # private: where a traced equation came from, for the backward pass
 
 from kslm_jax.train import step as step_lib
@@ -26,6 +27,7 @@ log = logging.getLogger("kslm")
 
 # How JAX's name stack wraps the scopes (Flax's module names) an operation was traced in: jvp(...), transpose(...)
 _TRANSFORMS = re.compile(r"\b(?:jvp|transpose|vmap|remat|checkpoint|rematted_computation)\(")
+_KINDS = {"nan": "NaN", "inf": "Inf"}
 _OP = re.compile(r"invalid value \((nan|inf)\) encountered in (\S+)")
 
 
@@ -49,22 +51,22 @@ class Finding:
                     "the compiled step differs from the op-by-op one (fusion, precision) or the fault was injected")
         where = f" in {self.module}" if self.module else ""
         src = f" at {self.source}" if self.source else ""
-        return (f"{head}; re-run under jax_debug_nans ({self.seconds:.0f} s), the first {self.kind.upper()} came from "
+        return (f"{head}; re-run under jax_debug_nans ({self.seconds:.0f} s), the first {_KINDS[self.kind]} came from "
                 f"`{self.op}`{where}{src}, {self.phase}")
 
 
 def bad_params(params, limit: int = 5) -> list[str]:
-    """'path (n of m values, first at [i, ...])' for each parameter holding NaN or Inf."""
+    """'path (n of m values, first at [i, ...])' for each parameter holding NaN or Inf, counted on the devices."""
     out = []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.asarray(jax.device_get(x))
-        if not np.issubdtype(a.dtype, np.inexact):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
             continue
-        bad = ~np.isfinite(a)
-        if bad.any():
+        bad = ~jnp.isfinite(x)
+        count = int(bad.sum())
+        if count:
+            first = ", ".join(str(int(i)) for i in jnp.unravel_index(jnp.argmax(bad.ravel()), x.shape))
             name = "/".join(str(getattr(k, "key", k)) for k in path)
-            first = ", ".join(map(str, np.argwhere(bad)[0]))
-            out.append(f"{name} ({int(bad.sum())} of {a.size} values, first at [{first}])")
+            out.append(f"{name} ({count} of {x.size} values, first at [{first}])")
     return out[:limit]
 
 
@@ -89,15 +91,15 @@ def explain(trainer, batch, step: int) -> Finding:
     return finding
 
 
-class _unfiltered_tracebacks:
+@contextlib.contextmanager
+def _unfiltered_tracebacks():
     """JAX drops its own frames from tracebacks; the scan loop's frame holds the layer index, so keep them."""
-
-    def __enter__(self):
-        self.old = jax.config.jax_traceback_filtering
-        jax.config.update("jax_traceback_filtering", "off")
-
-    def __exit__(self, *exc):
-        jax.config.update("jax_traceback_filtering", self.old)
+    old = jax.config.jax_traceback_filtering
+    jax.config.update("jax_traceback_filtering", "off")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_traceback_filtering", old)
 
 
 def _locate(e: FloatingPointError, finding: Finding) -> None:
