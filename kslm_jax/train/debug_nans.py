@@ -41,11 +41,14 @@ class Finding:
     phase: str | None = None        # forward pass, backward pass, optimizer update
     bad_params: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    failed: str | None = None       # the re-run itself failed (an op with no eager form), and why
 
     def describe(self) -> str:
         head = f"step {self.step} was not finite"
         if self.bad_params:
             head += "; parameters already holding NaN/Inf before it: " + ", ".join(self.bad_params)
+        if self.failed:
+            return f"{head}; the op-by-op re-run under jax_debug_nans failed: {self.failed}"
         if self.op is None:
             return (f"{head}; re-run under jax_debug_nans, no operation made a NaN ({self.seconds:.0f} s): "
                     "the compiled step differs from the op-by-op one (fusion, precision) or the fault was injected")
@@ -87,6 +90,8 @@ def explain(trainer, batch, step: int) -> Finding:
                                 lr_fn=trainer.lr_fn, accum=trainer.cfg.train.grad_accum, rules=trainer.rules)
     except FloatingPointError as e:
         _locate(e, finding)
+    except Exception as e:  # noqa: BLE001 - a kernel without an eager form must not hide the step's failure
+        finding.failed = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     finding.seconds = time.perf_counter() - t0
     return finding
 

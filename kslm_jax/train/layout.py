@@ -99,8 +99,8 @@ def format_report(r: dict) -> str:
     limit = m["device_limit"]
     verdict = (f" of {oom.size(limit)} the device has: " + ("fits" if m["total"] <= limit else "DOES NOT FIT")
                if limit else " (the device reports no memory limit)")
-    lines += ["", f"per device: parameters {oom.size(d['params'])}, optimizer state {oom.size(d['opt_state'])}, gradients "
-                  f"{oom.size(d['grads'])}{accum}; together {oom.size(d['total'])}",
+    lines += ["", f"per device: parameters {oom.size(d['params'])}, optimizer state {oom.size(d['opt_state'])}, "
+                  f"gradients {oom.size(d['grads'])}{accum}; together {oom.size(d['total'])}",
               "compiled train step per device: " + ", ".join(f"{k} {oom.size(m[k])}" for k in
                                                              ("arguments", "outputs", "aliased", "temporaries", "code"))
               + f"; total {oom.size(m['total'])}{verdict}",

@@ -40,6 +40,7 @@ class Trainer:
         self.abstract, self.shardings, self.extra = o.abstract, o.shardings, o.extra
         self.train_step = self._jit_step(o.loss)
         self._poisoned = None
+        self.oom_context = (None, None)  # (step, batch) in flight, for the out-of-memory report
         self.state = None
         self.start_step = 0
 

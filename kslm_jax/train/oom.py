@@ -65,7 +65,16 @@ def lever(cfg, mesh_shape: dict, state_bytes: float, limit: float | None) -> str
 
 
 def explain(trainer, e: BaseException) -> str:
-    """The paragraph for an out-of-memory `e` raised while `trainer` ran; saves the memory profile at run time."""
+    """The paragraph for an out-of-memory `e` raised while `trainer` ran; saves the memory profile at run time.
+    A failure while writing it still ends the run as out of memory, with XLA's own line."""
+    try:
+        return _explain(trainer, e)
+    except Exception as err:  # noqa: BLE001 - the report is an aid; the verdict stands without it
+        return (f"out of device memory: {str(e).strip().splitlines()[0][:300]} (no report: "
+                f"{type(err).__name__}: {err})")
+
+
+def _explain(trainer, e: BaseException) -> str:
     step, batch = getattr(trainer, "oom_context", (None, None))
     when = phase(e)
     devices = [d for d in trainer.mesh.devices.flat if d.process_index == jax.process_index()]
@@ -141,7 +150,7 @@ def save_profile(workdir, step) -> Path | None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         jax.profiler.save_device_memory_profile(str(path))
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - a backend without memory profiles, a full disk
         log.warning("could not save the device memory profile to %s: %s", path, err)
         return None
     return path

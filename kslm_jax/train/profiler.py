@@ -21,7 +21,8 @@ STEP_NAME = "train"
 
 
 def open_command(logdir: Path) -> str:
-    return f"tensorboard --logdir {logdir} --host 127.0.0.1   # Profile tab; needs pip install tensorboard-plugin-profile"
+    return (f"tensorboard --logdir {logdir} --host 127.0.0.1   # the Profile tab; needs "
+            "pip install tensorboard-plugin-profile")
 
 
 class StepProfiler:
