@@ -143,7 +143,7 @@ def test_out_of_memory_at_run_time_reports_the_compiled_step_and_saves_the_memor
     msg = str(e.value)
     assert "out of device memory at run time in step 2 on 1 x cpu" in msg
     assert re.search(r"the compiled step needs [\d.]+ [KMG]iB per device \(arguments [\d.]+ [KMG]iB, outputs", msg)
-    assert "the largest live buffers per device: params/" in msg
+    assert "the largest state buffers per device: params/" in msg
     assert "to fit, recompute activations in the backward pass instead of storing them: --config.model.remat=dots" \
         in msg
     profile = workdir / "memory" / "oom_step2.prof"

@@ -3,7 +3,7 @@
 XLA reports an allocation it cannot make as RESOURCE_EXHAUSTED, from the compiler (TPU: "Ran out of memory in
 memory space hbm ... Used 20.5G of 15.75G hbm") or at run time ("Out of memory while trying to allocate N
 bytes"). The loop turns either into one paragraph and exit code 4: the compiled step's memory (the
-compiler's figures, or its memory analysis) against the device's memory, the largest buffers still alive,
+compiler's figures, or its memory analysis) against the device's memory, the state's largest buffers,
 the device memory profile saved at run time (pprof format) and the one config change to try first.
 """
 from __future__ import annotations
@@ -84,6 +84,7 @@ def _explain(trainer, e: BaseException) -> str:
     parts = [f"out of device memory at {when} time{at} on {len(devices)} x {devices[0].device_kind} "
              f"(mesh {dict(trainer.mesh.shape)})"]
     need = aot.compiler_oom_sizes(str(e)) if when == "compile" else None
+    limit = limit or (need[1] if need else None)
     memory = None if need or batch is None else compiled_memory(trainer, batch)
     have = size(limit) if limit else "an unknown amount (the device reports no limit)"
     if need:
@@ -98,7 +99,7 @@ def _explain(trainer, e: BaseException) -> str:
     if when == "run":
         big = largest_buffers(trainer.state)
         if big:
-            parts.append("the largest live buffers per device: " + ", ".join(big))
+            parts.append("the largest state buffers per device: " + ", ".join(big))
         saved = save_profile(trainer.workdir, step)
         parts.append(f"device memory profile: {saved} (open with: pprof -http=:8080 {saved})" if saved else
                      "the device memory profile could not be saved")
@@ -131,7 +132,7 @@ def compiled_memory(trainer, batch) -> dict | None:
 
 
 def largest_buffers(state, n: int = 3) -> list[str]:
-    """'name dtype[shape] MiB' of the biggest per-device shards among the state's live arrays."""
+    """'name dtype[shape] size' of the biggest per-device shards among the state's arrays still alive."""
     out = []
     for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
         if not isinstance(x, jax.Array) or x.is_deleted():
