@@ -1,20 +1,51 @@
 #!/usr/bin/env bash
-# One device call: the cuDNN-vs-reference attention checks, then train_throughput.py on the nanoGPT shapes
-# with one lever changed at a time. Usage on the GPU machine: bash benchmarks/gpu_levers.sh [outdir]
+# One device call for issue 21: nanoGPT vs ours, each speed lever alone at 124M, the kernels' correctness on the
+# GPU, ko_1b's MFU and the partly unrolled scan at depth, in that order, each step cut off so the whole stays
+# inside BUDGET seconds (a step that runs out of time leaves what it printed). Usage on the GPU machine, from the
+# repository root, with the kernels extra and .peers/nanogpt/model.py there (see vs_nanogpt.sh):
+#   bash benchmarks/gpu_levers.sh [outdir]
+# Writes log.txt (everything), rows.jsonl (one JSON row per measurement) and vs_nanogpt.jsonl under outdir.
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
+budget=${BUDGET:-560}
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-python3 -m pytest -q tests/test_model.py -k "cudnn or packed or segment" 2>&1 | tail -3 | tee "$out/cudnn_check.txt"
-bench() {  # name, then train_throughput.py arguments
-  local name=$1; shift
-  echo "### $name: $*" | tee -a "$out/levers.txt"
-  python3 benchmarks/train_throughput.py --steps 20 "$@" 2>&1 | tail -n +2 | grep -v '^$' | tee -a "$out/levers.txt"
+log="$out/log.txt"
+rows="$out/rows.jsonl"
+: > "$rows"
+step() {  # name, seconds, command...: runs the command for at most min(seconds, what is left of the budget)
+  local name=$1 want=$2; shift 2
+  local left=$((budget - SECONDS))
+  local t=$((want < left ? want : left))
+  if [ "$t" -lt 15 ]; then echo "### $name: skipped, ${left}s of the budget left" | tee -a "$log"; return; fi
+  echo "### $name (up to ${t}s, at ${SECONDS}s): $*" | tee -a "$log"
+  timeout "$t" "$@" 2>&1 | grep -v "^num \|^using fused\|^number of param\|^$" | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 124 ] && echo "### $name: cut off at ${t}s" | tee -a "$log"
 }
-bench "reference attention, scanned layers" --preset gpt2-124m --batch 16 --override model.attention=xla
-bench "cuDNN attention (mask + causal), scanned layers" --preset gpt2-124m --batch 16
-bench "cuDNN ragged segments" --preset gpt2-124m --batch 16 --override model.attention=cudnn_packed
-bench "chunked loss 512" --preset gpt2-124m --batch 16 --override train.loss_chunk=512
-bench "unrolled layers" --preset gpt2-124m --batch 16 --batch 32 --override model.scan_layers=false
-bench "ko_1b, remat dots, unrolled" --config configs/ko_1b.py --batch 8 --override mesh.fsdp=1 --override mesh.data=1
-bench "gpt2-xl fits: scan + remat dots" --preset gpt2-xl --batch 8 --steps 5 --override model.remat=dots
+tp=(python3 benchmarks/train_throughput.py --jsonl "$rows")
+m124=(--preset gpt2-124m --batch 16 --steps 10 --warmup 2 --override model.scan_layers=false)
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+python3 -c "import jax, flax, torch, tokamax, jax_cce; print('jax', jax.__version__, 'flax', flax.__version__, \
+'torch', torch.__version__, 'tokamax', tokamax.__version__, jax.devices())" 2>&1 | tee -a "$log"
+
+step "nanoGPT vs ours, batch 16 and 32" 170 env BATCHES="16 32" bash benchmarks/vs_nanogpt.sh "$out"
+step "each lever alone, 124M, batch 16, unrolled (base: the vs_nanogpt row)" 170 "${tp[@]}" "${m124[@]}" --skip-base \
+  --variant "tk_mosaic_attn=model.attention=tokamax_mosaic" \
+  --variant "tk_triton_attn=model.attention=tokamax_triton" \
+  --variant "tk_glu=model.kernels=tokamax_glu" \
+  --variant "tk_norm=model.kernels=tokamax_norm" \
+  --variant "cce_loss=train.loss_impl=cce,train.z_loss=0" \
+  --variant "fp8=model.matmul_precision=fp8"
+step "kernels vs reference on the GPU (outputs and gradients, packed rows with padding)" 80 \
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py "tests/test_model.py::test_cudnn_matches_reference"
+step "ko_1b, remat none, batch 8" 60 "${tp[@]}" --config configs/ko_1b.py --batch 8 --steps 5 --warmup 2 \
+  --override mesh.fsdp=1 --override mesh.data=1 --override model.remat=none --label ko_1b
+step "depth: scanned stacks, 124M width" 120 "${tp[@]}" --preset gpt2-124m --batch 16 --steps 5 --warmup 1 --skip-base \
+  --variant "L24_unroll4=model.n_layers=24,model.scan_unroll=4" \
+  --variant "L48_unroll4=model.n_layers=48,model.scan_unroll=4" \
+  --variant "L12_unroll4=model.scan_unroll=4" \
+  --variant "L12_unroll12=model.scan_unroll=12" \
+  --variant "L24_scan=model.n_layers=24" \
+  --variant "L48_scan=model.n_layers=48"
+echo "### done at ${SECONDS}s" | tee -a "$log"

@@ -10,6 +10,7 @@ the masked attention path is the one timed. Presets use vocab 50304, as nanoGPT 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ PRESETS = {  # GPT-2 shapes with Llama blocks, tied embeddings (SwiGLU at 8d/3 k
 }
 
 
-def build_config(args):
+def build_config(args, extra=()):
     cfg = config_lib.load(args.config)
     if args.preset:
         with cfg.unlocked():
@@ -45,7 +46,7 @@ def build_config(args):
             cfg.data.seq_len = 1024
             cfg.model.dtype = "bfloat16"
             cfg.model.attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    for item in args.override:
+    for item in [*args.override, *extra]:
         config_lib.apply_override(cfg, item)
     config_lib.validate(cfg)
     return cfg
@@ -80,7 +81,7 @@ def setup(cfg, batch: int):
     model = llama.Transformer(mc)
     tx, lr_fn = optim.make(cfg.optim, 1000)
     abstract, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh, rules)
-    loss = lm.loss(model, cfg.train.z_loss, cfg.train.loss_chunk)
+    loss = lm.loss(model, cfg.train.z_loss, cfg.train.loss_chunk, cfg.train.loss_impl)
     step_fn = step_lib.jit_train_step(loss, tx, lr_fn, cfg.train.grad_accum, mesh, shardings, rules=rules)
     state = state_lib.create(model, tx, 0, mesh, shardings, rules)
     rng = np.random.default_rng(0)
@@ -96,9 +97,12 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
     step_fn, state, batches, mesh = s["step_fn"], s["state"], s["batches"], s["mesh"]
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batches[0], None).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        step_fn = compiled
         state, out = step_fn(state, batches[0], None)
         jax.block_until_ready(out)
-        compile_s = time.perf_counter() - t0
         for i in range(warmup):
             state, out = step_fn(state, batches[i % 2], None)
         jax.block_until_ready(out)
@@ -113,7 +117,8 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
     loss = float(out["ce_sum"]) / max(int(out["tokens"]), 1)
     return dict(params_m=s["n_params"] / 1e6, batch=batch, seq=cfg.data.seq_len, tokens_per_s=tokens / dt,
                 step_ms=dt * 1e3, mfu=(flops / dt / (mesh.size * peak * 1e12)) if peak else None,
-                peak_gb=peak_memory_gb(), compile_s=compile_s, loss=loss)
+                peak_gb=peak_memory_gb(), compile_s=compile_s, loss=loss,
+                temp_gb=None if mem is None else mem.temp_size_in_bytes / 2**30)
 
 
 def main():
@@ -124,23 +129,43 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--override", action="append", default=[], help="section.key=value (repeatable)")
+    ap.add_argument("--jsonl", default=None, help="append one JSON row per batch size here")
+    ap.add_argument("--label", default="", help="name of this row in the JSON rows")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="LABEL=key=value,key=value: one more row set with these overrides on top (repeatable); "
+                         "a variant that fails prints its error and the others still run")
+    ap.add_argument("--skip-base", action="store_true", help="run the variants only, not the base row")
     args = ap.parse_args()
     rows = []
-    for b in args.batch or [None]:
-        cfg = build_config(args)
-        rows.append(run(cfg, b or cfg.train.batch_size, args.steps, args.warmup))
+    cfg = build_config(args)
+    variants = [] if args.skip_base else [(args.label or "base", [])]
+    variants += [(v.split("=", 1)[0], v.split("=", 1)[1].split(",")) for v in args.variant]
+    for label, extra in variants:
+        for b in args.batch or [None]:
+            try:
+                vcfg = build_config(args, extra)
+                rows.append(dict(run(vcfg, b or vcfg.train.batch_size, args.steps, args.warmup), label=label,
+                                 overrides=[*args.override, *extra]))
+            except Exception as e:  # noqa: BLE001 - one lever's failure is a row of the report, not the end of it
+                print(f"variant {label!r} batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            jax.clear_caches()
     name = args.preset or Path(args.config or "base").stem
     dev = (f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, mesh "
            f"{dict(zip(('data', 'fsdp', 'tensor'), sharding.mesh_shape(cfg.mesh, jax.device_count())))} "
            f"rules {cfg.mesh.rules}")
     print(f"\n{name} on {dev}")
-    print(f"{'params(M)':>10s}{'batch':>7s}{'seq':>6s}{'tokens/s':>12s}{'step ms':>10s}{'MFU':>7s}"
-          f"{'peak GB':>9s}{'compile s':>10s}{'loss':>8s}")
+    print(f"{'variant':<14s}{'params(M)':>10s}{'batch':>7s}{'seq':>6s}{'tokens/s':>12s}{'step ms':>10s}{'MFU':>7s}"
+          f"{'peak GB':>9s}{'temp GB':>9s}{'compile s':>10s}{'loss':>8s}")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
-        print(f"{r['params_m']:>10.1f}{r['batch']:>7d}{r['seq']:>6d}{r['tokens_per_s']:>12,.0f}{r['step_ms']:>10.1f}"
-              f"{mfu:>7s}{peak:>9s}{r['compile_s']:>10.1f}{r['loss']:>8.3f}")
+        temp = f"{r['temp_gb']:.1f}" if r["temp_gb"] is not None else "n/a"
+        print(f"{r['label'][:13]:<14s}{r['params_m']:>10.1f}{r['batch']:>7d}{r['seq']:>6d}{r['tokens_per_s']:>12,.0f}"
+              f"{r['step_ms']:>10.1f}{mfu:>7s}{peak:>9s}{temp:>9s}{r['compile_s']:>10.1f}{r['loss']:>8.3f}")
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            for r in rows:
+                f.write(json.dumps(dict(r, impl="ours", shape=name, device=dev)) + "\n")
 
 
 if __name__ == "__main__":

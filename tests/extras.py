@@ -19,6 +19,7 @@ import pytest
 EXTRAS = {
     "export": "pip install -e '.[export]'",
     "llamacpp": "pip install -e '.[llamacpp]' (a source build; the README's test command sets a small CMAKE_ARGS)",
+    "kernels": "pip install -e '.[kernels]'",
 }
 
 

@@ -18,6 +18,7 @@ INF = math.inf
 # key: (low, high, low inclusive, high inclusive). Keys not listed need only be finite.
 RANGES = {
     "model.head_dim": (0, INF, True, False),
+    "model.scan_unroll": (1, INF, True, False),
     "model.d_ff": (0, INF, True, False),
     "model.vocab_multiple": (1, INF, True, False),
     "model.rope_theta": (0, INF, False, False),
@@ -103,6 +104,21 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
         raise KslmError(f"config key logging.profile_steps={spec!r} must be START:STOP with 1 <= START <= STOP, "
                         "e.g. 10:15 (steps 10 to 15, both traced)")
     return first, last
+
+
+def check_kernels(cfg) -> None:
+    """Refuse the speed levers where they would change what is computed instead of how fast."""
+    m, t = cfg.model, cfg.train
+    if t.loss_impl == "cce":
+        if t.z_loss:
+            raise KslmError(f"config key train.loss_impl=cce computes no z-loss but train.z_loss={t.z_loss}; "
+                            "set train.z_loss=0 or train.loss_impl=dense")
+        if cfg.finetune.kind != "none" or cfg.distill.teacher or cfg.distill.cache:
+            raise KslmError("config key train.loss_impl=cce applies to pretraining only (fine-tuning and "
+                            "distillation need the whole logits); set train.loss_impl=dense")
+    if cfg.lora.rank and m.kernels in ("tokamax", "tokamax_glu"):
+        raise KslmError(f"config key model.kernels={m.kernels} fuses the gate and up projections, which "
+                        "bypasses LoRA adapters and int8 bases; set model.kernels=xla or tokamax_norm")
 
 
 def _numbers(node, prefix):

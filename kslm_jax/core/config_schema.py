@@ -31,7 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",  # master weights and optimizer state dtype
         attention="auto",       # auto (splash on TPU, cudnn on GPU, xla else) | xla (reference, any device) | cudnn
                                 # (flash, mask) | cudnn_packed (flash, ragged; Hopper+) | splash (Pallas, TPU)
+                                # | tokamax_mosaic, tokamax_triton (tokamax's Pallas flash kernels; kernels extra)
+        kernels="xla",          # xla | tokamax (fused SwiGLU and RMSNorm from tokamax) | tokamax_glu | tokamax_norm
+        matmul_precision="default",  # default (compute dtype) | fp8 (e4m3 operands, e5m2 gradients; Hopper)
         scan_layers=True,       # one compiled layer body scanned over depth: fast compiles at any depth
+        scan_unroll=1,          # layers per iteration of that scan: unrolled speed, compile time bounded by this
         remat="none",           # none | dots | full: what the backward pass recomputes instead of storing
     )
     c.tokenizer = dict(
@@ -105,6 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,                 # weight initialization
         z_loss=1e-4,            # weight of log(Z)^2, keeps logits from drifting
         loss_chunk=0,           # >0: logits and loss in sequence chunks of this many tokens (never all fp32 logits)
+        loss_impl="dense",      # dense (logits, then the loss) | cce (jax-cce fused linear + CE over vocabulary
+                                # chunks: never the B*T*V logits; needs z_loss=0; kernels extra)
         nonfinite="skip",       # a NaN/Inf step is never applied; then: skip (count it) | restore | raise
         spike_zscore=6.0,       # a loss this many running std above its running mean is a spike (0: off)
         max_skipped_steps=5,    # this many non-finite steps in a row stop the run, last good state saved (0: never)
@@ -216,7 +222,10 @@ def d_ff(cfg) -> int:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("auto", "xla", "cudnn", "cudnn_packed", "splash"),
+    "model.attention": ("auto", "xla", "cudnn", "cudnn_packed", "splash", "tokamax_mosaic", "tokamax_triton"),
+    "model.kernels": ("xla", "tokamax", "tokamax_glu", "tokamax_norm"),
+    "model.matmul_precision": ("default", "fp8"),
+    "train.loss_impl": ("dense", "cce"),
     "model.remat": ("none", "dots", "full"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "tokenizer.pretokenize": ("none", "kiwi", "jamo"),
@@ -267,6 +276,7 @@ def validate(cfg) -> None:
         raise KslmError(f"config key data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     config_checks.check_ranges(cfg)
     config_checks.profile_steps(cfg.logging.profile_steps)
+    config_checks.check_kernels(cfg)
     _validate_distill(cfg)
     config_finetune.validate(cfg)
     _validate_cleaning(cfg.data)

@@ -7,6 +7,8 @@ Shapes: q (B, T, N, H); k, v (B, S, K, H) with N % K == 0 (grouped-query attenti
 - cudnn_packed: per-row segment lengths and offsets (cuDNN's ragged layout, Hopper or newer), so the
   kernel skips work across documents and never reads a T x S mask;
 - splash: the segment ids themselves; the kernel masks causally within each segment, block-sparse.
+- tokamax_mosaic, tokamax_triton: each query's first visible key (its document's start), the form of
+  tokamax's flash kernels (Pallas: Mosaic GPU on Hopper, Triton elsewhere); the kernel adds causality.
 `auto` picks by the platform at trace time: splash on TPU, cudnn on GPU (xla for float32, which cuDNN lacks),
 xla elsewhere.
 """
@@ -25,7 +27,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 
 from kslm_jax.core import sharding
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cudnn_packed", "splash", "tokamax_mosaic", "tokamax_triton")
 SPLASH_BLOCK = 512   # query and key tile; shorter rows use their full length
 SPLASH_LANES = 128   # rows must be a multiple of this
 
@@ -73,10 +75,22 @@ def segment_layout(segment_ids, max_segments: int) -> dict:
     return {"seqlen": lengths, "offsets": offsets}
 
 
+def document_starts(segment_ids):
+    """(B, T): the index of the first token of each token's segment. Segments are contiguous runs of one id,
+    trailing padding (id 0) included, so a causal kernel that starts each query's keys there sees exactly its
+    own document's past."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    change = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(change, idx, 0), axis=1)
+
+
 def prepare(implementation: str, positions, segment_ids, max_segments: int) -> dict:
     implementation = resolve(implementation)
     if implementation == "cudnn_packed":
         return segment_layout(segment_ids, max_segments)
+    if implementation.startswith("tokamax"):
+        return {"k_start": document_starts(segment_ids)}
     if implementation == "splash":
         return {"segment_ids": segment_ids}
     return {"mask": packed_mask(positions, positions, segment_ids, segment_ids)}
@@ -139,8 +153,35 @@ def splash(q, k, v, segment_ids, interpret: bool = False):
                          check_vma=False)(q, k, v, segment_ids)
 
 
+def load_tokamax():
+    """tokamax, imported on first use (the kernels extra). Its options are absl flags that it parses from
+    sys.argv on first read, which fails under any command line of ours (`kslm train ...`, pytest): they are
+    marked parsed, so tokamax keeps its defaults."""
+    from absl import flags
+    import tokamax
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
+
+
+def tokamax_attend(q, k, v, k_start, kernel: str):
+    """tokamax flash attention, causal from each query's document start; kernel: mosaic_gpu | triton | xla
+    (tokamax's own reference, which the CPU tests use)."""
+    load_tokamax()
+    from tokamax._src.ops.attention import api as tk_api
+    from tokamax._src.ops.attention import base as tk_base
+
+    # The public tokamax.dot_product_attention takes only a dense mask; its kernels also take per-query key
+    # ranges (Mask.k_start), which skip whole key blocks before a document instead of reading a T x S mask.
+    mask = tk_base.Mask(k_start=k_start[:, None, :], is_causal=True)
+    return tk_api.IMPLEMENTATIONS[kernel](q, k, v, mask=mask, logits_scale=q.shape[-1] ** -0.5)
+
+
 def attend(q, k, v, inputs: dict, implementation: str = "xla"):
     implementation = resolve(implementation, q.dtype)
+    if implementation.startswith("tokamax"):
+        kernel = {"tokamax_mosaic": "mosaic_gpu", "tokamax_triton": "triton"}[implementation]
+        return tokamax_attend(q, k, v, inputs["k_start"], kernel)
     if implementation == "splash":
         return splash(q, k, v, inputs["segment_ids"])
     if implementation == "cudnn_packed":

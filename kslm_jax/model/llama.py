@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kslm_jax.core import config as config_lib
-from kslm_jax.model import attention
+from kslm_jax.model import attention, fp8
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -38,6 +38,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     max_segments: int = 64
+    kernels: str = "xla"              # xla | tokamax | tokamax_glu | tokamax_norm (see KERNELS)
+    matmul_precision: str = "default"  # default | fp8 (model/fp8.py)
+    scan_unroll: int = 1              # layers per iteration of the scanned stack
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
@@ -47,7 +50,17 @@ class ModelConfig:
                    d_ff=config_lib.d_ff(cfg), rope_theta=m.rope_theta, norm_eps=m.norm_eps,
                    tie_embeddings=m.tie_embeddings, init_std=m.init_std, dtype=m.dtype,
                    param_dtype=m.param_dtype, attention=m.attention, scan_layers=m.scan_layers, remat=m.remat,
-                   max_segments=cfg.data.max_segments_per_row)
+                   max_segments=cfg.data.max_segments_per_row, kernels=m.kernels,
+                   matmul_precision=m.matmul_precision, scan_unroll=m.scan_unroll)
+
+
+# Which tokamax kernels `kernels` turns on: the fused SwiGLU (gate and up projections in one kernel) and RMSNorm.
+KERNELS = {"xla": (), "tokamax": ("glu", "norm"), "tokamax_glu": ("glu",), "tokamax_norm": ("norm",)}
+
+
+def _tokamax_impl():
+    # tokamax picks its fastest kernel on a GPU; elsewhere its XLA reference, which the CPU tests compare.
+    return None if jax.default_backend() == "gpu" else "xla"
 
 
 def _init(c: ModelConfig, names, std=None):
@@ -79,18 +92,36 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _init(self.c, self.names), shape, DTYPES[self.c.param_dtype])
         dtype = DTYPES[self.c.dtype]
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+        dot = fp8.dot_general if self.c.matmul_precision == "fp8" else jax.lax.dot_general
+        return dot(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+
+
+class Kernel(nn.Module):
+    """A Linear's kernel alone (same name, shape and init), for kernels that take the weights themselves."""
+    shape: tuple
+    names: tuple
+    c: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", _init(self.c, self.names), self.shape, DTYPES[self.c.param_dtype])
 
 
 class RMSNorm(nn.Module):
     eps: float
     dtype: str
     param_dtype: str
+    fused: bool = False  # tokamax's layer_norm in RMS mode instead of the XLA expression below
 
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                            (x.shape[-1],), DTYPES[self.param_dtype])
+        if self.fused:
+            tokamax = attention.load_tokamax()
+            y = tokamax.layer_norm(x, scale.astype(jnp.float32), None, epsilon=self.eps, subtract_mean=False,
+                                   implementation=_tokamax_impl())
+            return y.astype(DTYPES[self.dtype])
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (xf * scale.astype(jnp.float32)).astype(DTYPES[self.dtype])
@@ -126,9 +157,18 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         c = self.c
-        gate = Linear((c.d_ff,), ("embed", "mlp"), c, name="gate_proj")(x_BTD)
-        up = Linear((c.d_ff,), ("embed", "mlp"), c, name="up_proj")(x_BTD)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+        if "glu" in KERNELS[c.kernels]:
+            tokamax = attention.load_tokamax()
+            dtype = DTYPES[c.dtype]
+            w = [Kernel((x_BTD.shape[-1], c.d_ff), ("embed", "mlp"), c, name=n)().astype(dtype)
+                 for n in ("gate_proj", "up_proj")]
+            h = tokamax.gated_linear_unit(x_BTD.astype(dtype), tuple(w), activation=jax.nn.silu,
+                                          implementation=_tokamax_impl())
+        else:
+            gate = Linear((c.d_ff,), ("embed", "mlp"), c, name="gate_proj")(x_BTD)
+            up = Linear((c.d_ff,), ("embed", "mlp"), c, name="up_proj")(x_BTD)
+            h = nn.silu(gate) * up
+        h = nn.with_logical_constraint(h, ("batch", "seq", "act_mlp"))
         return Linear((c.d_model,), ("mlp", "embed"), c, name="down_proj")(h)
 
 
@@ -138,11 +178,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions, attn_inputs, layer_cache, cache_index):
         c = self.c
+        fused = "norm" in KERNELS[c.kernels]
         h, new_cache = Attention(c, name="self_attn")(
-            RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="input_layernorm")(x_BTD),
+            RMSNorm(c.norm_eps, c.dtype, c.param_dtype, fused, name="input_layernorm")(x_BTD),
             positions, attn_inputs, layer_cache, cache_index)
         x_BTD = x_BTD + h
-        x_BTD = x_BTD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, c.param_dtype,
+        x_BTD = x_BTD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, c.param_dtype, fused,
                                                    name="post_attention_layernorm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "act_embed"))
         return x_BTD, new_cache
@@ -189,7 +230,7 @@ class Transformer(nn.Module):
         if c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+                            unroll=c.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
             x, new_layers = stack(c, name="layers")(x, positions, attn_inputs, layers, cache_index)
         else:
             outs = []
@@ -199,7 +240,7 @@ class Transformer(nn.Module):
                 outs.append(new)
             new_layers = None if layers is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-        x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+        x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, "norm" in KERNELS[c.kernels], name="norm")(x)
         if return_hidden:
             return x
         # Logits stay in the compute dtype: float32 out of the matmul would make its backward GEMMs float32

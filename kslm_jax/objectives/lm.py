@@ -35,7 +35,7 @@ class LM:
             shards.verify(s.paths["tokens"], split, cfg.data.verify_shards)
         self.abstract, self.shardings = state_lib.abstract_and_shardings(s.model, s.tx, cfg.train.seed, s.mesh,
                                                                          s.rules)
-        self.loss = loss(s.model, cfg.train.z_loss, cfg.train.loss_chunk)
+        self.loss = loss(s.model, cfg.train.z_loss, cfg.train.loss_chunk, cfg.train.loss_impl)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.eval_step = step_lib.jit_eval_step(s.model, s.mesh, self.shardings.params, s.rules)
 

@@ -81,7 +81,7 @@ def lower_on(cfg, mesh, mc: llama.ModelConfig, unit: str):
     model = llama.Transformer(mc)
     tx, lr_fn = optim.make(cfg.optim, cfg.train.steps)
     abstract, shardings = state_lib.abstract_and_shardings(model, tx, cfg.train.seed, mesh, rules)
-    loss = step_lib.lm_loss(model, cfg.train.z_loss, cfg.train.loss_chunk)
+    loss = step_lib.lm_loss(model, cfg.train.z_loss, cfg.train.loss_chunk, cfg.train.loss_impl)
     step = step_lib.jit_train_step(loss, tx, lr_fn, cfg.train.grad_accum, mesh, shardings, None, rules)
     with jax.set_mesh(mesh):
         lowered = step.lower(abstract, _abstract_batch(cfg, mesh), None)

@@ -51,6 +51,23 @@ def chunked_loss_sums(hidden_BTD, kernel_DV, targets, mask, z_loss: float, chunk
     return ce.sum(), z.sum()
 
 
+def cce_loss_sum(hidden_BTD, kernel_DV, targets, mask):
+    """Summed CE of the counted tokens by jax-cce's fused linear + cross-entropy, which walks the vocabulary
+    in chunks and never holds the B*T*V logits (`train.loss_impl=cce`; it has no z-loss).
+
+    jax-cce returns the mean over every row and takes no mask: uncounted rows enter as zero vectors, whose
+    logits are all 0, so each adds exactly log(V) to the sum and nothing to any gradient (d/dx is cut by the
+    select, d/dW is x-weighted), and that constant is taken back out.
+    """
+    import jax_cce
+
+    d, v = kernel_DV.shape
+    x = jnp.where(mask[..., None], hidden_BTD, 0).reshape(-1, d)
+    mean = jax_cce.linear_cross_entropy(x, kernel_DV.T.astype(x.dtype), targets.reshape(-1))
+    n = x.shape[0]
+    return mean * n - (n - mask.sum()).astype(jnp.float32) * jnp.log(jnp.float32(v))
+
+
 def loss_mask(batch):
     """Tokens that count: real (segment id > 0) and, when the batch says so, marked as targets (SFT answers)."""
     mask = batch["segment_ids"] > 0
@@ -59,11 +76,16 @@ def loss_mask(batch):
     return mask
 
 
-def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
+def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0, loss_impl: str = "dense"):
     """The pretraining loss: (summed CE + z-loss over the batch's counted tokens, sums for the log)."""
     mask = loss_mask(batch)
     t = batch["inputs"].shape[-1]
-    if loss_chunk and loss_chunk < t and t % loss_chunk == 0:
+    if loss_impl == "cce":
+        hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                             return_hidden=True)
+        ce_sum = cce_loss_sum(hidden, llama.output_kernel(params, model.c), batch["targets"], mask)
+        z_sum = jnp.zeros((), jnp.float32)
+    elif loss_chunk and loss_chunk < t and t % loss_chunk == 0:
         hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                              return_hidden=True)
         ce_sum, z_sum = chunked_loss_sums(hidden, llama.output_kernel(params, model.c), batch["targets"], mask,
@@ -75,11 +97,11 @@ def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0):
     return ce_sum + z_sum, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": mask.sum()}
 
 
-def lm_loss(model, z_loss: float, loss_chunk: int = 0):
+def lm_loss(model, z_loss: float, loss_chunk: int = 0, loss_impl: str = "dense"):
     """The pretraining loss as an Objective's `loss(params, extra, batch, rng) -> (sum, aux)`."""
     def loss(params, extra, batch, rng):
         del extra, rng  # the decoder has no dropout
-        return loss_fn(params, model, batch, z_loss, loss_chunk)
+        return loss_fn(params, model, batch, z_loss, loss_chunk, loss_impl)
     return loss
 
 
