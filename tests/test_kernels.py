@@ -100,15 +100,16 @@ def test_tokamax_glu_and_norm_match_xla_model():
         assert _rel(x, y) < (5e-2 if GPU else 1e-4)
 
 
+def _logits(c, params, batch):
+    return jax.jit(llama.Transformer(c).apply)({"params": params}, *batch).astype(jnp.float32)
+
+
 def test_scan_unroll_keeps_the_math():
-    """Two layers per scan iteration (3 layers: a remainder iteration too) equal one layer per iteration."""
+    """Two layers per scan iteration (3 layers: a remainder iteration too) equal one layer per iteration;
+    the parameters are the same tree (lax.scan's unroll changes the loop, not what it computes)."""
     _, params = init_params(CFG)
     batch = _packed_batch(CFG)
-    (la, ga), (lb, gb) = (_loss_and_grads(dataclasses.replace(CFG, scan_unroll=2), params, batch),
-                          _loss_and_grads(CFG, params, batch))
-    assert abs(float(la) - float(lb)) < 1e-5
-    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        assert _rel(x, y) < 1e-5
+    assert _rel(_logits(dataclasses.replace(CFG, scan_unroll=2), params, batch), _logits(CFG, params, batch)) < 1e-6
 
 
 def test_fp8_dot_rounds_operands_and_gradient():
@@ -130,14 +131,12 @@ def test_fp8_dot_rounds_operands_and_gradient():
     np.testing.assert_allclose(dx, g8 @ fp8.quantize_forward(w).T, rtol=1e-5, atol=1e-5)
 
 
-def test_fp8_model_trains_like_default():
+def test_fp8_model_stays_near_default():
+    """Every projection in FP8: logits within a few percent of the default path's, not equal to them."""
     _, params = init_params(CFG)
     batch = _packed_batch(CFG)
-    (la, ga), (lb, gb) = (_loss_and_grads(dataclasses.replace(CFG, matmul_precision="fp8"), params, batch),
-                          _loss_and_grads(CFG, params, batch))
-    assert abs(float(la) - float(lb)) < 0.02 * float(lb)
-    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        assert _rel(x, y) < 0.2
+    assert 1e-4 < _rel(_logits(dataclasses.replace(CFG, matmul_precision="fp8"), params, batch),
+                       _logits(CFG, params, batch)) < 0.1
 
 
 @needs("kernels", "jax_cce")
