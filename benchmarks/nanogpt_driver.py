@@ -40,12 +40,14 @@ def run(module, shape: str, batch: int, seq: int, vocab: int, steps: int, warmup
     flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * seq   # nanoGPT's own estimate_mfu formula
     step_model = torch.compile(model, dynamic=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
+    # Inputs and targets as separate contiguous tensors, as nanoGPT's get_batch makes them (its loss views them).
     data = [torch.randint(0, vocab, (batch, seq + 1), device="cuda", generator=gen) for _ in range(2)]
+    data = [(xy[:, :-1].contiguous(), xy[:, 1:].contiguous()) for xy in data]
 
     def step(i):
-        xy = data[i % 2]
+        x, y = data[i % 2]
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            _, loss = step_model(xy[:, :-1], xy[:, 1:])
+            _, loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
