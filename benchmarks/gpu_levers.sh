@@ -29,17 +29,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import jax, flax, torch, tokamax, jax_cce; print('jax', jax.__version__, 'flax', flax.__version__, \
 'torch', torch.__version__, 'tokamax', tokamax.__version__, jax.devices())" 2>&1 | tee -a "$log"
 
-step "nanoGPT vs ours, batch 16 and 32" 150 env BATCHES="16 32" bash benchmarks/vs_nanogpt.sh "$out"
-step "each lever alone, 124M, batch 16, unrolled (base: the vs_nanogpt row)" 160 "${tp[@]}" "${m124[@]}" --skip-base \
+step "nanoGPT vs ours, batch 16 and 32" 140 env BATCHES="16 32" STEPS=10 bash benchmarks/vs_nanogpt.sh "$out"
+step "each lever alone, 124M, batch 16, unrolled (base: the vs_nanogpt row)" 150 "${tp[@]}" "${m124[@]}" --skip-base \
+  --variant "cce_loss=train.loss_impl=cce,train.z_loss=0" \
   --variant "tk_mosaic_attn=model.attention=tokamax_mosaic" \
-  --variant "tk_triton_attn=model.attention=tokamax_triton" \
   --variant "tk_glu=model.kernels=tokamax_glu" \
   --variant "tk_norm=model.kernels=tokamax_norm" \
-  --variant "cce_loss=train.loss_impl=cce,train.z_loss=0" \
-  --variant "fp8=model.matmul_precision=fp8"
-step "kernels vs reference on the GPU (outputs and gradients, packed rows with padding)" 80 \
+  --variant "fp8=model.matmul_precision=fp8" \
+  --variant "tk_triton_attn=model.attention=tokamax_triton"
+step "kernels vs reference on the GPU (outputs and gradients, packed rows with padding)" 60 \
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py "tests/test_model.py::test_cudnn_matches_reference"
-step "ko_1b, remat none, batch 8" 80 "${tp[@]}" --config configs/ko_1b.py --batch 8 --steps 5 --warmup 2 \
+step "ko_1b, remat none, batch 8" 70 "${tp[@]}" --config configs/ko_1b.py --batch 8 --steps 5 --warmup 2 \
   --override mesh.fsdp=1 --override mesh.data=1 --override model.remat=none --label ko_1b \
   --variant "ko_1b_tk_mosaic=model.attention=tokamax_mosaic"
 step "depth: scanned stacks, 124M width" 90 "${tp[@]}" --preset gpt2-124m --batch 16 --steps 5 --warmup 1 --skip-base \
