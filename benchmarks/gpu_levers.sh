@@ -29,8 +29,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import jax, flax, torch, tokamax, jax_cce; print('jax', jax.__version__, 'flax', flax.__version__, \
 'torch', torch.__version__, 'tokamax', tokamax.__version__, jax.devices())" 2>&1 | tee -a "$log"
 
-step "nanoGPT vs ours, batch 16 and 32" 140 env BATCHES="16 32" STEPS=10 bash benchmarks/vs_nanogpt.sh "$out"
-step "each lever alone, 124M, batch 16, unrolled (base: the vs_nanogpt row)" 150 "${tp[@]}" "${m124[@]}" --skip-base \
+step "nanoGPT vs ours, batch 16 and 32" 125 env BATCHES="16 32" STEPS=10 bash benchmarks/vs_nanogpt.sh "$out"
+step "each lever alone, 124M, batch 16, unrolled (base: the vs_nanogpt row)" 140 "${tp[@]}" "${m124[@]}" --skip-base \
   --variant "cce_loss=train.loss_impl=cce,train.z_loss=0" \
   --variant "tk_mosaic_attn=model.attention=tokamax_mosaic" \
   --variant "tk_glu=model.kernels=tokamax_glu" \
