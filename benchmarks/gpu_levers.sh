@@ -4,21 +4,27 @@
 # inside BUDGET seconds (a step that runs out of time leaves what it printed). Usage on the GPU machine, from the
 # repository root, with the kernels extra and .peers/nanogpt/model.py there (see vs_nanogpt.sh):
 #   bash benchmarks/gpu_levers.sh [outdir]
+#   PARTS="tests ko1b depth attention" BUDGET=540 bash benchmarks/gpu_levers.sh   # a second call's share
+# Parts: nanogpt levers tests ko1b depth attention (all by default; together they need about 11 minutes on an
+# H100, more than one call's 10, so split them over two calls). tokamax's Pallas kernels need a tokamax built for
+# the device's jax: 0.0.12 (the last for Python 3.11) fails on jax 0.11.2 (benchmarks/README.md).
 # Writes log.txt (everything), rows.jsonl (one JSON row per measurement) and vs_nanogpt.jsonl under outdir.
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 budget=${BUDGET:-560}
+parts=" ${PARTS:-nanogpt levers tests ko1b depth attention} "
 export PYTHONUNBUFFERED=1
 log="$out/log.txt"
 rows="$out/rows.jsonl"
 : > "$rows"
-step() {  # name, seconds, command...: runs the command for at most min(seconds, what is left of the budget)
-  local name=$1 want=$2; shift 2
+step() {  # part, name, seconds, command...: runs it for at most min(seconds, what is left of the budget)
+  local part=$1 name=$2 want=$3; shift 3
+  [[ "$parts" == *" $part "* ]] || return 0
   local left=$((budget - SECONDS))
   local t=$((want < left ? want : left))
   if [ "$t" -lt 15 ]; then echo "### $name: skipped, ${left}s of the budget left" | tee -a "$log"; return; fi
   echo "### $name (up to ${t}s, at ${SECONDS}s): $*" | tee -a "$log"
-  timeout "$t" "$@" 2>&1 | grep -v "^num \|^using fused\|^number of param\|^$" | tee -a "$log"
+  timeout "$t" "$@" 2>&1 | grep -v "^num \|^using fused\|^number of param\|^$\|WARNING:absl\|WARNING  absl" | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 124 ] && echo "### $name: cut off at ${t}s" | tee -a "$log"
 }
@@ -29,25 +35,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import jax, flax, torch, tokamax, jax_cce; print('jax', jax.__version__, 'flax', flax.__version__, \
 'torch', torch.__version__, 'tokamax', tokamax.__version__, jax.devices())" 2>&1 | tee -a "$log"
 
-step "nanoGPT vs ours, batch 16 and 32" 125 env BATCHES="16 32" STEPS=10 bash benchmarks/vs_nanogpt.sh "$out"
-step "each lever alone, 124M, batch 16, unrolled (base: the vs_nanogpt row)" 140 "${tp[@]}" "${m124[@]}" --skip-base \
+step nanogpt "nanoGPT vs ours, batch 16 and 32" 200 env BATCHES="16 32" STEPS=10 bash benchmarks/vs_nanogpt.sh "$out"
+step levers "each lever alone, 124M, batch 16, unrolled, after its own base row" 200 "${tp[@]}" "${m124[@]}" \
   --variant "cce_loss=train.loss_impl=cce,train.z_loss=0" \
   --variant "tk_mosaic_attn=model.attention=tokamax_mosaic" \
   --variant "tk_glu=model.kernels=tokamax_glu" \
   --variant "tk_norm=model.kernels=tokamax_norm" \
   --variant "fp8=model.matmul_precision=fp8" \
   --variant "tk_triton_attn=model.attention=tokamax_triton"
-step "kernels vs reference on the GPU (outputs and gradients, packed rows with padding)" 60 \
+step tests "kernels vs reference on the GPU (outputs and gradients, packed rows with padding)" 60 \
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py "tests/test_model.py::test_cudnn_matches_reference"
-step "ko_1b, remat none, batch 8" 70 "${tp[@]}" --config configs/ko_1b.py --batch 8 --steps 5 --warmup 2 \
+step ko1b "ko_1b, remat none, batch 8" 90 "${tp[@]}" --config configs/ko_1b.py --batch 8 --steps 5 --warmup 2 \
   --override mesh.fsdp=1 --override mesh.data=1 --override model.remat=none --label ko_1b \
   --variant "ko_1b_tk_mosaic=model.attention=tokamax_mosaic"
-step "depth: scanned stacks, 124M width" 90 "${tp[@]}" --preset gpt2-124m --batch 16 --steps 5 --warmup 1 --skip-base \
+step depth "depth: scanned stacks, 124M width" 90 "${tp[@]}" --preset gpt2-124m --batch 16 --steps 5 --warmup 1 --skip-base \
   --variant "L24_unroll4=model.n_layers=24,model.scan_unroll=4" \
   --variant "L48_unroll4=model.n_layers=48,model.scan_unroll=4" \
   --variant "L12_unroll4=model.scan_unroll=4" \
   --variant "L12_unroll12=model.scan_unroll=12" \
   --variant "L24_scan=model.n_layers=24" \
   --variant "L48_scan=model.n_layers=48"
-step "attention kernels alone, fwd+bwd, packed rows" 50 python3 benchmarks/attention_kernels.py --reps 10 --jsonl "$rows"
+step attention "attention kernels alone, fwd+bwd, packed rows" 50 python3 benchmarks/attention_kernels.py --reps 10 --jsonl "$rows"
 echo "### done at ${SECONDS}s" | tee -a "$log"

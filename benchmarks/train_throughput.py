@@ -138,6 +138,10 @@ def main():
     args = ap.parse_args()
     rows = []
     cfg = build_config(args)
+    name = args.preset or Path(args.config or "base").stem
+    dev = (f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, mesh "
+           f"{dict(zip(('data', 'fsdp', 'tensor'), sharding.mesh_shape(cfg.mesh, jax.device_count())))} "
+           f"rules {cfg.mesh.rules}")
     variants = [] if args.skip_base else [(args.label or "base", [])]
     variants += [(v.split("=", 1)[0], v.split("=", 1)[1].split(",")) for v in args.variant]
     for label, extra in variants:
@@ -146,13 +150,16 @@ def main():
                 vcfg = build_config(args, extra)
                 rows.append(dict(run(vcfg, b or vcfg.train.batch_size, args.steps, args.warmup), label=label,
                                  overrides=[*args.override, *extra]))
+                r = rows[-1]
+                # Each row as soon as it is measured: a run cut off by a time limit keeps what it finished.
+                print(f"row {label} batch {r['batch']}: {r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step, "
+                      f"compile {r['compile_s']:.1f} s", flush=True)
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(dict(r, impl="ours", shape=name, device=dev)) + "\n")
             except Exception as e:  # noqa: BLE001 - one lever's failure is a row of the report, not the end of it
                 print(f"variant {label!r} batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             jax.clear_caches()
-    name = args.preset or Path(args.config or "base").stem
-    dev = (f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, mesh "
-           f"{dict(zip(('data', 'fsdp', 'tensor'), sharding.mesh_shape(cfg.mesh, jax.device_count())))} "
-           f"rules {cfg.mesh.rules}")
     print(f"\n{name} on {dev}")
     print(f"{'variant':<14s}{'params(M)':>10s}{'batch':>7s}{'seq':>6s}{'tokens/s':>12s}{'step ms':>10s}{'MFU':>7s}"
           f"{'peak GB':>9s}{'temp GB':>9s}{'compile s':>10s}{'loss':>8s}")
@@ -162,10 +169,6 @@ def main():
         temp = f"{r['temp_gb']:.1f}" if r["temp_gb"] is not None else "n/a"
         print(f"{r['label'][:13]:<14s}{r['params_m']:>10.1f}{r['batch']:>7d}{r['seq']:>6d}{r['tokens_per_s']:>12,.0f}"
               f"{r['step_ms']:>10.1f}{mfu:>7s}{peak:>9s}{temp:>9s}{r['compile_s']:>10.1f}{r['loss']:>8.3f}")
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for r in rows:
-                f.write(json.dumps(dict(r, impl="ours", shape=name, device=dev)) + "\n")
 
 
 if __name__ == "__main__":

@@ -113,22 +113,26 @@ def test_scan_unroll_keeps_the_math():
 
 
 def test_fp8_dot_rounds_operands_and_gradient():
+    """A Linear-shaped contraction (two input axes) equals the float32 product of the e4m3-rounded operands
+    times their scales; its gradients use the e5m2-rounded incoming gradient."""
     rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.standard_normal((32, 64)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((64, 48)) * 0.05, jnp.float32)
-    dims = (((1,), (0,)), ((), ()))
+    x = jnp.asarray(rng.standard_normal((4, 8, 2, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 32, 48)) * 0.05, jnp.float32)
+    dims = (((2, 3), (0, 1)), ((), ()))
     y = fp8.dot_general(x, w, dims)
-    exact = x @ w
+    exact = jax.lax.dot_general(x, w, dims)
     # e4m3 keeps 3 mantissa bits: a few percent per product, averaged down over the 64-term sums.
     assert 1e-3 < _rel(y, exact) < 0.05
-    # The forward equals the plain product of the e4m3-rounded operands.
-    np.testing.assert_allclose(y, fp8.quantize_forward(x) @ fp8.quantize_forward(w), rtol=1e-5, atol=1e-5)
+    x2, w2 = x.reshape(32, 64), w.reshape(64, 48)
+    (xq, sx), (wq, sw) = fp8.quantize(x2, fp8.E4M3), fp8.quantize(w2, fp8.E4M3)
+    f32 = lambda a: a.astype(jnp.float32)
+    np.testing.assert_allclose(y.reshape(32, 48), f32(xq) @ f32(wq) * sx * sw, rtol=1e-5, atol=1e-6)
     g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    dx = jax.grad(lambda x_: (fp8.dot_general(x_, w, dims) * g).sum())(x)
-    # The incoming gradient is rounded to e5m2 (2 mantissa bits), then multiplied by the rounded kernel.
-    g8 = fp8._qdq(g, fp8.E5M2)
-    assert 0 < _rel(g8, g) < 0.15
-    np.testing.assert_allclose(dx, g8 @ fp8.quantize_forward(w).T, rtol=1e-5, atol=1e-5)
+    dx, dw = jax.grad(lambda x_, w_: (fp8.dot_general(x_, w_, dims) * g).sum(), (0, 1))(x, w)
+    gq, sg = fp8.quantize(g.reshape(32, 48), fp8.E5M2)
+    assert 0 < _rel(f32(gq) * sg, g.reshape(32, 48)) < 0.15   # e5m2: 2 mantissa bits
+    np.testing.assert_allclose(dx.reshape(32, 64), f32(gq) @ f32(wq).T * sg * sw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw.reshape(64, 48), f32(xq).T @ f32(gq) * sx * sg, rtol=1e-5, atol=1e-6)
 
 
 def test_fp8_model_stays_near_default():

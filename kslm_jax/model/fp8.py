@@ -1,13 +1,19 @@
-"""FP8 matmuls for Hopper (`model.matmul_precision=fp8`): operands quantized to float8 around a plain dot_general.
+"""FP8 matmuls for Hopper (`model.matmul_precision=fp8`): the GEMMs of a projection take float8 operands.
 
-Each operand is scaled by its own absolute maximum (current scaling: the scale of this step's tensor, so
-nothing is carried between steps), cast to float8_e4m3fn and cast back; the gradient flowing into the
-product is quantized the same way to float8_e5m2, whose wider exponent suits gradients. XLA's GPU GEMM
-rewriter folds such a convert-and-scale pair on each side of a dot into one cuBLASLt FP8 GEMM, so the
-arithmetic runs at FP8 rate; on other backends the same program computes the rounded values in the compute
-dtype, which is what the CPU tests check.
+Forward: x and the kernel are each scaled by their own absolute maximum (current scaling: this step's
+tensor sets its scale, so nothing is carried between steps) and cast to float8_e4m3fn; the product of the
+float8 arrays accumulates in float32 and is multiplied by the two scales. Backward: the incoming gradient is
+cast the same way to float8_e5m2 (wider exponent, for gradients), and both backward GEMMs multiply it by the
+saved float8 operands. The rounding has no gradient of its own (straight through).
+
+The float8 arrays go into dot_general as they are, not as a quantize-dequantize pair around a compute-dtype
+dot: measured on an H100 (jax 0.11.2), XLA dropped such a pair inside a jitted model (logits equal to the
+default path's within 2e-7), so the model never saw FP8. A float8 dot_general is what XLA's GPU backend hands
+to cuBLASLt's FP8 GEMM; other backends compute the same rounded product in float32, which the CPU tests check.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,35 +22,50 @@ E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 
 
-def _qdq(x, fp8_dtype):
-    """x rounded to fp8_dtype at a per-tensor scale that maps |x|'s maximum onto the format's maximum."""
+def quantize(x, fp8_dtype):
+    """(x / scale rounded to fp8_dtype, scale): the scale maps |x|'s maximum onto the format's maximum."""
     fmax = float(jnp.finfo(fp8_dtype).max)
-    amax = jax.lax.stop_gradient(jnp.max(jnp.abs(x)).astype(jnp.float32))
+    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
     scale = jnp.where(amax > 0, amax / fmax, 1.0)
-    q = jnp.clip(x.astype(jnp.float32) / scale, -fmax, fmax).astype(fp8_dtype)
-    # Dequantized as convert-then-multiply in the operand's own dtype: the form the GEMM rewriter matches.
-    return q.astype(x.dtype) * scale.astype(x.dtype)
+    return jnp.clip(x.astype(jnp.float32) / scale, -fmax, fmax).astype(fp8_dtype), scale
+
+
+def _dot(a, b, contract):
+    """a . b over one axis of each, in float32, whatever the two float8 dtypes."""
+    return jax.lax.dot_general(a, b, ((contract[0], contract[1]), ((), ())), preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
-def quantize_forward(x):
-    """Rounded to e4m3 in the forward pass; the gradient passes straight through (the rounding has none)."""
-    return _qdq(x, E4M3)
+def matmul(x, w):
+    """(M, K) @ (K, N) with both operands in e4m3, the result (and both gradients) in x's dtype, which w shares
+    (a Linear casts both to the compute dtype)."""
+    return _fwd(x, w)[0]
 
 
-quantize_forward.defvjp(lambda x: (_qdq(x, E4M3), None), lambda _, g: (g,))
+def _fwd(x, w):
+    xq, sx = quantize(x, E4M3)
+    wq, sw = quantize(w, E4M3)
+    y = (_dot(xq, wq, ((1,), (0,))) * (sx * sw)).astype(x.dtype)
+    return y, (xq, sx, wq, sw)
 
 
-@jax.custom_vjp
-def quantize_backward(y):
-    """Identity in the forward pass; the gradient arriving here is rounded to e5m2 before the backward GEMMs."""
-    return y
+def _bwd(res, g):
+    xq, sx, wq, sw = res
+    gq, sg = quantize(g, E5M2)
+    dx = (_dot(gq, wq, ((1,), (1,))) * (sg * sw)).astype(g.dtype)   # g @ w.T
+    dw = (_dot(xq, gq, ((0,), (0,))) * (sx * sg)).astype(g.dtype)   # x.T @ g
+    return dx, dw
 
 
-quantize_backward.defvjp(lambda y: (y, None), lambda _, g: (_qdq(g, E5M2),))
+matmul.defvjp(_fwd, _bwd)
 
 
 def dot_general(x, kernel, dimension_numbers):
-    """jax.lax.dot_general with both operands, and the gradient of the result, in FP8."""
-    y = jax.lax.dot_general(quantize_forward(x), quantize_forward(kernel), dimension_numbers)
-    return quantize_backward(y)
+    """jax.lax.dot_general for a Linear (x's last n axes against the kernel's first n, no batch axes) in FP8."""
+    (x_axes, k_axes), batch = dimension_numbers
+    n = len(x_axes)
+    if batch != ((), ()) or tuple(x_axes) != tuple(range(x.ndim - n, x.ndim)) or tuple(k_axes) != tuple(range(n)):
+        raise ValueError(f"fp8.dot_general takes a Linear's contraction only, not {dimension_numbers}")
+    lead, k_in, out = x.shape[:x.ndim - n], math.prod(x.shape[x.ndim - n:]), kernel.shape[n:]
+    y = matmul(x.reshape(-1, k_in), kernel.reshape(k_in, -1))
+    return y.reshape(*lead, *out)
