@@ -34,6 +34,11 @@ def exact_float32_matmuls():
 def test_document_starts():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [4, 4, 4, 4, 4, 4, 4, 4]])
     np.testing.assert_array_equal(attention.document_starts(seg), [[0, 0, 0, 3, 3, 5, 6, 6], [0] * 8])
+    # The mask they stand for (short rows' fallback) is the reference's on every real token.
+    pos = jnp.asarray([[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
+    valid = np.asarray(seg) > 0
+    np.testing.assert_array_equal(np.asarray(attention.starts_mask(attention.document_starts(seg)))[valid],
+                                  np.asarray(attention.packed_mask(pos, pos, seg, seg))[valid])
 
 
 @needs("kernels", "tokamax")

@@ -30,6 +30,7 @@ from kslm_jax.core import sharding
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cudnn_packed", "splash", "tokamax_mosaic", "tokamax_triton")
 SPLASH_BLOCK = 512   # query and key tile; shorter rows use their full length
 SPLASH_LANES = 128   # rows must be a multiple of this
+TOKAMAX_ROWS = 128   # tokamax's Mosaic GPU kernel reduces key ranges over query groups of 2 x block_q (64)
 
 
 def resolve(implementation: str, dtype=None) -> str:
@@ -83,6 +84,12 @@ def document_starts(segment_ids):
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
     change = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     return jax.lax.cummax(jnp.where(change, idx, 0), axis=1)
+
+
+def starts_mask(k_start):
+    """The (B, T, T) boolean mask that document starts stand for: causal, from each query's document start."""
+    idx = jnp.arange(k_start.shape[1], dtype=k_start.dtype)
+    return (idx[None, None, :] >= k_start[:, :, None]) & (idx[None, None, :] <= idx[None, :, None])
 
 
 def prepare(implementation: str, positions, segment_ids, max_segments: int) -> dict:
@@ -180,6 +187,9 @@ def tokamax_attend(q, k, v, k_start, kernel: str):
 def attend(q, k, v, inputs: dict, implementation: str = "xla"):
     implementation = resolve(implementation, q.dtype)
     if implementation.startswith("tokamax"):
+        if q.shape[1] % TOKAMAX_ROWS:
+            # The Mosaic GPU kernel groups queries by 2 x 64; shorter rows (init's 8-token dummy) take the reference.
+            return reference(q, k, v, starts_mask(inputs["k_start"]))
         kernel = {"tokamax_mosaic": "mosaic_gpu", "tokamax_triton": "triton"}[implementation]
         return tokamax_attend(q, k, v, inputs["k_start"], kernel)
     if implementation == "splash":
