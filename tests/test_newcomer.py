@@ -7,9 +7,12 @@ import gzip
 import itertools
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from extras import needs
 from test_cli_errors import kslm, ok, user_error
 
 from kslm_jax.core import config as config_lib
@@ -160,3 +163,13 @@ def test_cpu_recipe_prepares_own_jsonl_split_by_a_field(tmp_path, reviews):
                 movies.setdefault(json.loads(lines[lineno - 1])["movie_id"], set()).add(split)
     assert {"train"} in movies.values() and {"val"} in movies.values()
     assert all(len(s) == 1 for s in movies.values())  # no movie on both sides
+
+
+@needs("export", "torch")
+def test_cli_start_imports_neither_torch_nor_scipy():
+    """Every `kslm` command starts by importing the CLI: tensorboardX would pull torch in (1.2 s) and the task
+    metrics scipy.stats (0.5 s). Neither is needed to start, and torch stays importable for the exporters."""
+    code = ("import sys, kslm_jax.cli.main; heavy = sorted({'torch', 'scipy'} & set(sys.modules)); "
+            "assert not heavy, heavy; import torch, scipy.stats; print('ok', torch.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok torch", proc.stderr[-2000:]

@@ -2,12 +2,31 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import jax
-from tensorboardX import SummaryWriter
-from tensorboardX.summary import hparams as hparams_summary
+
+
+def _import_tensorboardx():
+    """tensorboardX's writer imports torch whenever it is installed (the export extra brings it), only to accept
+    torch tensors, which we never log: that cost 1.2 s and ~300 MB in every `kslm` process, most of a CLI
+    start. torch is hidden while tensorboardX imports (a None entry makes `import torch` raise ImportError),
+    then unhidden, so the exporters still import it; a process that imported torch already keeps it."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None
+    try:
+        import tensorboardX
+        import tensorboardX.summary
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return tensorboardX.SummaryWriter, tensorboardX.summary.hparams
+
+
+SummaryWriter, hparams_summary = _import_tensorboardx()
 
 # Dense bf16 peak TFLOP/s per device, from vendor datasheets (no sparsity).
 PEAK_TFLOPS = {

@@ -12,7 +12,6 @@ import collections
 import math
 
 import numpy as np
-from scipy import stats
 
 TOKENIZATION = "characters (whitespace removed)"
 
@@ -33,8 +32,11 @@ def macro_f1(gold, pred) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _correlation(stat, x, y) -> float:
-    """`stat` (a scipy.stats correlation) of x and y; NaN where it is undefined (under two pairs, a constant side)."""
+def _correlation(name: str, x, y) -> float:
+    """scipy.stats' correlation `name` of x and y; NaN where it is undefined (under two pairs, a constant side)."""
+    from scipy import stats  # imported here: 0.5 s at import, which every `kslm` command would pay for KorSTS
+
+    stat = getattr(stats, name)
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan")
@@ -42,12 +44,12 @@ def _correlation(stat, x, y) -> float:
 
 
 def pearson(x, y) -> float:
-    return _correlation(stats.pearsonr, x, y)
+    return _correlation("pearsonr", x, y)
 
 
 def spearman(x, y) -> float:
     """Pearson of the ranks, ties sharing the mean of the ranks they span (scipy's default)."""
-    return _correlation(stats.spearmanr, x, y)
+    return _correlation("spearmanr", x, y)
 
 
 def char_tokens(text: str) -> list[str]:
