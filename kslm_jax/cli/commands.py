@@ -23,7 +23,7 @@ from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import generate as gen
 from kslm_jax.eval import lm as evaluate
 from kslm_jax.eval import train_report
-from kslm_jax.model import quantize
+from kslm_jax.model import arch, quantize
 from kslm_jax.objectives import distill_cache as cache_lib
 from kslm_jax.objectives import dpo, finetune, finetune_io, lm, student
 from kslm_jax.train import hf_import
@@ -170,6 +170,7 @@ def _quantized(trainer, mode):
     """The trainer's parameters as weight-only int8/int4 would compute them, and their stored size."""
     import jax
     import numpy as np
+    arch.require_decoder(trainer.cfg, f"--quant {mode}")
     q, size = quantize.quantize_params(jax.tree.map(np.asarray, trainer.state.params), trainer.model_cfg, mode)
     return jax.device_put(q, trainer.shardings.params), size
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
+from kslm_jax.model import arch
 from kslm_jax.train import aot, topology
 
 EXIT_DOES_NOT_FIT = 2
@@ -29,6 +30,7 @@ def run(args, overrides) -> int:
     """Compile, print the per-chip report, write WORKDIR/compile.json; a config that does not fit raises
     aot.DoesNotFit (the CLI prints its one line and exits 2) after writing the verdict too."""
     cfg = load_config(args.config, args.workdir, overrides)
+    arch.require_decoder(cfg, "kslm compile")
     topo = topology.parse(args.topology, args.slices)
     if cfg.mesh.slices != topo.slices:
         config_lib.apply_override(cfg, f"mesh.slices={topo.slices}")

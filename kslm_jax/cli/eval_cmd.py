@@ -14,7 +14,7 @@ from kslm_jax.data import finetune_data
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import generate as gen
 from kslm_jax.eval import runner
-from kslm_jax.model import classify, llama
+from kslm_jax.model import arch, classify
 from kslm_jax.objectives import dpo, finetune, finetune_io
 
 
@@ -32,7 +32,7 @@ def load(cfg, workdir: Path) -> tuple[runner.Subject, int]:
     word_ids = None
     if cfg.finetune.kind == "cls" and cfg.finetune.head == "label_words":
         word_ids = classify.label_word_ids(sp, cfg.finetune.label_words, len(finetune_data.class_names(cfg)))
-    model = llama.Transformer(llama.ModelConfig.from_config(cfg))
+    model = arch.from_config(cfg)[1]
     return runner.make_subject(cfg, model, jax.device_put(decoder), sp, jax.device_put(head), word_ids), step
 
 

@@ -20,6 +20,7 @@ from kslm_jax.core.errors import KslmError
 from kslm_jax.data import chat
 from kslm_jax.eval import runner
 from kslm_jax.export import gguf_io
+from kslm_jax.model import arch
 from kslm_jax.objectives import finetune_io
 
 log = logging.getLogger("kslm")
@@ -92,6 +93,7 @@ def build_app(cfg, workdir: Path, opts: Options):
 
 def cli(args, overrides) -> int:
     cfg = workdir_lib.config_for(args.workdir, args.config, overrides, getattr(args, "force", False))
+    arch.require_decoder(cfg, "kslm serve")
     if args.port < 0 or args.port > 65535:
         raise KslmError(f"--port {args.port} is not a TCP port (0-65535)")
     opts = Options(backend=args.backend, quant=args.quant, n_ctx=args.n_ctx, api_key=args.api_key,

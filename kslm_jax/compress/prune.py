@@ -25,7 +25,7 @@ from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline
-from kslm_jax.model import llama
+from kslm_jax.model import arch, llama
 from kslm_jax.objectives import finetune_io
 from kslm_jax.train import optim
 from kslm_jax.train import state as state_lib
@@ -153,6 +153,7 @@ def prune(teacher: Path, out: Path, *, keep_layers=None, n_layers=None, by: str 
           d_ff=None, n_heads=None, n_kv_heads=None, calib_batches: int = 8, overrides=(), force=False) -> dict:
     teacher, out = Path(teacher), Path(out)
     tcfg = config_lib.read_workdir_config(teacher)
+    arch.require_decoder(tcfg, "kslm prune")
     c = llama.ModelConfig.from_config(tcfg)
     d_model, d_ff = d_model or c.d_model, d_ff or c.d_ff
     n_heads, n_kv = n_heads or c.n_heads, n_kv_heads or c.n_kv_heads

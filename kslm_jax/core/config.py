@@ -244,9 +244,9 @@ def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
 
 
 # Keys a fine-tuning run takes from finetune.init_from: the weights it loads fix the model's shape and tokenizer.
-INHERITED = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.d_ff",
-             "model.vocab_multiple", "model.rope_theta", "model.norm_eps", "model.tie_embeddings", "model.scan_layers",
-             "tokenizer.")
+INHERITED = ("model.arch", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
+             "model.d_ff", "model.vocab_multiple", "model.rope_theta", "model.norm_eps", "model.tie_embeddings",
+             "model.scan_layers", "tokenizer.")
 
 
 def inherit_base(cfg) -> None:

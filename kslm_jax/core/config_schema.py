@@ -16,7 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = dict(
-        d_model=256,            # residual width
+        arch="decoder",         # decoder (Llama blocks) | gru | lstm (Flax's recurrent cells; train/eval/generate only)
+        d_model=256,            # residual width (and the recurrent state's width)
         n_layers=4,             # transformer blocks
         n_heads=4,              # query heads
         n_kv_heads=2,           # key/value heads (GQA); must divide n_heads
@@ -220,6 +221,7 @@ def d_ff(cfg) -> int:
 
 
 _CHOICES = {
+    "model.arch": ("decoder", "gru", "lstm"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "xla", "cudnn", "cudnn_packed", "splash", "tokamax_mosaic", "tokamax_triton"),
@@ -277,6 +279,9 @@ def validate(cfg) -> None:
     config_checks.check_ranges(cfg)
     config_checks.profile_steps(cfg.logging.profile_steps)
     config_checks.check_kernels(cfg)
+    if m.arch != "decoder" and (cfg.finetune.kind != "none" or cfg.distill.teacher or cfg.distill.cache):
+        raise KslmError(f"config key model.arch={m.arch}: fine-tuning and distillation need the decoder "
+                        "(model.arch=decoder); a recurrent model trains, evaluates and generates")
     _validate_distill(cfg)
     config_finetune.validate(cfg)
     _validate_cleaning(cfg.data)

@@ -1,4 +1,5 @@
-"""Decoding with an explicit KV cache: temperature, top-k and top-p sampling, or greedy at temperature 0."""
+"""Decoding with an explicit cache (the decoder's keys and values, or a recurrent model's carry): temperature,
+top-k and top-p sampling, or greedy at temperature 0."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import prepare
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.model import llama
+from kslm_jax.model import arch, llama
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -47,7 +48,7 @@ def cache_len(needed: int) -> int:
 def generate_ids(model: llama.Transformer, params, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
                  top_k: int, top_p: float, rng, vocab_limit: int, stop_id: int | None = tok_lib.EOS) -> list[int]:
     c = model.c
-    cache = llama.init_cache(c, 1, cache_len(len(prompt_ids) + max_new_tokens), jnp.float32)
+    cache = arch.init_cache(c, 1, cache_len(len(prompt_ids) + max_new_tokens), jnp.float32)
     tokens = jnp.asarray([prompt_ids], jnp.int32)
     positions = jnp.arange(len(prompt_ids), dtype=jnp.int32)[None]
     logits, cache = forward_cached(model, params, tokens, positions, cache)

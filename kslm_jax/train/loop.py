@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from kslm_jax.core import checkpoint, metrics, sharding
 from kslm_jax.core.errors import KslmError
 from kslm_jax.eval import runner
-from kslm_jax.model import llama
+from kslm_jax.model import arch
 from kslm_jax.train import debug_nans
 from kslm_jax.train import faults as faults_lib
 from kslm_jax.train import guards
@@ -93,7 +93,7 @@ class Trainer:
         data_iter = self.objective.batches()
         writer = metrics.Writer(self.workdir, cfg.logging.tensorboard)
         peak = metrics.device_peak_tflops(cfg.logging.peak_tflops)
-        throughput = metrics.Throughput(llama.flops_per_token(self.model_cfg, cfg.data.seq_len),
+        throughput = metrics.Throughput(arch.flops_per_token(self.model_cfg, cfg.data.seq_len),
                                         self.mesh.size, peak)
         summary = {"stopped_by": None, "losses": {}}
         self.health = health_lib.Health(tcfg.nonfinite, tcfg.spike_zscore, max_skipped=tcfg.max_skipped_steps)

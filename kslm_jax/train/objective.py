@@ -13,7 +13,7 @@ import optax
 
 from kslm_jax.core import sharding
 from kslm_jax.core import workdir as workdir_lib
-from kslm_jax.model import llama
+from kslm_jax.model import arch, llama
 from kslm_jax.train import optim
 from kslm_jax.train import state as state_lib
 
@@ -27,18 +27,18 @@ class Setup:
     paths: dict
     mesh: Any
     rules: tuple
-    model_cfg: llama.ModelConfig
-    model: llama.Transformer
+    model_cfg: llama.ModelConfig        # or recurrent.RecurrentConfig (model.arch=gru|lstm)
+    model: llama.Transformer            # or recurrent.RecurrentLM, called the same way
     tx: optax.GradientTransformation
     lr_fn: optax.Schedule
 
     @classmethod
     def of(cls, cfg, workdir) -> "Setup":
         workdir = Path(workdir)
-        model_cfg = llama.ModelConfig.from_config(cfg)
+        model_cfg, model = arch.from_config(cfg)
         tx, lr_fn = optim.make(cfg.optim, cfg.train.steps)
         return cls(cfg, workdir, workdir_lib.paths(workdir), sharding.make_mesh(cfg.mesh),
-                   sharding.rules(cfg.mesh.rules), model_cfg, llama.Transformer(model_cfg), tx, lr_fn)
+                   sharding.rules(cfg.mesh.rules), model_cfg, model, tx, lr_fn)
 
     def has_checkpoint(self) -> bool:
         ck = self.paths["checkpoints"]
