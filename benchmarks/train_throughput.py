@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from kslm_jax.core import config as config_lib  # noqa: E402
 from kslm_jax.core import metrics, sharding
-from kslm_jax.model import llama  # noqa: E402
+from kslm_jax.model import arch  # noqa: E402
 from kslm_jax.objectives import lm  # noqa: E402
 from kslm_jax.train import optim  # noqa: E402
 from kslm_jax.train import state as state_lib
@@ -77,8 +77,7 @@ def setup(cfg, batch: int):
         cfg.train.batch_size = batch
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules(cfg.mesh.rules)  # dp | fsdp | fsdp_tp, as kslm train shards the state
-    mc = llama.ModelConfig.from_config(cfg)
-    model = llama.Transformer(mc)
+    mc, model = arch.from_config(cfg)  # the decoder, or a recurrent model with --override model.arch=gru
     tx, lr_fn = optim.make(cfg.optim, 1000)
     abstract, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh, rules)
     loss = lm.loss(model, cfg.train.z_loss, cfg.train.loss_chunk, cfg.train.loss_impl)
@@ -113,7 +112,7 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
         dt = (time.perf_counter() - t0) / steps
     tokens = batch * cfg.data.seq_len
     peak = metrics.device_peak_tflops(cfg.logging.peak_tflops)
-    flops = llama.flops_per_token(s["model_cfg"], cfg.data.seq_len) * tokens
+    flops = arch.flops_per_token(s["model_cfg"], cfg.data.seq_len) * tokens
     loss = float(out["ce_sum"]) / max(int(out["tokens"]), 1)
     return dict(params_m=s["n_params"] / 1e6, batch=batch, seq=cfg.data.seq_len, tokens_per_s=tokens / dt,
                 step_ms=dt * 1e3, mfu=(flops / dt / (mesh.size * peak * 1e12)) if peak else None,

@@ -51,7 +51,8 @@ def _cell(c: RecurrentConfig, **kw) -> nn.RNNCellBase:
 
 
 class ResettingCell(nn.RNNCellBase):
-    """Flax's cell, its carry zeroed before a step whose input's last feature (the start flag) is 1."""
+    """Flax's cell, its carry zeroed before a step whose input's last feature (the start flag) is 1: nn.RNN
+    scans one array, so the flag rides along with the token's features."""
     c: RecurrentConfig
 
     @nn.compact
