@@ -63,9 +63,9 @@ def corpus_overrides(args) -> list[str]:
     src = nsmc_movies(Path(args.nsmc), Path(args.out) / "nsmc_movies.jsonl", args.movies, args.doc_chars)
     return [f"data.sources={src}", "data.text_field=text", "data.split_field=movie_id", "data.val_fraction=0.1", "data.min_chars=2", "data.max_top_2gram_ratio=1.0", "data.max_top_3gram_ratio=1.0",
             "data.max_top_4gram_ratio=1.0", "data.max_dup_line_ratio=1.0", "data.dedup.near=false", "data.seq_len=1024", "tokenizer.vocab_size=4000",
-            "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-            "model.tie_embeddings=true", "optim.lr=3e-3", "optim.warmup_steps=30", "optim.weight_decay=0.1",
-            "train.batch_size=8"]
+            f"model.d_model={args.d_model}", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+            "model.tie_embeddings=true", "optim.lr=3e-3", "optim.warmup_steps=20", "optim.weight_decay=0.1",
+            f"train.batch_size={args.batch}"]
 
 
 ARCH = {"decoder": [], "gru": ["model.arch=gru", "model.n_layers=8"], "lstm": ["model.arch=lstm", "model.n_layers=6"]}
@@ -160,6 +160,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--movies", type=int, default=600)
     p.add_argument("--doc-chars", type=int, default=4000)
+    p.add_argument("--d-model", type=int, default=64, help="nsmc_movies: width of both models")
+    p.add_argument("--batch", type=int, default=4, help="nsmc_movies: rows of 1024 tokens per step")
     p.add_argument("--nsmc", default="../shared/data/ko/nsmc_reviews.jsonl.gz")
     p.add_argument("--out", default="runs/recurrent_bench")
     args = p.parse_args()

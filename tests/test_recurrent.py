@@ -14,6 +14,7 @@ from kslm_jax.core.errors import KslmError
 from kslm_jax.eval import generate
 from kslm_jax.model import arch, recurrent
 from kslm_jax.objectives import lm
+from kslm_jax.train import objective as objective_lib
 
 ARCHES = ("gru", "lstm")
 VOCAB = 64
@@ -141,3 +142,14 @@ def test_flops_count_matches_the_parameters():
         model, params = _model(kind)
         # Tied embeddings: every parameter is used once per token, the output matrix included.
         assert recurrent.flops_per_token(model.c) == 6.0 * sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_recurrent_state_is_sharded_by_the_decoder_rules(workdir):
+    """fsdp splits the cells' kernels along `embed` (their input side), as it splits the decoder's; no compile."""
+    cfg = workdir_lib.config_for(workdir, None, ["model.arch=gru", "mesh.data=2", "mesh.fsdp=4"], force=True)
+    shardings = lm.LM(objective_lib.Setup.of(cfg, workdir)).shardings
+    kernels = [(jax.tree_util.keystr(path), s.spec) for path, s in jax.tree_util.tree_leaves_with_path(shardings)
+               if "gru" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)]
+    # 2 layers x 6 kernels, in the parameters and in both AdamW moments
+    assert len(kernels) == 36 and all(tuple(spec) == ("fsdp", None) for _, spec in kernels), kernels
+    assert tuple(shardings.params["embed_tokens"]["embedding"].spec) == ("tensor", "fsdp")  # as the decoder's
