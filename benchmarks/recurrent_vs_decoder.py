@@ -23,7 +23,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kslm_jax.cli import commands
@@ -31,6 +30,7 @@ from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.data import pipeline
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.eval import generate
+from kslm_jax.eval import lm as lm_eval
 from kslm_jax.model import llama
 from kslm_jax.objectives import lm
 from kslm_jax.train import step as step_lib
@@ -149,7 +149,9 @@ def run(args, base: Path, overrides: list[str], arch: str) -> dict:
             "train_tokens_per_sec": statistics.median(rates), "train_wall_s": wall,
             "bits_per_char": held["bits_per_char"],
             "by_position": by_position(trainer, sp, trainer.objective.manifest["val"]),
-            "generate_tokens_per_sec": generation_speed(trainer, sp, args.new_tokens), "device": str(jax.devices()[0])}
+            "generate_tokens_per_sec": generation_speed(trainer, sp, args.new_tokens), "device": str(jax.devices()[0]),
+            "unigram_bits_per_char": lm_eval.unigram_baseline(trainer.paths["tokens"],
+                                                              cfg.tokenizer.vocab_size)["bits_per_char"]}
 
 
 def main():
@@ -169,7 +171,7 @@ def main():
     args.recipe = {"decoder": "tiny_ko", "gru": "gru_tiny_ko"} if args.corpus == "demo" else {}
     overrides = corpus_overrides(args)
     base = Path(args.out) / f"{args.corpus}-prepared"
-    if not (base / "tokens").is_dir():
+    if not (workdir_lib.paths(base)["tokens"] / "manifest.json").is_file():
         ns = SimpleNamespace(workdir=str(base), config=args.recipe.get("decoder"), force=True)
         for stage in (commands.prepare, commands.tokenizer, commands.tokenize):
             stage(ns, overrides)
