@@ -127,6 +127,9 @@ def test_gru_trains_resumes_bit_exact_evaluates_and_generates_from_the_cli(workd
     assert "model (step 12)" in capsys.readouterr().out
     assert _cli("generate", "--workdir", str(straight), "--prompt", "대한민국", "--max-new-tokens", "8") == 0
     assert capsys.readouterr().out.startswith("대한민국")
+    (tmp_path / "ppl.txt").write_text("대한민국은 민주공화국이다.\n\n국회는 법률을 제정한다.\n", encoding="utf-8")
+    assert _cli("eval", "--workdir", str(straight), "--tasks", f"ppl={tmp_path / 'ppl.txt'}") == 0
+    assert json.loads((straight / "eval" / "ppl.json").read_text())["bits_per_char"] > 0
 
 
 def test_decoder_only_commands_refuse_a_recurrent_run(workdir):

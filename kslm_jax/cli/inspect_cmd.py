@@ -3,11 +3,13 @@ train step's memory and FLOPs on this machine's devices (`kslm compile`'s step, 
 from __future__ import annotations
 
 from kslm_jax.cli import compile as compile_cmd
+from kslm_jax.model import arch
 from kslm_jax.train import layout
 
 
 def run(args, overrides) -> int:
     """Print the report; reads the workdir's config.json (or --config), writes nothing."""
     cfg = compile_cmd.load_config(args.config, args.workdir, overrides)
+    arch.require_decoder(cfg, "kslm inspect")
     print(layout.format_report(layout.report(cfg)))
     return 0

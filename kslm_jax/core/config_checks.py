@@ -121,6 +121,19 @@ def check_kernels(cfg) -> None:
                         "bypasses LoRA adapters and int8 bases; set model.kernels=xla or tokamax_norm")
 
 
+def check_arch(cfg) -> None:
+    """A recurrent model (model.arch=gru|lstm) trains, evaluates and generates; the rest reads the decoder."""
+    m = cfg.model
+    if m.arch == "decoder":
+        return
+    if cfg.finetune.kind != "none" or cfg.distill.teacher or cfg.distill.cache:
+        raise KslmError(f"config key model.arch={m.arch}: fine-tuning and distillation need the decoder "
+                        "(model.arch=decoder); a recurrent model trains, evaluates and generates")
+    if m.kernels != "xla" or m.matmul_precision != "default":
+        raise KslmError(f"config key model.arch={m.arch}: model.kernels and model.matmul_precision are the "
+                        "decoder's levers; leave them at xla and default")
+
+
 def _numbers(node, prefix):
     for k, v in node.items():
         if isinstance(v, ml_collections.ConfigDict):

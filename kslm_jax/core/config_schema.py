@@ -279,9 +279,7 @@ def validate(cfg) -> None:
     config_checks.check_ranges(cfg)
     config_checks.profile_steps(cfg.logging.profile_steps)
     config_checks.check_kernels(cfg)
-    if m.arch != "decoder" and (cfg.finetune.kind != "none" or cfg.distill.teacher or cfg.distill.cache):
-        raise KslmError(f"config key model.arch={m.arch}: fine-tuning and distillation need the decoder "
-                        "(model.arch=decoder); a recurrent model trains, evaluates and generates")
+    config_checks.check_arch(cfg)
     _validate_distill(cfg)
     config_finetune.validate(cfg)
     _validate_cleaning(cfg.data)

@@ -1,8 +1,8 @@
 """Which model a config names (`model.arch`): the decoder (model/llama.py) or a recurrent LM (model/recurrent.py).
 
 The trainer, evaluation and generation build their model here and call it the same way; the commands that
-read the decoder's own layout (export, LoRA and classification fine-tuning, distillation, pruning, serving,
-`kslm compile`) ask `require_decoder` first.
+read the decoder's own layout (export, pruning, serving, `--quant`, `kslm compile` and `kslm inspect`) ask
+`require_decoder` first; fine-tuning and distillation are refused by the config check (core/config_checks.py).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from kslm_jax.core import checkpoint, config_finetune, sharding
 from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
-from kslm_jax.model import classify, llama, lora
+from kslm_jax.model import arch, classify, llama, lora
 from kslm_jax.train import optim
 from kslm_jax.train import state as state_lib
 
@@ -198,7 +198,7 @@ def restore_params_host(cfg, workdir: Path) -> dict:
     with cfg.unlocked():
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
     mesh = sharding.make_mesh(cfg.mesh)
-    model = llama.Transformer(llama.ModelConfig.from_config(cfg))
+    model = arch.from_config(cfg)[1]  # a plain run may be recurrent (kslm eval --tasks reads it here)
     tx, _ = optim.make(cfg.optim, cfg.train.steps)
     abstract, _ = state_lib.abstract_and_shardings(model, tx, cfg.train.seed, mesh, sharding.rules(cfg.mesh.rules))
     with jax.set_mesh(mesh):
