@@ -61,8 +61,11 @@ def corpus_overrides(args) -> list[str]:
     if args.corpus == "demo":
         return []
     src = nsmc_movies(Path(args.nsmc), Path(args.out) / "nsmc_movies.jsonl", args.movies, args.doc_chars)
-    return [f"data.sources={src}", "data.text_field=text", "data.split_field=movie_id", "data.val_fraction=0.1", "data.min_chars=2", "data.max_top_2gram_ratio=1.0", "data.max_top_3gram_ratio=1.0",
-            "data.max_top_4gram_ratio=1.0", "data.max_dup_line_ratio=1.0", "data.dedup.near=false", "data.seq_len=1024", "tokenizer.vocab_size=4000",
+    # The filters that judge single documents (repeated lines and n-grams) would drop whole movies; keep them.
+    return [f"data.sources={src}", "data.text_field=text", "data.split_field=movie_id", "data.val_fraction=0.1",
+            "data.min_chars=2", "data.max_top_2gram_ratio=1.0", "data.max_top_3gram_ratio=1.0",
+            "data.max_top_4gram_ratio=1.0", "data.max_dup_line_ratio=1.0", "data.dedup.near=false",
+            "data.seq_len=1024", "tokenizer.vocab_size=4000",
             f"model.d_model={args.d_model}", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
             "model.tie_embeddings=true", "optim.lr=3e-3", "optim.warmup_steps=20", "optim.weight_decay=0.1",
             f"train.batch_size={args.batch}"]
