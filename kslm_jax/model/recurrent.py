@@ -73,7 +73,7 @@ class ResettingCell(nn.RNNCellBase):
 def document_starts(positions, segment_ids):
     """(B, T) True where a document starts: position 0, or a segment id unlike the previous token's."""
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-    changed = jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], 1)
+    changed = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), changed], 1)
     return (positions == 0) | changed
 
 
