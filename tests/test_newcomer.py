@@ -130,7 +130,7 @@ def test_config_show_prints_every_key_value_and_comment(tmp_path):
     assert set(shown) == set(keys)
     assert all(comment for _, comment in shown.values()), [k for k, (_, c) in shown.items() if not c]
     assert shown["train.steps"][0] == "123" and shown["data.text_field"][0] == "'text'"
-    assert shown["model.d_model"] == ("128", "residual width")
+    assert shown["model.d_model"] == ("128", "residual width (and the recurrent state's width)")
     assert "tokenizer keys replace this config's" in shown["finetune.init_from"][1]  # a comment over two lines
     assert not (tmp_path / "w").exists()
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import check_out, gguf_io, hf_io, onnx_io
-from kslm_jax.model import arch
 
 
 def run(args, overrides) -> int:
@@ -25,7 +23,6 @@ def run(args, overrides) -> int:
 def _export(args, overrides, export_dir: Path) -> int:
     if overrides:
         raise KslmError("export takes no --config.* overrides: it exports the run as configured in its workdir")
-    arch.require_decoder(config_lib.read_workdir_config(args.workdir), "kslm export")
     quant = getattr(args, "quant", None)
     if quant and args.format != "gguf":
         raise KslmError(f"--quant {quant} applies to --format gguf only; {args.format} exports float32 "

@@ -22,6 +22,7 @@ from kslm_jax.core.errors import KslmError
 from kslm_jax.data import chat
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import GGUF_KEY
+from kslm_jax.model import arch
 from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
 from kslm_jax.objectives import finetune_io
@@ -180,6 +181,7 @@ def write_gguf(params, cfg, sp, path: Path, quant: str = "f16") -> Path:
 
 def export_gguf(workdir: Path, out: Path, quant: str) -> Path:
     cfg = config_lib.read_workdir_config(workdir)
+    arch.require_decoder(cfg, "kslm export --format gguf")
     sp = tok_lib.check_workdir(cfg, workdir)
     params = finetune_io.restore_params_host(cfg, workdir)
     return write_gguf(params, cfg, sp, out, quant)

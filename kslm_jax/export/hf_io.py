@@ -18,6 +18,7 @@ from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import write_marker
+from kslm_jax.model import arch
 from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
 from kslm_jax.objectives import finetune_io
@@ -67,6 +68,7 @@ def export_hf(workdir: Path, out: Path, shard_bytes: int = 5 * 2**30) -> Path:
     except ImportError:
         raise KslmError("HF export needs the safetensors package: pip install 'kslm_jax[export]'") from None
     cfg = config_lib.read_workdir_config(workdir)
+    arch.require_decoder(cfg, "kslm export --format hf")
     sp = tok_lib.check_workdir(cfg, workdir)
     params = finetune_io.restore_params_host(cfg, workdir)
     c = llama.ModelConfig.from_config(cfg)

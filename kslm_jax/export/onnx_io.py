@@ -31,6 +31,7 @@ from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.export import hf_io, write_marker
+from kslm_jax.model import arch
 from kslm_jax.model import hf_names as hf
 from kslm_jax.model import llama
 from kslm_jax.objectives import finetune_io
@@ -145,6 +146,7 @@ def _leaves(tree):
 
 def export_onnx(workdir: Path, out: Path, external_over: int = EXTERNAL_OVER) -> Path:
     cfg = config_lib.read_workdir_config(workdir)
+    arch.require_decoder(cfg, "kslm export --format onnx")
     tok_lib.check_workdir(cfg, workdir)
     params = finetune_io.restore_params_host(cfg, workdir)
     return write_onnx(params, llama.ModelConfig.from_config(cfg), workdir_lib.paths(workdir)["tokenizer"], out,

@@ -148,8 +148,4 @@ def trainer(cfg, workdir) -> loop.Trainer:
 
 def train(cfg, workdir) -> int:
     """`kslm train` for finetune.kind=dpo."""
-    t = trainer(cfg, workdir)
-    summary = t.fit(on_eval=finetune_eval.print_eval)
-    if summary.get("eval") is not None:
-        finetune_eval.write_result(t.objective, summary["step"], summary["eval"])
-    return 0
+    return finetune_eval.fit_and_report(trainer(cfg, workdir))

@@ -92,3 +92,12 @@ def write_result(o, step: int, result: dict) -> None:
     if o.samples:
         lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in o.samples)
         workdir_lib.atomic_write_text(path.with_name("finetune_samples.jsonl"), lines)
+
+
+def fit_and_report(t) -> int:
+    """`kslm train` for a fine-tuning trainer `t` (SFT, cls, DPO): evaluations printed as they come, the last one
+    written beside the checkpoints."""
+    summary = t.fit(on_eval=print_eval)
+    if summary.get("eval") is not None:
+        write_result(t.objective, summary["step"], summary["eval"])
+    return 0
