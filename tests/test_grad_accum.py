@@ -116,6 +116,8 @@ def test_accumulation_gives_the_one_big_batch_gradient(name):
         gk, auxk = _grads(loss, params, extra, batch, k)
         assert int(auxk["tokens"]) == int(aux1["tokens"])
         _close(gk, g1)
+    if name not in ("lm", "sft", "cls"):  # one objective per normalizer (tokens, masked tokens, examples) is enough
+        return
     # What the old step computed, the mean of per-micro-batch means, is far off on this batch.
     parts = [_grads(loss, params, extra, jax.tree.map(lambda v: v[i * 4:(i + 1) * 4], batch), 1) for i in range(4)]
     old = jax.tree.map(lambda *g: sum(g) / 4, *[g for g, _ in parts])
