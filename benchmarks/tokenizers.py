@@ -20,7 +20,8 @@ Every stage is the `kslm` command a user would type (printed before it runs):
    of their Hangul syllables (one jamo swapped for another of its kind, dropped, or typed twice:
    kslm_jax.data.jamo.inject_typos, seeded), measured for tokens per character and, with LMs, for bits per
    character through `kslm eval --tasks ppl=clean,ppl=noisy` (both files the same reviews, so the two numbers
-   share one accounting; the clean one matches eval/lm.json up to its windowing).
+   share one accounting; the clean one matches eval/lm.json up to its windowing). --eval-limit N scores only
+   the first N held-out reviews (clean and noisy alike), for a CPU budget.
 One table, printed and written to $OUT/tokenizers.md and .json when OUT is set.
 """
 from __future__ import annotations
@@ -131,6 +132,8 @@ def main() -> int:
     p.add_argument("--data", default=None, help="nsmc_reviews.jsonl.gz (default: .devdata/ or ../shared/data/ko/)")
     p.add_argument("--runs", default=str(REPO / "runs" / "tokenizers"), help="folder for the workdirs (replaced)")
     p.add_argument("--smoke-rows", type=int, default=20_000)
+    p.add_argument("--eval-limit", type=int, default=0,
+                   help="held-out reviews (the first N) for the clean/noisy bits/char (0: all; a CPU budget)")
     p.add_argument("--noise", type=float, default=0.05,
                    help="share of held-out syllables given a jamo typo for the robustness columns (0: skip them)")
     args = p.parse_args()
@@ -185,7 +188,7 @@ def main() -> int:
         run(["train", "--workdir", str(wd)], log)
         rows[name]["lm"] = lm_result(wd)
         if noisy_file:
-            run(["eval", "--workdir", str(wd), "--limit", "0", "--tasks", f"ppl={clean_file},ppl={noisy_file}"], log)
+            run(["eval", "--workdir", str(wd), "--limit", str(args.eval_limit), "--tasks", f"ppl={clean_file},ppl={noisy_file}"], log)
             rows[name]["noise_lm"] = noise_result(wd)
         report()
     print("\n" + report(done=True))
