@@ -87,7 +87,7 @@ def score(judge: Path, models: dict, n: int, max_new: int, seed: int) -> dict:
     jcfg = config_lib.read_workdir_config(judge)
     sp = tok_lib.check_workdir(jcfg, judge)
     jmodel = llama.Transformer(llama.ModelConfig.from_config(jcfg))
-    jparams, head = finetune_io.lm_params_host(config_lib.read_workdir_config(judge), judge, with_head=True)
+    jparams, head = finetune_io.lm_params_host(jcfg, judge, with_head=True)
     text_tmpl = finetune_data.Template(jcfg.finetune.cls_template, sp, "judge")
     prompt_ids, _, _ = finetune_data.Template(TEMPLATE, sp, "prompt").encode({}, {"prompt": sp.EncodeAsIds(PROMPT),
                                                                                   "response": []})

@@ -156,3 +156,13 @@ def test_recurrent_state_is_sharded_by_the_decoder_rules(workdir):
     # 2 layers x 6 kernels, in the parameters and in both AdamW moments
     assert len(kernels) == 36 and all(tuple(spec) == ("fsdp", None) for _, spec in kernels), kernels
     assert tuple(shardings.params["embed_tokens"]["embedding"].spec) == ("tensor", "fsdp")  # as the decoder's
+
+
+def test_untied_output_layer_builds_and_runs():
+    """The schema's default tie_embeddings=False gives the recurrent model llama's Linear as its lm_head."""
+    c = recurrent.RecurrentConfig(arch="gru", vocab_size=VOCAB, d_model=16, n_layers=1, tie_embeddings=False)
+    model = recurrent.RecurrentLM(c)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"]
+    assert "lm_head" in params
+    assert model.apply({"params": params}, tokens).shape == (1, 8, VOCAB)

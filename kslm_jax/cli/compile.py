@@ -13,11 +13,11 @@ from kslm_jax.train import aot, topology
 EXIT_DOES_NOT_FIT = 2
 
 
-def load_config(config_path: str | None, workdir: str | None, overrides):
-    """The recipe (+ overrides), else the workdir's config.json; compile never writes a config."""
+def load_config(config_path: str | None, workdir: str | None, overrides, command: str = "kslm compile"):
+    """The recipe (+ overrides), else the workdir's config.json; compile (and inspect) never write a config."""
     if config_path is None:
         if workdir is None or not (Path(workdir) / "config.json").is_file():
-            raise KslmError("kslm compile needs --config FILE (or a --workdir holding config.json)")
+            raise KslmError(f"{command} needs --config FILE (or a --workdir holding config.json)")
         cfg = config_lib.read_workdir_config(workdir)
         for item in overrides:
             config_lib.apply_override(cfg, item)

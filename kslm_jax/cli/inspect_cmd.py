@@ -9,7 +9,7 @@ from kslm_jax.train import layout
 
 def run(args, overrides) -> int:
     """Print the report; reads the workdir's config.json (or --config), writes nothing."""
-    cfg = compile_cmd.load_config(args.config, args.workdir, overrides)
+    cfg = compile_cmd.load_config(args.config, args.workdir, overrides, "kslm inspect")
     arch.require_decoder(cfg, "kslm inspect")
     print(layout.format_report(layout.report(cfg)))
     return 0

@@ -11,9 +11,9 @@ import jax
 
 def _import_tensorboardx():
     """tensorboardX's writer imports torch whenever it is installed (the export extra brings it), only to accept
-    torch tensors, which we never log: that cost 1.2 s and ~300 MB in every `kslm` process, most of a CLI
-    start. torch is hidden while tensorboardX imports (a None entry makes `import torch` raise ImportError),
-    then unhidden, so the exporters still import it; a process that imported torch already keeps it."""
+    torch tensors, which we never log: that cost 1.2 s and ~200 MB in every `kslm` process (`kslm --help` took
+    4.3 s with it). torch is hidden while tensorboardX imports (a None entry makes `import torch` raise
+    ImportError), then unhidden, so the exporters still import it; a process that imported torch keeps it."""
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None

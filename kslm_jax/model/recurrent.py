@@ -32,6 +32,7 @@ class RecurrentConfig:
     init_std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"  # read by llama.Linear (the untied lm_head); config_checks keeps it default
 
     @classmethod
     def from_config(cls, cfg) -> "RecurrentConfig":

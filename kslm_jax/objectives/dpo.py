@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kslm_jax.core import distributed
@@ -38,6 +37,8 @@ log = logging.getLogger("kslm")
 
 class Preference(finetune.Finetune):
     """The preference-tuning Objective: the fine-tuning state and base, pairs for data, a frozen reference."""
+
+    base_must_not_move = True  # the reference is the base
 
     def __init__(self, setup: objective_lib.Setup):
         self.setup = s = setup
@@ -80,8 +81,7 @@ class Preference(finetune.Finetune):
         host = self._base_host()
         shapes, shardings = finetune_io.decoder_shapes(self.ref_model, s.mesh, s.rules)
         finetune_io.check_base_fits(host, shapes, self.base_dir)
-        ref = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), host)
-        return jax.device_put(ref, shardings), shardings
+        return jax.device_put(finetune_io.base_for_lora(host, "bfloat16"), shardings), shardings
 
     def batches(self):
         cfg = self.cfg

@@ -82,6 +82,10 @@ def cls_loss(model, cfg, word_ids=None):
 class Finetune:
     """The SFT / classification Objective, full or LoRA (see train/objective.py for the contract)."""
 
+    # LoRA adapters train on the base, so it may not move under a resumed run; a subclass whose loss reads the
+    # base too (DPO's reference) says so here.
+    base_must_not_move = False
+
     def __init__(self, setup: objective_lib.Setup):
         self.setup = s = setup
         cfg, workdir = s.cfg, s.workdir
@@ -159,12 +163,12 @@ class Finetune:
         return forward(self.setup.model, self.cfg.lora, params, extra, batch, rng, hidden=hidden)
 
     def _base_host(self) -> dict:
-        """The base's decoder (host numpy), loaded once; a LoRA run refuses a base that moved on since."""
+        """The base's decoder (host numpy), loaded once; a resumed LoRA (or preference) run refuses a base
+        that moved on since."""
         if self._base is None:
             host, step = finetune_io.base_params_host(self.base_dir)
             record = self.workdir / "finetune_base.json"
-            # LoRA adapters train on the base, and a preference run's reference is the base: neither may move.
-            frozen = self.cfg.lora.rank or self.cfg.finetune.kind == "dpo"
+            frozen = self.cfg.lora.rank or self.base_must_not_move
             if record.is_file() and frozen and self.setup.has_checkpoint():
                 was = json.loads(record.read_text())
                 if was.get("step") != step:

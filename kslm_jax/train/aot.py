@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 import time
 
@@ -141,13 +142,14 @@ def lever(cfg, state_bytes_per_chip: float, hbm: float) -> str:
     return f"lower train.batch_size={cfg.train.batch_size} or raise train.grad_accum={cfg.train.grad_accum}"
 
 
+def shard_bytes(x) -> int:
+    """Bytes of one device's shard of array (or ShapeDtypeStruct) `x` under its sharding."""
+    return x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape))
+
+
 def state_bytes_per_device(abstract) -> float:
     """Bytes of the state one device holds: each leaf's shard under its sharding."""
-    total = 0.0
-    for x in jax.tree.leaves(abstract):
-        shard = x.sharding.shard_shape(x.shape)
-        total += x.dtype.itemsize * _prod(",".join(map(str, shard)))
-    return total
+    return float(sum(shard_bytes(x) for x in jax.tree.leaves(abstract)))
 
 
 def compile_report(cfg, topo: topo_lib.Topology) -> dict:

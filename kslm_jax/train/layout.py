@@ -8,6 +8,7 @@ mesh and model exactly as `kslm train` builds them; the state exists only as sha
 from __future__ import annotations
 
 import collections
+import math
 import time
 
 import jax
@@ -48,8 +49,8 @@ def report(cfg) -> dict:
 
 def _row(path, x) -> dict:
     shard = x.sharding.shard_shape(x.shape)
-    count = _prod(x.shape)
-    per_device = _prod(shard)
+    count = math.prod(x.shape)
+    per_device = math.prod(shard)
     return {"name": "/".join(str(getattr(k, "key", k)) for k in path), "shape": list(x.shape),
             "dtype": str(x.dtype), "count": count, "spec": _spec(x.sharding.spec),
             "per_device_shape": list(shard), "per_device_elements": per_device,
@@ -69,14 +70,8 @@ def _modules(params: list[dict]) -> list[dict]:
 
 
 def _spec(spec) -> str:
-    return "P(" + ", ".join(repr(a) if not isinstance(a, tuple) else repr(tuple(a)) for a in spec) + ")"
+    return "P(" + ", ".join(map(repr, spec)) + ")"
 
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def format_report(r: dict) -> str:

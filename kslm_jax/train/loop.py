@@ -130,7 +130,7 @@ class Trainer:
                         self._log(pending, writer, throughput, bar, summary)
                     pending = (step, out)
                     if tcfg.debug_nans:  # the next step must not move the weights before a bad one is re-run
-                        self._log(pending, writer, throughput, bar, summary)
+                        self._log(pending, writer, throughput, bar, summary, force=step == tcfg.steps)
                         pending = None
                         if self.health.in_a_row:
                             self._finding, self._action = debug_nans.explain(self, batch, step), "debug_nans"

@@ -15,11 +15,12 @@ import jax
 
 from kslm_jax.core.errors import KslmError
 from kslm_jax.train import aot
+from kslm_jax.train import topology as topo_lib
 
 log = logging.getLogger("kslm")
 
 EXIT_CODE = 4
-GiB = 1024 ** 3
+GiB = topo_lib.GiB
 _MARKS = ("RESOURCE_EXHAUSTED", "Out of memory", "Ran out of memory", "out of memory")
 
 
@@ -75,7 +76,7 @@ def explain(trainer, e: BaseException) -> str:
 
 
 def _explain(trainer, e: BaseException) -> str:
-    step, batch = getattr(trainer, "oom_context", (None, None))
+    step, batch = trainer.oom_context
     when = phase(e)
     devices = [d for d in trainer.mesh.devices.flat if d.process_index == jax.process_index()]
     limit = device_limit(devices[0])
@@ -138,7 +139,7 @@ def largest_buffers(state, n: int = 3) -> list[str]:
         if not isinstance(x, jax.Array) or x.is_deleted():
             continue
         shard = x.sharding.shard_shape(x.shape)
-        nbytes = x.dtype.itemsize * _prod(shard)
+        nbytes = aot.shard_bytes(x)
         name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
         out.append((nbytes, f"{name} {x.dtype}[{','.join(map(str, shard))}] {size(nbytes)}"))
     return [s for _, s in sorted(out, key=lambda t: -t[0])[:n]]
@@ -156,9 +157,3 @@ def save_profile(workdir, step) -> Path | None:
         return None
     return path
 
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

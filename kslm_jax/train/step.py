@@ -80,19 +80,18 @@ def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0, loss_impl: str = 
     """The pretraining loss: (summed CE + z-loss over the batch's counted tokens, sums for the log)."""
     mask = loss_mask(batch)
     t = batch["inputs"].shape[-1]
+    chunked = bool(loss_chunk and loss_chunk < t and t % loss_chunk == 0)
+    # Both fused paths take the final hidden states and the output matrix, never the (B, T, V) logits.
+    out = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                      return_hidden=loss_impl == "cce" or chunked)
     if loss_impl == "cce":
-        hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                             return_hidden=True)
-        ce_sum = cce_loss_sum(hidden, llama.output_kernel(params, model.c), batch["targets"], mask)
+        ce_sum = cce_loss_sum(out, llama.output_kernel(params, model.c), batch["targets"], mask)
         z_sum = jnp.zeros((), jnp.float32)
-    elif loss_chunk and loss_chunk < t and t % loss_chunk == 0:
-        hidden = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                             return_hidden=True)
-        ce_sum, z_sum = chunked_loss_sums(hidden, llama.output_kernel(params, model.c), batch["targets"], mask,
+    elif chunked:
+        ce_sum, z_sum = chunked_loss_sums(out, llama.output_kernel(params, model.c), batch["targets"], mask,
                                           z_loss, loss_chunk)
     else:
-        logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-        ce, z = token_losses(logits, batch["targets"], mask, z_loss)
+        ce, z = token_losses(out, batch["targets"], mask, z_loss)
         ce_sum, z_sum = ce.sum(), z.sum()
     return ce_sum + z_sum, {"ce_sum": ce_sum, "z_sum": z_sum, "tokens": mask.sum()}
 
