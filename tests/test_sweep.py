@@ -17,6 +17,7 @@ from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
 
 optuna = pytest.importorskip("optuna")
+sqlalchemy = pytest.importorskip("sqlalchemy")  # optuna's storage
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--budget-steps", "20", "--config.train.eval_every=5", "--config.checkpoint.every_steps=5"]
@@ -44,6 +45,8 @@ def _trials(storage, *states):
     try:
         return [t for t in _study(storage).trials if t.state.name in states]
     except KeyError:  # the database exists, the study not yet
+        return []
+    except sqlalchemy.exc.IntegrityError:  # the sweep is creating the schema this moment: optuna stamps it too
         return []
 
 
