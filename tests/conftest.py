@@ -3,7 +3,9 @@ import os
 import shutil
 from types import SimpleNamespace
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import cpu_env
+
+os.environ.setdefault("XLA_FLAGS", cpu_env.flags(8))
 # With the tpu extra installed, every process (the suite's and each `python -m kslm_jax` it starts) would
 # otherwise probe for a TPU, print libtpu's warnings and race for its lock file. The suite runs on CPU;
 # `kslm compile` still reaches libtpu's topologies, which need no TPU backend. A GPU machine keeps its GPU.

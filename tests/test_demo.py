@@ -1,16 +1,16 @@
 """The README's main job, end to end: `kslm demo` trains a model that beats the unigram baseline."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+import cpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_end_to_end(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env.one_device_env()
     wd = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "kslm_jax", "demo", "--workdir", str(wd)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)

@@ -17,6 +17,8 @@ import numpy as np
 import portpicker
 import pytest
 
+import cpu_env
+
 from kslm_jax.core import distributed
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline
@@ -30,7 +32,7 @@ TIMEOUT = 300
 def _env(devices, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KSLM_")}
     env.update(PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+               XLA_FLAGS=cpu_env.flags(devices), **extra)
     return env
 
 

@@ -1,6 +1,5 @@
 """Training: loss falls, TensorBoard events are readable, bf16 works, resume is bit-exact."""
 import json
-import os
 import random
 import signal
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
+import cpu_env
 
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
@@ -50,8 +51,7 @@ def test_bf16_compute_with_fp32_master_weights(workdir):
 
 
 def _run(wd, *extra, env_extra=None, wait=True):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    env.pop("XLA_FLAGS", None)  # one device, like a laptop
+    env = cpu_env.one_device_env(**(env_extra or {}))
     cmd = [sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd), *[f"--config.{o}" for o in extra]]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:

@@ -1,11 +1,12 @@
 """The step watchdog ends a hung run with exit code 3; each sharding preset shards every parameter as declared."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import pytest
+
+import cpu_env
 
 from kslm_jax.core import config as config_lib
 from kslm_jax.core import sharding
@@ -17,8 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_watchdog_exits_3_naming_the_stalled_step(workdir):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", KSLM_FAULT_STALL_AT_STEP="4")
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env.one_device_env(KSLM_FAULT_STALL_AT_STEP="4")
     proc = subprocess.run([sys.executable, "-m", "kslm_jax", "train", "--workdir", str(workdir),
                            "--config.train.step_timeout_s=3", "--config.train.steps=10"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,4 @@
 """A full disk while checkpointing or preparing: one clear error, earlier outputs intact, resume works."""
-import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from extras import opt_in
+
+import cpu_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,8 +37,7 @@ def _fill(mnt: Path, leave_kb: int) -> Path:
 
 
 def _kslm(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env.one_device_env()
     return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -1,7 +1,6 @@
 """Issue 17 items 1, 5, 6 and 10: export replaces only its own marked output; HF import refuses wrong,
 non-finite or hostile input in one line and writes nothing; damaged manifests and full disks are one line."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 from one_line import one_line_error
 
+import cpu_env
+
 from kslm_jax.core.errors import KslmError
 pytest.importorskip("safetensors")
 
@@ -19,8 +20,7 @@ QUIET = ["--config.logging.progress_bar=false"]
 
 
 def kslm(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env.one_device_env(JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+import cpu_env
+
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.objectives import lm
@@ -29,8 +31,7 @@ ARGS = ["--config.train.steps=16", "--config.checkpoint.every_steps=2", "--confi
 
 
 def _start(wd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env.one_device_env()
     return subprocess.Popen([sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd), *ARGS], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

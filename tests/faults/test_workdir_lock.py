@@ -1,6 +1,5 @@
 """Issue 17 items 3 and 7, issue 20 points 1-2: one writer per workdir (two real processes), a missing
 workdir or config.json is one line and writes nothing, and a failed first command leaves no config behind."""
-import os
 import shutil
 import signal
 import subprocess
@@ -11,14 +10,14 @@ from pathlib import Path
 import pytest
 from one_line import one_line_error
 
+import cpu_env
+
 REPO = Path(__file__).resolve().parents[2]
 QUIET = ["--config.logging.progress_bar=false"]
 
 
 def _env():
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return env
+    return cpu_env.one_device_env(JAX_PLATFORMS="cpu")
 
 
 def kslm(*args, env=None):
