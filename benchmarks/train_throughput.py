@@ -92,7 +92,9 @@ def setup(cfg, batch: int):
 
 
 def run(cfg, batch: int, steps: int, warmup: int) -> dict:
+    t_setup = time.perf_counter()
     s = setup(cfg, batch)
+    setup_s = time.perf_counter() - t_setup
     step_fn, state, batches, mesh = s["step_fn"], s["state"], s["batches"], s["mesh"]
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
@@ -116,7 +118,7 @@ def run(cfg, batch: int, steps: int, warmup: int) -> dict:
     loss = float(out["ce_sum"]) / max(int(out["tokens"]), 1)
     return dict(params_m=s["n_params"] / 1e6, batch=batch, seq=cfg.data.seq_len, tokens_per_s=tokens / dt,
                 step_ms=dt * 1e3, mfu=(flops / dt / (mesh.size * peak * 1e12)) if peak else None,
-                peak_gb=peak_memory_gb(), compile_s=compile_s, loss=loss,
+                peak_gb=peak_memory_gb(), compile_s=compile_s, setup_s=setup_s, loss=loss,
                 temp_gb=None if mem is None else mem.temp_size_in_bytes / 2**30)
 
 
@@ -145,6 +147,7 @@ def main():
     variants += [(v.split("=", 1)[0], v.split("=", 1)[1].split(",")) for v in args.variant]
     for label, extra in variants:
         for b in args.batch or [None]:
+            t_row = time.perf_counter()
             try:
                 vcfg = build_config(args, extra)
                 rows.append(dict(run(vcfg, b or vcfg.train.batch_size, args.steps, args.warmup), label=label,
@@ -152,7 +155,8 @@ def main():
                 r = rows[-1]
                 # Each row as soon as it is measured: a run cut off by a time limit keeps what it finished.
                 print(f"row {label} batch {r['batch']}: {r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step, "
-                      f"compile {r['compile_s']:.1f} s", flush=True)
+                      f"compile {r['compile_s']:.1f} s, setup {r['setup_s']:.1f} s, row {time.perf_counter() - t_row:.0f} s",
+                      flush=True)
                 if args.jsonl:
                     with open(args.jsonl, "a") as f:
                         f.write(json.dumps(dict(r, impl="ours", shape=name, device=dev)) + "\n")
