@@ -114,7 +114,11 @@ def test_scan_unroll_keeps_the_math():
     the parameters are the same tree (lax.scan's unroll changes the loop, not what it computes)."""
     _, params = init_params(CFG)
     batch = _packed_batch(CFG)
-    assert _rel(_logits(dataclasses.replace(CFG, scan_unroll=2), params, batch), _logits(CFG, params, batch)) < 1e-6
+    unrolled = dataclasses.replace(CFG, scan_unroll=2)
+    assert _rel(_logits(unrolled, params, batch), _logits(CFG, params, batch)) < 1e-6
+    # ...and the key reaches the loop: its scan runs 2 layers per iteration, the default 1.
+    jaxpr = lambda c: str(jax.make_jaxpr(llama.Transformer(c).apply)({"params": params}, *batch))
+    assert "unroll=2" in jaxpr(unrolled) and "unroll=2" not in jaxpr(CFG)
 
 
 def test_fp8_dot_rounds_operands_and_gradient():
