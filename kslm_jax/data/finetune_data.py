@@ -122,6 +122,25 @@ def class_names(cfg) -> list[str]:
     return [x.strip() for x in cfg.finetune.labels.split(",") if x.strip()]
 
 
+def split_records(f, counts: dict, fields: list[str]):
+    """(split, where, record) for every record of finetune.train_files and val_files. With val_files the split is
+    given; else each training record is hashed to one side by finetune.split_field, or by its `fields`, as
+    `kslm prepare` splits documents. A record without its split_field is counted under train and left out."""
+    train_files = sources.expand(f.train_files, "finetune.train_files")
+    val_files = sources.expand(f.val_files, "finetune.val_files") if f.val_files else []
+    for split_fixed, paths in (("train" if val_files else None, train_files), ("val", val_files)):
+        for path in paths:
+            for where, rec in records_lib.read(path):
+                split = split_fixed
+                if split is None:
+                    if f.split_field and rec.get(f.split_field) in (None, ""):
+                        counts["train"][f"missing_{f.split_field}"] += 1
+                        continue
+                    key = str(rec[f.split_field]) if f.split_field else "\x1f".join(str(rec.get(k)) for k in fields)
+                    split = split_of(key, f.val_fraction)
+                yield split, where, rec
+
+
 def build(cfg, sp) -> FinetuneData:
     f = cfg.finetune
     seq_len = cfg.data.seq_len
@@ -132,42 +151,30 @@ def build(cfg, sp) -> FinetuneData:
         end_id = tmpl.special_ids[-1] if tmpl.parts[-1][0] == "ids" and tmpl.special_ids else None
     else:
         tmpl, end_id = Template(f.cls_template, sp, "config key finetune.cls_template"), None
-    train_files = sources.expand(f.train_files, "finetune.train_files")
-    val_files = sources.expand(f.val_files, "finetune.val_files") if f.val_files else []
     raw = {"train": [], "val": []}
     counts = {"train": collections.Counter(), "val": collections.Counter()}
     groups = {"train": [], "val": []}
     wanted = ([f.prompt_field, f.response_field] if f.kind == "sft" else [f.text_field, f.label_field])
-    # With val_files the split is given; else each train_files record is hashed to one side.
-    for split_fixed, paths in (("train" if val_files else None, train_files), ("val", val_files)):
-        for path in paths:
-            for where, rec in records_lib.read(path):
-                split = split_fixed
-                if split is None:
-                    if f.split_field and rec.get(f.split_field) in (None, ""):
-                        counts["train"][f"missing_{f.split_field}"] += 1
-                        continue
-                    key = str(rec[f.split_field]) if f.split_field else "\x1f".join(str(rec.get(k)) for k in wanted)
-                    split = split_of(key, f.val_fraction)
-                c = counts[split]
-                c["records"] += 1
-                missing = next((k for k in wanted if not isinstance(rec.get(k), (str, int, float))
-                                or str(rec.get(k)).strip() == ""), None)
-                if missing:
-                    c[f"missing_{missing}"] += 1
-                    continue
-                if f.kind == "cls":
-                    label = label_of(rec[f.label_field], names, bins)
-                    if label is None:
-                        c["bad_label"] += 1
-                        continue
-                    if label < 0:
-                        c["outside_label_bins"] += 1
-                        continue
-                    raw[split].append((str(rec[f.text_field]), label))
-                else:
-                    raw[split].append((str(rec[f.prompt_field]), str(rec[f.response_field])))
-                groups[split].append(str(rec.get(f.split_field, "")))
+    for split, _, rec in split_records(f, counts, wanted):
+        c = counts[split]
+        c["records"] += 1
+        missing = next((k for k in wanted if not isinstance(rec.get(k), (str, int, float))
+                        or str(rec.get(k)).strip() == ""), None)
+        if missing:
+            c[f"missing_{missing}"] += 1
+            continue
+        if f.kind == "cls":
+            label = label_of(rec[f.label_field], names, bins)
+            if label is None:
+                c["bad_label"] += 1
+                continue
+            if label < 0:
+                c["outside_label_bins"] += 1
+                continue
+            raw[split].append((str(rec[f.text_field]), label))
+        else:
+            raw[split].append((str(rec[f.prompt_field]), str(rec[f.response_field])))
+        groups[split].append(str(rec.get(f.split_field, "")))
     if not raw["train"]:
         raise KslmError(f"no usable training example in {f.train_files} (counts: {dict(counts['train'])}); check "
                         f"the field names ({', '.join(wanted)})" + (" and finetune.label_bins" if bins else ""))

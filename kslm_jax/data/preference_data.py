@@ -19,11 +19,9 @@ import dataclasses
 import numpy as np
 
 from kslm_jax.core.errors import KslmError
-from kslm_jax.data import packing, records, sources
+from kslm_jax.data import finetune_data, packing
 from kslm_jax.data import tokenizer as tok_lib
 from kslm_jax.data.examples import BINS
-from kslm_jax.data.finetune_data import Template
-from kslm_jax.data.prepare import split_of
 
 
 class PairSet:
@@ -112,26 +110,14 @@ def _text(rec: dict, key: str, where: str, what: str) -> str:
 
 def build(cfg, sp) -> PairData:
     f = cfg.finetune
-    tmpl = Template(f.template, sp, "config key finetune.template")
+    tmpl = finetune_data.Template(f.template, sp, "config key finetune.template")
     closed = tmpl.parts[-1][0] == "ids" and bool(tmpl.special_ids)
     fields = (("prompt", f.prompt_field), ("chosen", f.chosen_field), ("rejected", f.rejected_field))
     raw: dict = {"train": [], "val": []}
     counts = {"train": collections.Counter(), "val": collections.Counter()}
-    val_files = sources.expand(f.val_files, "finetune.val_files") if f.val_files else []
-    for split_fixed, paths in (("train" if val_files else None, sources.expand(f.train_files, "finetune.train_files")),
-                               ("val", val_files)):
-        for path in paths:
-            for where, rec in records.read(path):
-                triple = tuple(_text(rec, key, where, what) for what, key in fields)
-                split = split_fixed
-                if split is None:
-                    if f.split_field and rec.get(f.split_field) in (None, ""):
-                        counts["train"][f"missing_{f.split_field}"] += 1
-                        continue
-                    split = split_of(str(rec[f.split_field]) if f.split_field else "\x1f".join(triple),
-                                     f.val_fraction)
-                counts[split]["records"] += 1
-                raw[split].append(triple)
+    for split, where, rec in finetune_data.split_records(f, counts, [key for _, key in fields]):
+        counts[split]["records"] += 1
+        raw[split].append(tuple(_text(rec, key, where, what) for what, key in fields))
     if not raw["train"]:
         raise KslmError(f"no preference pair for training in {f.train_files} (counts: {dict(counts['train'])})")
     splits = {s: PairSplit(_encode(raw[s], tmpl, sp, cfg.data.seq_len, f.too_long, counts[s], not closed),
@@ -139,7 +125,7 @@ def build(cfg, sp) -> PairData:
     return PairData(splits["train"], splits["val"])
 
 
-def _encode(triples, tmpl: Template, sp, seq_len: int, too_long: str, c, add_eos: bool) -> PairSet:
+def _encode(triples, tmpl: finetune_data.Template, sp, seq_len: int, too_long: str, c, add_eos: bool) -> PairSet:
     """Token ids and response flags of both sides; a pair over seq_len positions is dropped, or with
     too_long=truncate has each side's response end cut to half the row (when its prompt fits there)."""
     enc = {k: sp.Encode([t[i] for t in triples], out_type=int) if triples else [] for i, k in enumerate("pcr")}
