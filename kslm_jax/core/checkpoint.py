@@ -220,6 +220,11 @@ def _names(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
 
 
+def leaf_name(path) -> str:
+    """A pytree leaf's path as the reports and errors print it: `layers/mlp/gate_proj/kernel`, `opt_state/0/mu/...`."""
+    return "/".join(map(str, _names(path)))
+
+
 def check_shapes(step_dir: Path, abstract_state) -> None:
     """Compare the global shapes orbax recorded for the step's parameters with the config's, before any read.
 
@@ -236,9 +241,9 @@ def check_shapes(step_dir: Path, abstract_state) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]:
         have = stored.get(_names(path))
         if have is None:
-            wrong.append(f"{'/'.join(map(str, _names(path)))} is missing")
+            wrong.append(f"{leaf_name(path)} is missing")
         elif have != tuple(leaf.shape):
-            wrong.append(f"{'/'.join(map(str, _names(path)))} is {have}, the config gives {tuple(leaf.shape)}")
+            wrong.append(f"{leaf_name(path)} is {have}, the config gives {tuple(leaf.shape)}")
     if wrong:
         shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
         raise ShapeMismatch(f"checkpoint step {step_dir.name} in {step_dir.parent} is intact but was written for "

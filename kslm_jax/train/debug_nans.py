@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import source_info_util  # private: where a traced equation came from, for the backward pass
 
+from kslm_jax.core import checkpoint
 from kslm_jax.train import step as step_lib
 
 log = logging.getLogger("kslm")
@@ -68,7 +69,7 @@ def bad_params(params, limit: int = 5) -> list[str]:
         count = int(bad.sum())
         if count:
             first = ", ".join(str(int(i)) for i in jnp.unravel_index(jnp.argmax(bad.ravel()), x.shape))
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            name = checkpoint.leaf_name(path)
             out.append(f"{name} ({count} of {x.size} values, first at [{first}])")
     return out[:limit]
 

@@ -13,6 +13,7 @@ import time
 
 import jax
 
+from kslm_jax.core import checkpoint
 from kslm_jax.model import llama
 from kslm_jax.train import aot, oom
 
@@ -51,7 +52,7 @@ def _row(path, x) -> dict:
     shard = x.sharding.shard_shape(x.shape)
     count = math.prod(x.shape)
     per_device = math.prod(shard)
-    return {"name": "/".join(str(getattr(k, "key", k)) for k in path), "shape": list(x.shape),
+    return {"name": checkpoint.leaf_name(path), "shape": list(x.shape),
             "dtype": str(x.dtype), "count": count, "spec": _spec(x.sharding.spec),
             "per_device_shape": list(shard), "per_device_elements": per_device,
             "per_device_bytes": per_device * x.dtype.itemsize}

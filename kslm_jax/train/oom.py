@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 
+from kslm_jax.core import checkpoint
 from kslm_jax.core.errors import KslmError
 from kslm_jax.train import aot
 from kslm_jax.train import topology as topo_lib
@@ -140,7 +141,7 @@ def largest_buffers(state, n: int = 3) -> list[str]:
             continue
         shard = x.sharding.shard_shape(x.shape)
         nbytes = aot.shard_bytes(x)
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        name = checkpoint.leaf_name(path)
         out.append((nbytes, f"{name} {x.dtype}[{','.join(map(str, shard))}] {size(nbytes)}"))
     return [s for _, s in sorted(out, key=lambda t: -t[0])[:n]]
 
