@@ -25,7 +25,7 @@ from kslm_jax.eval import lm as evaluate
 from kslm_jax.eval import train_report
 from kslm_jax.model import arch, quantize
 from kslm_jax.objectives import distill_cache as cache_lib
-from kslm_jax.objectives import dpo, finetune, finetune_io, lm, student
+from kslm_jax.objectives import dpo, finetune, finetune_io, lm, mlm, student
 from kslm_jax.train import hf_import
 
 log = logging.getLogger("kslm")
@@ -111,6 +111,8 @@ def train(args, overrides) -> int:
     if cfg.finetune.kind != "none":  # SFT or classification: examples from files, base from finetune.init_from
         return finetune.train(cfg, args.workdir)
     tok_lib.check_workdir(cfg, Path(args.workdir))
+    if cfg.model.arch == "encoder":  # masked LM: no next-token baseline or samples to report
+        return mlm.train(cfg, args.workdir)
     # Distillation changes the objective and adds the teacher; the loop is the same.
     trainer = (student.trainer if student.enabled(cfg) else lm.trainer)(cfg, args.workdir)
     report = train_report.TrainReport(cfg, args.workdir, trainer, on_eval=_print_eval)
@@ -135,7 +137,7 @@ def _write_eval(workdir, result: dict) -> None:
 
 def _restored_trainer(args, overrides):
     cfg = _cfg(args, overrides)
-    trainer = lm.trainer(cfg, args.workdir)
+    trainer = (mlm.trainer if cfg.model.arch == "encoder" else lm.trainer)(cfg, args.workdir)
     import jax
     with jax.set_mesh(trainer.mesh):
         step, trainer.state = checkpoint.restore_params(trainer.paths["checkpoints"], trainer.abstract)
@@ -147,6 +149,11 @@ def eval_(args, overrides) -> int:
     if getattr(args, "tasks", None) or _cfg(args, overrides).finetune.kind != "none":
         return eval_cmd.cli(args, overrides)
     cfg, trainer, step = _restored_trainer(args, overrides)
+    if cfg.model.arch == "encoder":  # masked-LM loss and accuracy on the held-out split, not next-token ones
+        result = trainer.evaluate()
+        print(mlm.format_eval(step, result))
+        mlm.write_eval(args.workdir, step, result)
+        return 0
     model_row = f"model (step {step})"
     rows = {model_row: trainer.evaluate()}
     full = trainer.state
@@ -180,6 +187,7 @@ def generate(args, overrides) -> int:
     cfg = _cfg(args, overrides)
     flags = dict(max_new_tokens=getattr(args, "max_new_tokens", None), temperature=getattr(args, "temperature", None),
                  top_p=getattr(args, "top_p", None), seed=getattr(args, "seed", None))
+    arch.require_causal(cfg, "kslm generate")
     gen.apply_sampling_flags(cfg.generate, **flags)  # validated before any model is built
     samples = getattr(args, "num_samples", None) or 1
     if samples < 1:
@@ -231,6 +239,7 @@ def demo(args, overrides) -> int:
         print(f"\n== {name}")
         fn(args, overrides)
     cfg = workdir_lib.config_for(args.workdir, None, [])
+    arch.require_causal(cfg, "kslm demo")
     print(f"\n== train ({cfg.train.steps} steps on {jax.device_count()} {jax.devices()[0].platform} device(s))")
     trainer = lm.trainer(cfg, args.workdir)
     before = None

@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from kslm_jax.core.config_finetune import special_tokens
 from kslm_jax.core.errors import KslmError
 
 INF = math.inf
@@ -66,6 +67,9 @@ RANGES = {
     "eval.shots": (0, INF, True, False),
     "eval.limit": (0, INF, True, False),
     "eval.batch_size": (1, INF, True, False),
+    "mlm.rate": (0, 1, False, False),
+    "mlm.mask": (0, 1, True, True),
+    "mlm.random": (0, 1, True, True),
 }
 
 
@@ -122,9 +126,16 @@ def check_kernels(cfg) -> None:
 
 
 def check_arch(cfg) -> None:
-    """A recurrent model (model.arch=gru|lstm) trains, evaluates and generates; the rest reads the decoder."""
+    """A recurrent model (model.arch=gru|lstm) trains, evaluates and generates; the encoder pretrains by masked
+    LM and fine-tunes a classifier; the rest reads the decoder."""
     m = cfg.model
     if m.arch == "decoder":
+        if cfg.finetune.kind == "cls" and cfg.finetune.pool == "first":
+            raise KslmError("config key finetune.pool=first: a causal decoder's first token sees only itself; "
+                            "use last (or auto) or mean, or fine-tune an encoder (model.arch=encoder)")
+        return
+    if m.arch == "encoder":
+        check_encoder(cfg)
         return
     if cfg.finetune.kind != "none" or cfg.distill.teacher or cfg.distill.cache:
         raise KslmError(f"config key model.arch={m.arch}: fine-tuning and distillation need the decoder "
@@ -132,6 +143,61 @@ def check_arch(cfg) -> None:
     if m.kernels != "xla" or m.matmul_precision != "default":
         raise KslmError(f"config key model.arch={m.arch}: model.kernels and model.matmul_precision are the "
                         "decoder's levers; leave them at xla and default")
+
+
+def validate_cleaning(d) -> None:
+    for key in ("min_chars", "max_chars", "max_repeat", "prepare_workers"):
+        if d[key] < 0:
+            raise KslmError(f"config key data.{key}={d[key]} must be 0 or more")
+    for key in ("min_hangul_ratio", "max_symbol_ratio", "max_dup_line_ratio", "max_top_2gram_ratio",
+                "max_top_3gram_ratio", "max_top_4gram_ratio"):
+        if not 0.0 <= d[key] <= 1.0:
+            raise KslmError(f"config key data.{key}={d[key]} must be in [0, 1]")
+    for key in ("ngram", "bands", "rows"):
+        if not 1 <= d.dedup[key] <= 1024:
+            raise KslmError(f"config key data.dedup.{key}={d.dedup[key]} must be in [1, 1024]")
+
+
+def validate_distill(cfg) -> None:
+    d = cfg.distill
+    if not 0.0 <= d.alpha <= 1.0:
+        raise KslmError(f"config key distill.alpha={d.alpha} must be in [0, 1] (the weight of the KD term)")
+    if d.temperature <= 0:
+        raise KslmError(f"config key distill.temperature={d.temperature} must be positive")
+    if d.loss == "jsd" and not 0.0 < d.beta < 1.0:
+        raise KslmError(f"config key distill.beta={d.beta} must be in (0, 1) for distill.loss=jsd")
+    if d.loss == "skew_kl" and not 0.0 <= d.beta < 1.0:
+        raise KslmError(f"config key distill.beta={d.beta} must be in [0, 1) for distill.loss=skew_kl")
+    if d.topk < 0:
+        raise KslmError(f"config key distill.topk={d.topk} must be 0 (whole vocabulary) or positive")
+    if d.cache and d.topk < 1:
+        raise KslmError("config key distill.cache needs distill.topk > 0: the cache holds the teacher's top-k only")
+    if (d.teacher or d.cache) and cfg.train.loss_chunk:
+        raise KslmError(f"config key train.loss_chunk={cfg.train.loss_chunk} is not supported with distillation "
+                        "(the KD term needs the student's whole logits); set it to 0")
+
+
+def check_encoder(cfg) -> None:
+    f, t, mlm = cfg.finetune, cfg.train, cfg.mlm
+    if f.kind not in ("none", "cls") or cfg.distill.teacher or cfg.distill.cache:
+        raise KslmError(f"config key model.arch=encoder: finetune.kind={f.kind} and distillation need a causal "
+                        "decoder (they score or generate the next token); an encoder pretrains by masked LM "
+                        "(finetune.kind=none) and fine-tunes with finetune.kind=cls")
+    if f.kind == "cls" and f.head == "label_words":
+        raise KslmError("config key finetune.head=label_words scores the next token, which an encoder "
+                        "(model.arch=encoder) does not predict; set finetune.head=linear")
+    if t.loss_impl != "dense" or t.loss_chunk:
+        raise KslmError(f"config keys train.loss_impl={t.loss_impl}, train.loss_chunk={t.loss_chunk}: the masked-LM "
+                        "loss of model.arch=encoder reads the logits of the chosen positions only; set "
+                        "train.loss_impl=dense and train.loss_chunk=0")
+    if mlm.mask + mlm.random > 1.0:
+        raise KslmError(f"config keys mlm.mask={mlm.mask} and mlm.random={mlm.random} must sum to 1 or less "
+                        "(the rest of the chosen tokens stay unchanged)")
+    if mlm.token not in special_tokens(cfg.tokenizer):
+        raise KslmError(f"config key mlm.token={mlm.token}: model.arch=encoder masks with this piece, and "
+                        f"tokenizer.special_tokens={cfg.tokenizer.special_tokens!r} lacks it; add it (e.g. "
+                        f"--config.tokenizer.special_tokens='{mlm.token}') and retrain the tokenizer "
+                        "(kslm tokenizer, kslm tokenize)")
 
 
 def _numbers(node, prefix):

@@ -16,7 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = dict(
-        arch="decoder",         # decoder (Llama blocks) | gru | lstm (Flax's recurrent cells; train/eval/generate only)
+        arch="decoder",         # decoder (Llama blocks) | encoder (the same blocks, bidirectional within each document,
+                                # trained by masked LM: see mlm.*) | gru | lstm (Flax's recurrent cells)
         d_model=256,            # residual width (and the recurrent state's width)
         n_layers=4,             # transformer blocks
         n_heads=4,              # query heads
@@ -180,13 +181,22 @@ def base_config() -> ml_collections.ConfigDict:
         labels="",              # cls: class names in index order, e.g. "negative,positive"
         label_bins="",          # cls: numeric label ranges to names, "1-4:negative,9-10:positive"; other values dropped
         cls_template="{text}",  # cls: the text as the model reads it, e.g. "{text} 감정:" for label_words
-        head="linear",          # cls: linear (a head on the last token's final state) | label_words (LM scores)
+        head="linear",          # cls: linear (a head on the pooled final states) | label_words (LM scores)
+        pool="auto",            # cls linear head reads: auto (first for an encoder, last for a decoder) | first (the
+                                # example's first token, its BOS) | last (its last token) | mean (all its tokens)
         label_words="",         # cls head=label_words: one word per class in label order; their first pieces are scored
         too_long="drop",        # examples over data.seq_len tokens: drop | truncate (sft: the response's end; cls: the text's;
                                 # dpo: each response cut to half the row)
         eval_examples=0,        # held-out examples scored at each evaluation (0: all)
         eval_generate=32,       # sft: held-out prompts answered greedily for ROUGE-L and BLEU at each evaluation (0: off)
         max_new_tokens=48,      # sft: length cap of those answers
+    )
+    c.mlm = dict(
+        rate=0.15,              # model.arch=encoder: share of real tokens (BOS/EOS never) chosen for prediction
+        mask=0.8,               # of the chosen, the share replaced by mlm.token
+        random=0.1,             # of the chosen, the share replaced by a random piece (the rest stay unchanged)
+        whole_eojeol=False,     # choose whole eojeols (whitespace-delimited words: a '▁' piece opens one)
+        token="<|mask|>",       # the mask piece: must be one of tokenizer.special_tokens
     )
     c.lora = dict(
         rank=0,                 # >0: train low-rank adapters only (finetune.kind sft, cls or dpo); the base stays frozen
@@ -221,7 +231,7 @@ def d_ff(cfg) -> int:
 
 
 _CHOICES = {
-    "model.arch": ("decoder", "gru", "lstm"),
+    "model.arch": ("decoder", "encoder", "gru", "lstm"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "xla", "cudnn", "cudnn_packed", "splash", "tokamax_mosaic", "tokamax_triton"),
@@ -244,6 +254,7 @@ _CHOICES = {
     "finetune.kind": ("none", "sft", "cls", "dpo"),
     "finetune.dpo_loss": ("dpo", "ipo"),
     "finetune.head": ("linear", "label_words"),
+    "finetune.pool": ("auto", "first", "last", "mean"),
     "finetune.too_long": ("drop", "truncate"),
     "lora.base_dtype": ("float32", "bfloat16", "int8"),
 }
@@ -280,41 +291,9 @@ def validate(cfg) -> None:
     config_checks.profile_steps(cfg.logging.profile_steps)
     config_checks.check_kernels(cfg)
     config_checks.check_arch(cfg)
-    _validate_distill(cfg)
+    config_checks.validate_distill(cfg)
     config_finetune.validate(cfg)
-    _validate_cleaning(cfg.data)
-
-
-def _validate_cleaning(d) -> None:
-    for key in ("min_chars", "max_chars", "max_repeat", "prepare_workers"):
-        if d[key] < 0:
-            raise KslmError(f"config key data.{key}={d[key]} must be 0 or more")
-    for key in ("min_hangul_ratio", "max_symbol_ratio", "max_dup_line_ratio", "max_top_2gram_ratio",
-                "max_top_3gram_ratio", "max_top_4gram_ratio"):
-        if not 0.0 <= d[key] <= 1.0:
-            raise KslmError(f"config key data.{key}={d[key]} must be in [0, 1]")
-    for key in ("ngram", "bands", "rows"):
-        if not 1 <= d.dedup[key] <= 1024:
-            raise KslmError(f"config key data.dedup.{key}={d.dedup[key]} must be in [1, 1024]")
-
-
-def _validate_distill(cfg) -> None:
-    d = cfg.distill
-    if not 0.0 <= d.alpha <= 1.0:
-        raise KslmError(f"config key distill.alpha={d.alpha} must be in [0, 1] (the weight of the KD term)")
-    if d.temperature <= 0:
-        raise KslmError(f"config key distill.temperature={d.temperature} must be positive")
-    if d.loss == "jsd" and not 0.0 < d.beta < 1.0:
-        raise KslmError(f"config key distill.beta={d.beta} must be in (0, 1) for distill.loss=jsd")
-    if d.loss == "skew_kl" and not 0.0 <= d.beta < 1.0:
-        raise KslmError(f"config key distill.beta={d.beta} must be in [0, 1) for distill.loss=skew_kl")
-    if d.topk < 0:
-        raise KslmError(f"config key distill.topk={d.topk} must be 0 (whole vocabulary) or positive")
-    if d.cache and d.topk < 1:
-        raise KslmError("config key distill.cache needs distill.topk > 0: the cache holds the teacher's top-k only")
-    if (d.teacher or d.cache) and cfg.train.loss_chunk:
-        raise KslmError(f"config key train.loss_chunk={cfg.train.loss_chunk} is not supported with distillation "
-                        "(the KD term needs the student's whole logits); set it to 0")
+    config_checks.validate_cleaning(cfg.data)
 
 
 def _check_types(cfg, ref, prefix):

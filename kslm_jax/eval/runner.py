@@ -172,7 +172,7 @@ def _classify(s: Subject, path: str, limit: int) -> dict:
     gold, pred = [], []
     wid = None if s.word_ids is None else jax.numpy.asarray(s.word_ids)
     for batch, plan in examples.one_pass(ex, s.scorer.rows, s.cfg.data.seq_len, s.cfg.data.max_segments_per_row):
-        scores = np.asarray(classify.predict(s.model, s.params, s.head, wid, batch))
+        scores = np.asarray(classify.predict(s.model, s.params, s.head, wid, batch, classify.pool_of(s.cfg)))
         for r, row in enumerate(plan):
             for j, e in enumerate(row):
                 gold.append(int(ex.labels[e]))
@@ -208,8 +208,19 @@ def prompt_ids(cfg, sp, prompts: list[str]):
     return out, ((tmpl.special_ids[-1],) if tmpl.special_ids else ()) + (tok_lib.EOS,)
 
 
+# What an encoder (model.arch=encoder) can be judged by: mean final states and its classifier; every other
+# kind scores or generates the next token, which a bidirectional model does not predict.
+ENCODER_KINDS = ("korsts", "cls")
+
+
 def run_all(s: Subject, spec: str, fewshot_spec: str = "", shots: int = 0, limit: int = 0) -> dict:
     fewshot = {kind: path for _, kind, path in tasks.parse_specs(fewshot_spec, "fewshot")}
+    if s.cfg.model.arch == "encoder":
+        for _, kind, _ in tasks.parse_specs(spec):
+            if kind not in ENCODER_KINDS:
+                raise KslmError(f"task {kind} scores the next token, which an encoder (model.arch=encoder) does not "
+                                "predict; an encoder takes korsts (mean states) and cls (fine-tune a classifier "
+                                f"on the task's train set with finetune.kind=cls, then score its dev file)")
     if shots and not fewshot:
         raise KslmError(f"{shots} few-shot examples asked for but no --fewshot kind=path file to draw them from")
     out = {}

@@ -2,13 +2,15 @@
 Pallas Splash (TPU).
 
 Shapes: q (B, T, N, H); k, v (B, S, K, H) with N % K == 0 (grouped-query attention).
+`causal` is a property of the model (the decoder: True; the masked-LM encoder, model.arch=encoder: False),
+passed to `prepare` and `attend`; either way no token sees another document of its packed row.
 `prepare` turns positions and segment ids into what the chosen kernel consumes, once per forward pass:
-- xla, cudnn: a boolean mask (B, T, S), causal within each packed document;
+- xla, cudnn: a boolean mask (B, T, S) within each packed document (causal or whole);
 - cudnn_packed: per-row segment lengths and offsets (cuDNN's ragged layout, Hopper or newer), so the
   kernel skips work across documents and never reads a T x S mask;
-- splash: the segment ids themselves; the kernel masks causally within each segment, block-sparse.
-- tokamax_mosaic, tokamax_triton: each query's first visible key (its document's start), the form of
-  tokamax's flash kernels (Pallas: Mosaic GPU on Hopper, Triton elsewhere); the kernel adds causality.
+- splash: the segment ids themselves; the kernel masks within each segment (causally or not), block-sparse.
+- tokamax_mosaic, tokamax_triton: each query's visible key range (its document's start, and its end when
+  not causal), the form of tokamax's flash kernels (Pallas: Mosaic GPU on Hopper, Triton elsewhere).
 `auto` picks by the platform at trace time: splash on TPU, cudnn on GPU (xla for float32, which cuDNN lacks),
 xla elsewhere.
 """
@@ -45,14 +47,16 @@ def resolve(implementation: str, dtype=None) -> str:
     return "xla"
 
 
-def packed_mask(q_pos, k_pos, q_seg, k_seg):
-    """Causal within a document: same segment id and key position not after the query position.
+def packed_mask(q_pos, k_pos, q_seg, k_seg, causal: bool = True):
+    """Within a document: same segment id and, when causal, key position not after the query position.
 
-    Padding (segment 0) attends only to padding, so no query row is empty and no softmax sees only -inf.
+    Padding (segment 0) attends only to padding, so no query row is empty and no softmax sees only -inf;
+    no real token attends to padding, and padding's outputs are never read.
     """
     same = q_seg[:, :, None] == k_seg[:, None, :]
-    causal = k_pos[:, None, :] <= q_pos[:, :, None]
-    return same & causal
+    if not causal:
+        return same
+    return same & (k_pos[:, None, :] <= q_pos[:, :, None])
 
 
 def segment_layout(segment_ids, max_segments: int) -> dict:
@@ -86,21 +90,31 @@ def document_starts(segment_ids):
     return jax.lax.cummax(jnp.where(change, idx, 0), axis=1)
 
 
-def starts_mask(k_start):
-    """The (B, T, T) boolean mask that document starts stand for: causal, from each query's document start."""
+def document_ends(segment_ids):
+    """(B, T): one past the index of the last token of each token's segment (contiguous runs, as above)."""
+    return jnp.flip(segment_ids.shape[1] - document_starts(jnp.flip(segment_ids, 1)), 1)
+
+
+def starts_mask(k_start, k_end=None):
+    """The (B, T, T) boolean mask that document ranges stand for: from each query's document start, up to
+    itself (causal) or to its document's end (`k_end`, exclusive)."""
     idx = jnp.arange(k_start.shape[1], dtype=k_start.dtype)
-    return (idx[None, None, :] >= k_start[:, :, None]) & (idx[None, None, :] <= idx[None, :, None])
+    upper = idx[None, None, :] <= idx[None, :, None] if k_end is None else idx[None, None, :] < k_end[:, :, None]
+    return (idx[None, None, :] >= k_start[:, :, None]) & upper
 
 
-def prepare(implementation: str, positions, segment_ids, max_segments: int) -> dict:
+def prepare(implementation: str, positions, segment_ids, max_segments: int, causal: bool = True) -> dict:
     implementation = resolve(implementation)
     if implementation == "cudnn_packed":
         return segment_layout(segment_ids, max_segments)
     if implementation.startswith("tokamax"):
-        return {"k_start": document_starts(segment_ids)}
+        out = {"k_start": document_starts(segment_ids)}
+        if not causal:
+            out["k_end"] = document_ends(segment_ids)
+        return out
     if implementation == "splash":
         return {"segment_ids": segment_ids}
-    return {"mask": packed_mask(positions, positions, segment_ids, segment_ids)}
+    return {"mask": packed_mask(positions, positions, segment_ids, segment_ids, causal)}
 
 
 def reference(q, k, v, mask):
@@ -114,23 +128,25 @@ def reference(q, k, v, mask):
     return out.reshape(b, t, n, h)
 
 
-def _cudnn_packed(q, k, v, layout):
+def _cudnn_packed(q, k, v, layout, causal: bool):
     # The ragged (offsets) form is not exposed by jax.nn.dot_product_attention; this is the function it
     # calls for implementation="cudnn", with the extra arguments it does not forward.
     from jax._src.cudnn import fused_attention_stablehlo as fa
     return fa.dot_product_attention(
         q, k, v, q_seqlen=layout["seqlen"], kv_seqlen=layout["seqlen"], q_offsets=layout["offsets"],
-        kv_offsets=layout["offsets"], scale=q.shape[-1] ** -0.5, mask_type=fa.MaskType.PADDING_CAUSAL)
+        kv_offsets=layout["offsets"], scale=q.shape[-1] ** -0.5,
+        mask_type=fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING)
 
 
-def _splash_local(q, k, v, segment_ids, interpret: bool):
+def _splash_local(q, k, v, segment_ids, interpret: bool, causal: bool = True):
     """Splash on one device's rows and heads: q (B, T, N, H), k/v (B, S, K, H), segment ids (B, T)."""
     _, t, n, h = q.shape
     s = k.shape[1]
     bq, bkv = min(SPLASH_BLOCK, t), min(SPLASH_BLOCK, s)
     blocks = splash_kernel.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                                       block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((t, s))] * n)
+    one = splash_mask.CausalMask((t, s)) if causal else splash_mask.FullMask((t, s))
+    mask = splash_mask.MultiHeadMask([one] * n)
     kernel = splash_kernel.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
                                            interpret=interpret)
 
@@ -139,20 +155,22 @@ def _splash_local(q, k, v, segment_ids, interpret: bool):
 
     # The kernel takes heads first and applies no scale; causal by row index equals causal by position
     # because packed documents are contiguous, and padding (segment 0) attends to padding as in `reference`.
+    # Not causal, the segment ids alone keep each document to itself.
     q = (q * h ** -0.5).astype(q.dtype).swapaxes(1, 2)
     out = jax.vmap(one_row)(q, k.swapaxes(1, 2), v.swapaxes(1, 2), segment_ids)
     return out.swapaxes(1, 2)
 
 
-def splash(q, k, v, segment_ids, interpret: bool = False):
-    """Splash attention, causal within packed documents, GQA, sharded over batch and heads on the current mesh."""
+def splash(q, k, v, segment_ids, interpret: bool = False, causal: bool = True):
+    """Splash attention within packed documents (causal or not), GQA, sharded over batch and heads on the
+    current mesh."""
     t, s = q.shape[1], k.shape[1]
     if t % SPLASH_LANES or s % SPLASH_LANES:
         # The kernel tiles rows in multiples of 128 lanes; shorter rows (init's 8-token dummy) take the reference.
         idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
-        return reference(q, k, v, packed_mask(idx, idx, segment_ids, segment_ids))
+        return reference(q, k, v, packed_mask(idx, idx, segment_ids, segment_ids, causal))
     mesh = jax.sharding.get_abstract_mesh()
-    local = functools.partial(_splash_local, interpret=interpret)
+    local = functools.partial(_splash_local, interpret=interpret, causal=causal)
     if mesh.empty:
         return local(q, k, v, segment_ids)
     qkv_spec, seg_spec = sharding.attention_specs(mesh, q.shape[0], k.shape[2])
@@ -171,33 +189,36 @@ def load_tokamax():
     return tokamax
 
 
-def tokamax_attend(q, k, v, k_start, kernel: str):
-    """tokamax flash attention, causal from each query's document start; kernel: mosaic_gpu | triton | xla
-    (tokamax's own reference, which the CPU tests use)."""
+def tokamax_attend(q, k, v, k_start, kernel: str, k_end=None):
+    """tokamax flash attention from each query's document start, causal (k_end None) or up to its document's
+    end; kernel: mosaic_gpu | triton | xla (tokamax's own reference, which the CPU tests use)."""
     load_tokamax()
     from tokamax._src.ops.attention import api as tk_api
     from tokamax._src.ops.attention import base as tk_base
 
     # The public tokamax.dot_product_attention takes only a dense mask; its kernels also take per-query key
     # ranges (Mask.k_start), which skip whole key blocks before a document instead of reading a T x S mask.
-    mask = tk_base.Mask(k_start=k_start[:, None, :], is_causal=True)
+    if k_end is None:
+        mask = tk_base.Mask(k_start=k_start[:, None, :], is_causal=True)
+    else:
+        mask = tk_base.Mask(k_start=k_start[:, None, :], k_end=k_end[:, None, :], is_causal=False)
     return tk_api.IMPLEMENTATIONS[kernel](q, k, v, mask=mask, logits_scale=q.shape[-1] ** -0.5)
 
 
-def attend(q, k, v, inputs: dict, implementation: str = "xla"):
+def attend(q, k, v, inputs: dict, implementation: str = "xla", causal: bool = True):
     implementation = resolve(implementation, q.dtype)
     if implementation.startswith("tokamax"):
         if q.shape[1] % TOKAMAX_ROWS:
             # The Mosaic GPU kernel groups queries by 2 x 64; shorter rows (init's 8-token dummy) take the reference.
-            return reference(q, k, v, starts_mask(inputs["k_start"]))
+            return reference(q, k, v, starts_mask(inputs["k_start"], inputs.get("k_end")))
         kernel = {"tokamax_mosaic": "mosaic_gpu", "tokamax_triton": "triton"}[implementation]
-        return tokamax_attend(q, k, v, inputs["k_start"], kernel)
+        return tokamax_attend(q, k, v, inputs["k_start"], kernel, inputs.get("k_end"))
     if implementation == "splash":
-        return splash(q, k, v, inputs["segment_ids"])
+        return splash(q, k, v, inputs["segment_ids"], causal=causal)
     if implementation == "cudnn_packed":
-        return _cudnn_packed(q, k, v, inputs)
+        return _cudnn_packed(q, k, v, inputs, causal)
     if implementation == "cudnn":
         # is_causal lets the kernel skip blocks above the diagonal; the mask adds the document boundaries.
-        return jax.nn.dot_product_attention(q, k, v, mask=inputs["mask"][:, None], is_causal=True,
+        return jax.nn.dot_product_attention(q, k, v, mask=inputs["mask"][:, None], is_causal=causal,
                                             implementation="cudnn")
     return reference(q, k, v, inputs["mask"])

@@ -1,5 +1,6 @@
-"""Sequence classification on the decoder: a linear head on the final state of each example's last token,
-or label-word scoring (the LM's next-token logits for one word per class after the prompt).
+"""Sequence classification: a linear head on each example's pooled final states (its last token for the
+decoder, its first token, the BOS, or the mean of its tokens for the encoder: finetune.pool), or label-word
+scoring (the decoder's next-token logits for one word per class after the prompt).
 
 Examples are packed several to a row; `cls_index` (B, M) holds the position of each one's last token and
 `cls_label` (B, M) its class, -1 for empty slots.
@@ -14,7 +15,9 @@ import numpy as np
 
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.model import llama
+from kslm_jax.model import attention, llama
+
+POOLS = ("first", "last", "mean")
 
 
 def init_head(rng, d_model: int, n_classes: int) -> dict:
@@ -44,6 +47,29 @@ def gather(hidden_BTD, index_BM):
     return jnp.take_along_axis(hidden_BTD, index_BM[..., None], axis=1)
 
 
+def pool_of(cfg) -> str:
+    """finetune.pool with `auto` resolved: the first token (BOS) of an encoder, the last of a decoder."""
+    if cfg.finetune.pool != "auto":
+        return cfg.finetune.pool
+    return "first" if cfg.model.arch == "encoder" else "last"
+
+
+def pool(hidden_BTD, batch, how: str):
+    """(B, M, D) one state per example slot: its first or last token's, or the mean over its tokens."""
+    last = batch["cls_index"]
+    if how == "last":
+        return gather(hidden_BTD, last)
+    seg = batch["segment_ids"]
+    if how == "first":
+        return gather(hidden_BTD, jnp.take_along_axis(attention.document_starts(seg), last, axis=1))
+    # Mean: the tokens whose segment id is that of the slot's last token (empty slots read row padding or
+    # an example, and their label is -1, so the loss never sees them).
+    slot_seg = jnp.take_along_axis(seg, last, axis=1)                                    # (B, M)
+    w = ((seg[:, None, :] == slot_seg[:, :, None]) & (seg[:, None, :] > 0)).astype(jnp.float32)  # (B, M, T)
+    total = jnp.einsum("bmt,btd->bmd", w, hidden_BTD.astype(jnp.float32))
+    return total / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+
+
 def logits(hidden_BMD, lm_params, head, word_ids, c: llama.ModelConfig):
     """(B, M, C) class scores in float32."""
     h = hidden_BMD.astype(jnp.float32)
@@ -63,9 +89,9 @@ def loss_sums(logits_BMC, labels_BM):
             "correct_sum": correct.sum().astype(jnp.float32)}
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def predict(model, lm_params, head, word_ids, batch):
-    """(B, M, C) class scores of a packed batch, with plain (merged) decoder parameters."""
+@functools.partial(jax.jit, static_argnames=("model", "how"))
+def predict(model, lm_params, head, word_ids, batch, how: str = "last"):
+    """(B, M, C) class scores of a packed batch, with plain (merged) parameters; `how`: pool_of(cfg)."""
     hidden = model.apply({"params": lm_params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                          return_hidden=True)
-    return logits(gather(hidden, batch["cls_index"]), lm_params, head, word_ids, model.c)
+    return logits(pool(hidden, batch, how), lm_params, head, word_ids, model.c)

@@ -1,4 +1,6 @@
 """A Llama-style decoder in Flax Linen: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
+With `causal=False` the same blocks are the masked-LM encoder (model.arch=encoder): each token sees its whole
+document, never another packed beside it.
 
 `logits = Transformer(c).apply({'params': p}, tokens, positions, segment_ids)`; with `cache=` it also returns
 the updated KV cache (an explicit input and output, never hidden state). Module names follow Hugging Face
@@ -41,6 +43,7 @@ class ModelConfig:
     kernels: str = "xla"              # xla | tokamax | tokamax_glu | tokamax_norm (see KERNELS)
     matmul_precision: str = "default"  # default | fp8 (model/fp8.py)
     scan_unroll: int = 1              # layers per iteration of the scanned stack
+    causal: bool = True               # False: the masked-LM encoder (model.arch=encoder), whole documents
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
@@ -51,7 +54,7 @@ class ModelConfig:
                    tie_embeddings=m.tie_embeddings, init_std=m.init_std, dtype=m.dtype,
                    param_dtype=m.param_dtype, attention=m.attention, scan_layers=m.scan_layers, remat=m.remat,
                    max_segments=cfg.data.max_segments_per_row, kernels=m.kernels,
-                   matmul_precision=m.matmul_precision, scan_unroll=m.scan_unroll)
+                   matmul_precision=m.matmul_precision, scan_unroll=m.scan_unroll, causal=m.arch != "encoder")
 
 
 # Which tokamax kernels `kernels` turns on: the fused SwiGLU (gate and up projections in one kernel) and RMSNorm.
@@ -140,7 +143,7 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(rope(k, positions, c.rope_theta), ("batch", "seq", "act_kv_heads", "head_dim"))
         new_cache = None
         if layer_cache is None:
-            out = attention.attend(q, k, v, attn_inputs, c.attention)
+            out = attention.attend(q, k, v, attn_inputs, c.attention, c.causal)
         else:
             kc = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
             vc = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
@@ -214,7 +217,7 @@ class Transformer(nn.Module):
         layers = {"k": cache["k"], "v": cache["v"]} if cache is not None else None
         # What the attention kernel needs (mask or segment layout), built once outside the layer scan.
         if cache is None:
-            attn_inputs = attention.prepare(c.attention, positions, segment_ids, c.max_segments)
+            attn_inputs = attention.prepare(c.attention, positions, segment_ids, c.max_segments, c.causal)
         else:
             s = cache["k"].shape[2]
             k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))

@@ -68,11 +68,11 @@ def sft_loss(model, cfg):
 
 def cls_loss(model, cfg, word_ids=None):
     """Summed CE of the examples of a packed classification batch; aux["tokens"] counts the examples."""
-    lo = cfg.lora
+    lo, how = cfg.lora, classify.pool_of(cfg)
 
     def loss(params, extra, batch, rng):
         h = forward(model, lo, params, extra, batch, rng, hidden=True)
-        scores = classify.logits(classify.gather(h, batch["cls_index"]), decoder(lo, params, extra),
+        scores = classify.logits(classify.pool(h, batch, how), decoder(lo, params, extra),
                                  params.get("head"), word_ids, model.c)
         sums = classify.loss_sums(scores, batch["cls_label"])
         return sums["ce_sum"], sums

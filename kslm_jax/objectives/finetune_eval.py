@@ -58,7 +58,8 @@ def _eval_cls(o, state, params, ex) -> dict:
     cfg = o.cfg
     for batch, plan in examples.one_pass(ex, cfg.train.batch_size, cfg.data.seq_len,
                                          cfg.data.max_segments_per_row):
-        scores = np.asarray(classify.predict(o.setup.model, params, head, word_ids, batch), np.float64)
+        scores = np.asarray(classify.predict(o.setup.model, params, head, word_ids, batch, classify.pool_of(cfg)),
+                            np.float64)
         for r, row in enumerate(plan):
             for j, e in enumerate(row):
                 s = scores[r, j]
