@@ -77,15 +77,20 @@ def mask_tokens(rng, tokens, positions, segment_ids, tables, mcfg, mask_id: int)
     return inputs.astype(tokens.dtype), chosen
 
 
-def masked_sums(model, params, batch, rng, tables, mcfg, mask_id: int, z_loss: float = 0.0):
-    """Summed CE (+ z-loss) and correct predictions at the chosen positions, and their count."""
-    inputs, chosen = mask_tokens(rng, batch["inputs"], batch["positions"], batch["segment_ids"], tables, mcfg,
-                                 mask_id)
-    logits = model.apply({"params": params}, inputs, batch["positions"], batch["segment_ids"])
-    ce, z = step_lib.token_losses(logits, batch["inputs"], chosen, z_loss)
-    correct = chosen & (jnp.argmax(logits, -1) == batch["inputs"])
+def chosen_sums(model, params, inputs, targets, chosen, positions, segment_ids, z_loss: float = 0.0):
+    """Summed CE (+ z-loss) and correct predictions of `targets` at the `chosen` positions, and their count."""
+    logits = model.apply({"params": params}, inputs, positions, segment_ids)
+    ce, z = step_lib.token_losses(logits, targets, chosen, z_loss)
+    correct = chosen & (jnp.argmax(logits, -1) == targets)
     return {"ce_sum": ce.sum(), "z_sum": z.sum(), "tokens": chosen.sum(),
             "correct_sum": correct.sum().astype(jnp.float32)}
+
+
+def masked_sums(model, params, batch, rng, tables, mcfg, mask_id: int, z_loss: float = 0.0):
+    """chosen_sums of a packed batch masked with `rng`: the original tokens are the targets."""
+    pos, seg = batch["positions"], batch["segment_ids"]
+    inputs, chosen = mask_tokens(rng, batch["inputs"], pos, seg, tables, mcfg, mask_id)
+    return chosen_sums(model, params, inputs, batch["inputs"], chosen, pos, seg, z_loss)
 
 
 def mlm_loss(model, z_loss: float, tables, mcfg, mask_id: int):
