@@ -63,11 +63,12 @@ def task_json(wd: Path, name: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default=str(REPO / "runs" / "encoder_vs_decoder"), help="workdirs (replaced)")
-    p.add_argument("--reviews", type=int, default=60_000, help="NSMC reviews of the pretraining corpus")
-    p.add_argument("--steps", type=int, default=600, help="pretraining steps of each base")
-    p.add_argument("--cls-steps", type=int, default=300, help="fine-tuning steps of each classifier")
+    p.add_argument("--reviews", type=int, default=30_000, help="NSMC reviews of the pretraining corpus")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps of each base")
+    p.add_argument("--cls-steps", type=int, default=200, help="fine-tuning steps of each classifier")
+    p.add_argument("--resume", action="store_true", help="keep --runs and skip the stages whose results exist")
     args = p.parse_args()
-    runs = fresh(args.runs)
+    runs = Path(args.runs).absolute() if args.resume else fresh(args.runs)
     nsmc = subset(find_data("nsmc_reviews.jsonl.gz"), runs / "nsmc.jsonl.gz", args.reviews)
     nli_train, nli_test = kornli_halves(find_data("kornli_xnli_dev.tsv"), runs)
     sts = find_data("korsts_dev.tsv")
@@ -76,31 +77,40 @@ def main() -> int:
     log, rows, t0 = [], {}, time.perf_counter()
     prepared = runs / "prepared"
     corpus = [f"data.sources={nsmc}", "data.split_field=movie_id", "data.val_fraction=0.05"] + SHAPE
-    for stage in ("prepare", "tokenizer", "tokenize"):
-        run([stage, "--workdir", str(prepared), *flags(corpus)], log)
+    if not (prepared / "tokens" / "manifest.json").is_file():
+        for stage in ("prepare", "tokenizer", "tokenize"):
+            run([stage, "--workdir", str(prepared), *flags(corpus)], log)
     pre = [f"train.steps={args.steps}", f"checkpoint.every_steps={args.steps}"]
     ft = [f"train.steps={args.cls_steps}", f"checkpoint.every_steps={args.cls_steps}", "train.eval_every=0",
           "logging.progress_bar=false", "train.log_every=50"]
     for arch in ("decoder", "encoder"):
         base = runs / f"{arch}_base"
-        shutil.copytree(prepared, base)  # the same shards and tokenizer; model.arch is free before a checkpoint
-        run(["train", "--workdir", str(base), *flags([f"model.arch={arch}", "mlm.whole_eojeol=true"] + pre)], log)
+        done = lambda wd, name: (wd / "eval" / f"{name}.json").is_file()  # noqa: E731
+        if not done(base, "mlm" if arch == "encoder" else "lm"):
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.copytree(prepared, base)  # the same shards and tokenizer; model.arch is free before a checkpoint
+            run(["train", "--workdir", str(base), *flags([f"model.arch={arch}", "mlm.whole_eojeol=true"] + pre)], log)
         r = {"pretrain": task_json(base, "mlm" if arch == "encoder" else "lm")}
         sent, nli = runs / f"{arch}_nsmc", runs / f"{arch}_kornli"
-        sent.mkdir(), nli.mkdir()  # a fine-tuning workdir starts empty; its base is finetune.init_from
-        run(["train", "--config", "configs/cls_tiny.py", "--workdir", str(sent),
-             *flags(ft + [f"finetune.init_from={base}", f"finetune.train_files={nsmc}", "finetune.eval_examples=0"])],
-            log)
+        if not done(sent, "finetune"):
+            shutil.rmtree(sent, ignore_errors=True)
+            sent.mkdir()  # a fine-tuning workdir starts empty; its base is finetune.init_from
+            run(["train", "--config", "configs/cls_tiny.py", "--workdir", str(sent), *flags(
+                ft + [f"finetune.init_from={base}", f"finetune.train_files={nsmc}", "finetune.eval_examples=0"])], log)
         e = json.loads((sent / "eval" / "finetune.json").read_text())
         r["nsmc"], r["params"] = e["eval"], e["params"]
-        run(["train", "--config", "configs/cls_tiny.py", "--workdir", str(nli),
-             *flags(ft + [f"finetune.init_from={base}", f"finetune.train_files={nli_train}", "finetune.text_field=text",
-                          "finetune.label_field=gold_label", f"finetune.labels={NLI_LABELS}", "finetune.label_bins=",
-                          "finetune.split_field=sentence1", "finetune.eval_examples=0"])], log)
-        run(["eval", "--workdir", str(nli), "--tasks", f"cls={nli_test}"], log)
+        if not done(nli, "cls"):
+            shutil.rmtree(nli, ignore_errors=True)
+            nli.mkdir()
+            run(["train", "--config", "configs/cls_tiny.py", "--workdir", str(nli), *flags(
+                ft + [f"finetune.init_from={base}", f"finetune.train_files={nli_train}", "finetune.text_field=text",
+                      "finetune.label_field=gold_label", f"finetune.labels={NLI_LABELS}", "finetune.label_bins=",
+                      "finetune.split_field=sentence1", "finetune.eval_examples=0", "data.seq_len=128"])], log)
+            run(["eval", "--workdir", str(nli), "--tasks", f"cls={nli_test}"], log)
         r["kornli_cls"] = task_json(nli, "cls")
         tasks = f"korsts={sts}" + (f",kornli={nli_test}" if arch == "decoder" else "")
-        run(["eval", "--workdir", str(base), "--tasks", tasks], log)
+        if not done(base, "korsts"):
+            run(["eval", "--workdir", str(base), "--tasks", tasks], log)
         r["korsts"] = task_json(base, "korsts")
         if arch == "decoder":
             r["kornli_zero_shot"] = task_json(base, "kornli")

@@ -44,10 +44,10 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(attention, "SPLASH_BLOCK", 128)
 
 
-def _check(dtype, run):
+def _check(dtype, run, causal=True):
     seg, pos = _packed()
     q, k, v = _qkv(dtype)
-    mask = attention.packed_mask(pos, pos, seg, seg)
+    mask = attention.packed_mask(pos, pos, seg, seg, causal)
     w = jax.random.normal(jax.random.PRNGKey(1), (B, T, N, H))   # a loss that weighs every output differently
 
     def ref_loss(q, k, v):
@@ -68,6 +68,16 @@ def _check(dtype, run):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_splash_interpret_matches_reference(dtype):
     _check(dtype, lambda q, k, v, seg: attention.splash(q, k, v, seg, interpret=True))
+
+
+def test_splash_whole_documents_match_reference():
+    """The encoder's form (model.arch=encoder): a full mask, documents kept apart by the segment ids alone
+    (outputs; the backward pass is the causal tests' kernel under another mask)."""
+    seg, pos = _packed()
+    q, k, v = _qkv(jnp.float32)
+    ref = attention.reference(q, k, v, attention.packed_mask(pos, pos, seg, seg, causal=False))
+    got = attention.splash(q, k, v, seg, interpret=True, causal=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=TOL[jnp.float32][0])
 
 
 def test_splash_sharded_over_batch_and_heads_matches_reference():

@@ -52,7 +52,7 @@ def test_each_token_sees_its_whole_document_and_nothing_else():
     out = np.asarray(jax.jit(model.apply)({"params": params}, rows, np.repeat(pos, 4, 0), np.repeat(seg, 4, 0)))
     np.testing.assert_array_equal(out[1, :6], out[0, :6])         # A never sees B
     np.testing.assert_array_equal(out[3, :11], out[0, :11])       # nobody sees padding
-    assert np.abs(out[2, :5] - out[0, :5]).min() > 1e-4           # every earlier token of A sees A's last one
+    assert np.abs(out[2, :5] - out[0, :5]).max(-1).min() > 1e-3  # every earlier token of A sees A's last one
     assert np.abs(out[1, 6:11] - out[0, 6:11]).max() > 1e-4
     # the masks the kernels read say the same: a whole document (cudnn's is_causal=False, splash's FullMask and
     # tokamax's [start, end) ranges are checked against this reference where those kernels run)
@@ -162,7 +162,7 @@ def test_pooling_first_last_mean():
                                rtol=1e-6)
 
 
-def test_config_refuses_what_an_encoder_cannot_do(prepared):
+def test_config_refuses_what_an_encoder_cannot_do():
     with pytest.raises(KslmError, match="mlm.token=<|mask|>.*tokenizer.special_tokens"):
         config_lib.load("tiny_ko", ["model.arch=encoder"])
     with pytest.raises(KslmError, match="finetune.kind=sft and distillation need a causal decoder"):
@@ -232,20 +232,24 @@ def test_encoder_trains_evaluates_and_resumes_bit_exact_from_the_cli(enc_workdir
     assert _cli("eval", "--workdir", str(straight)) == 0
     line = capsys.readouterr().out
     assert line.startswith("masked LM at step 12: loss") and "accuracy" in line
-    assert _cli("generate", "--workdir", str(straight), "--prompt", "대한민국") == 2
-    assert "kslm generate needs a causal model" in capsys.readouterr().err
-    assert _cli("eval", "--workdir", str(straight), "--tasks", f"kornli={DATA / 'kornli_xnli_dev.tsv'}") == 2
-    assert "task kornli scores the next token" in capsys.readouterr().err
+    # (the CLI turns these into one line and exit code 2; os._exit would end pytest too, so they are called here)
+    args = SimpleNamespace(workdir=str(straight), config=None, force=False, prompt=["대한민국"], tasks=None,
+                           shots=None, limit=None, fewshot=None)
+    with pytest.raises(KslmError, match="kslm generate needs a causal model, and this run has model.arch=encoder"):
+        commands.generate(args, [])
+    args.tasks = f"kornli={DATA / 'kornli_xnli_dev.tsv'}"
+    with pytest.raises(KslmError, match="task kornli scores the next token, which an encoder"):
+        commands.eval_(args, [])
 
 
 @pytest.mark.parametrize("pool", ["first", "mean"])
 def test_cls_from_an_encoder_pools_first_or_mean_and_learns(enc_workdir, tmp_path, pool):
     with gzip.open(DATA / "nsmc_reviews.jsonl.gz", "rt", encoding="utf-8") as f:
-        reviews = [json.loads(x) for x in itertools.islice(f, 1500)]
+        reviews = [json.loads(x) for x in itertools.islice(f, 800)]
     src = tmp_path / "nsmc.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reviews), encoding="utf-8")
     cfg = config_lib.load("cls_tiny", [f"finetune.init_from={enc_workdir.trained}", f"finetune.train_files={src}",
-                                       f"finetune.pool={pool}", "finetune.eval_examples=64", "train.steps=16",
+                                       f"finetune.pool={pool}", "finetune.eval_examples=32", "train.steps=12",
                                        "train.eval_every=0", "optim.lr=3e-3", "logging.progress_bar=false",
                                        "checkpoint.every_steps=100"])
     assert cfg.model.arch == "encoder"  # inherited from the base
@@ -253,7 +257,7 @@ def test_cls_from_an_encoder_pools_first_or_mean_and_learns(enc_workdir, tmp_pat
     workdir_lib.bind(wd, cfg, force=True)
     summary = finetune.trainer(cfg, wd).fit()
     losses = summary["losses"]
-    assert np.mean([losses[s] for s in (13, 14, 15, 16)]) < np.mean([losses[s] for s in (1, 2, 3, 4)])
+    assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
     assert 0 <= summary["eval"]["macro_f1"] <= summary["eval"]["accuracy"] <= 1
 
 

@@ -42,21 +42,23 @@ def test_document_starts():
 
 
 @needs("kernels", "tokamax")
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("kernel", ["mosaic_gpu", "triton"] if GPU else ["xla"])
-def test_tokamax_attention_matches_reference(kernel):
-    """Outputs and gradients (q, k, v) on the real tokens of packed rows with padding."""
+def test_tokamax_attention_matches_reference(kernel, causal):
+    """Outputs and gradients (q, k, v) on the real tokens of packed rows with padding; causal (the decoder) and
+    whole documents (the encoder, each query's [start, end) range)."""
     rng = np.random.default_rng(4)
     dtype = jnp.bfloat16 if GPU else jnp.float32
     q, k, v = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((2, 128, 8, 64), (2, 128, 2, 64), (2, 128, 2, 64)))
     seg, pos = jnp.asarray(SEG), jnp.asarray(POS)
-    mask = attention.prepare("xla", pos, seg, 8)["mask"]
-    k_start = attention.prepare("tokamax_triton", pos, seg, 8)["k_start"]
+    mask = attention.prepare("xla", pos, seg, 8, causal)["mask"]
+    ranges = attention.prepare("tokamax_triton", pos, seg, 8, causal)
     w = jnp.asarray(rng.standard_normal((2, 128, 8, 64)), jnp.float32) * VALID[:, :, None, None]
 
     def loss(f):
         return lambda q_, k_, v_: (f(q_, k_, v_).astype(jnp.float32) * w).sum()
 
-    ours = lambda q_, k_, v_: attention.tokamax_attend(q_, k_, v_, k_start, kernel)
+    ours = lambda q_, k_, v_: attention.tokamax_attend(q_, k_, v_, ranges["k_start"], kernel, ranges.get("k_end"))
     ref = lambda q_, k_, v_: attention.reference(q_, k_, v_, mask)
     tol = 0.03 if GPU else 1e-4
     a, b = jax.jit(ours)(q, k, v).astype(jnp.float32), jax.jit(ref)(q, k, v).astype(jnp.float32)

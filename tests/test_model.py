@@ -141,8 +141,9 @@ def test_segment_layout():
 
 
 @needs_gpu("cuDNN attention")
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("impl", ["cudnn", "cudnn_packed"])
-def test_cudnn_matches_reference(impl):
+def test_cudnn_matches_reference(impl, causal):
     rng = np.random.default_rng(4)
     q = jnp.asarray(rng.standard_normal((2, 128, 8, 64)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((2, 128, 2, 64)), jnp.bfloat16)
@@ -150,15 +151,15 @@ def test_cudnn_matches_reference(impl):
     seg = jnp.asarray([[1] * 50 + [2] * 70 + [0] * 8, [1] * 20 + [2] * 30 + [3] * 78])
     pos = jnp.asarray([list(range(50)) + list(range(70)) + [0] * 8, list(range(20)) + list(range(30)) + list(range(78))])
     valid = np.asarray(seg) > 0
-    ref_in = attention.prepare("xla", pos, seg, 8)
+    ref_in = attention.prepare("xla", pos, seg, 8, causal)
     b = attention.reference(q, k, v, ref_in["mask"]).astype(jnp.float32)
-    a = attention.attend(q, k, v, attention.prepare(impl, pos, seg, 8), impl).astype(jnp.float32)
+    a = attention.attend(q, k, v, attention.prepare(impl, pos, seg, 8, causal), impl, causal).astype(jnp.float32)
     assert float(jnp.abs(a - b)[valid].max()) < 0.03
     assert bool(jnp.isfinite(a).all())
     # Gradients agree too, on the valid positions.
-    f = lambda impl_, inputs: lambda q_: (attention.attend(q_, k, v, inputs, impl_).astype(jnp.float32)
+    f = lambda impl_, inputs: lambda q_: (attention.attend(q_, k, v, inputs, impl_, causal).astype(jnp.float32)
                                           * valid[:, :, None, None]).sum()
-    ga = jax.grad(f(impl, attention.prepare(impl, pos, seg, 8)))(q).astype(jnp.float32)
+    ga = jax.grad(f(impl, attention.prepare(impl, pos, seg, 8, causal)))(q).astype(jnp.float32)
     gb = jax.grad(f("xla", ref_in))(q).astype(jnp.float32)
     assert float(jnp.abs(ga - gb).max()) < 0.05
 
