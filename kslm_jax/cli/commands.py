@@ -150,6 +150,8 @@ def eval_(args, overrides) -> int:
         return eval_cmd.cli(args, overrides)
     cfg, trainer, step = _restored_trainer(args, overrides)
     if cfg.model.arch == "encoder":  # masked-LM loss and accuracy on the held-out split, not next-token ones
+        if getattr(args, "quant", []):
+            arch.require_decoder(cfg, "kslm eval --quant")
         result = trainer.evaluate()
         print(mlm.format_eval(step, result))
         mlm.write_eval(args.workdir, step, result)

@@ -107,9 +107,10 @@ def export_hf(workdir: Path, out: Path, shard_bytes: int = 5 * 2**30) -> Path:
             "pad_token": pieces["pad"], "legacy": False, "add_prefix_space": None,
             "model_max_length": positions, "clean_up_tokenization_spaces": False, **tok_extra,
         }, indent=2, ensure_ascii=False))
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": tok_lib.BOS, "eos_token_id": tok_lib.EOS, "pad_token_id": tok_lib.PAD,
-            "do_sample": True, "temperature": cfg.generate.temperature, "top_k": cfg.generate.top_k,
-            "top_p": cfg.generate.top_p}, indent=2))
+        if c.causal:  # an encoder fills masks; it has no sampling settings
+            (tmp / "generation_config.json").write_text(json.dumps({
+                "bos_token_id": tok_lib.BOS, "eos_token_id": tok_lib.EOS, "pad_token_id": tok_lib.PAD,
+                "do_sample": True, "temperature": cfg.generate.temperature, "top_k": cfg.generate.top_k,
+                "top_p": cfg.generate.top_p}, indent=2))
         write_marker(tmp, "hf")
     return out
