@@ -67,7 +67,8 @@ def _objectives():
     c = llama.ModelConfig.from_config(cfg)
     model, params = init_params(c, 0)
     teacher_model, teacher = init_params(c, 1)
-    ft = SimpleNamespace(train=cfg.train, lora=SimpleNamespace(rank=0, alpha=8.0, dropout=0.0))
+    ft = SimpleNamespace(train=cfg.train, lora=SimpleNamespace(rank=0, alpha=8.0, dropout=0.0), model=cfg.model,
+                         finetune=cfg.finetune)
     lo = SimpleNamespace(train=cfg.train, lora=SimpleNamespace(rank=4, alpha=8.0, dropout=0.0))
     head = classify.init_head(jax.random.PRNGKey(2), c.d_model, 3)
     plain = {k: v for k, v in _batch().items() if k != "loss_mask"}
