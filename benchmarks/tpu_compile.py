@@ -4,13 +4,18 @@ roofline MFU and compile seconds. From the compiler and a roofline, not a TPU ru
     pip install -e '.[tpu]'
     python benchmarks/tpu_compile.py --out benchmarks/tpu_compile.jsonl      # appends; done rows are skipped
     python benchmarks/tpu_compile.py --out benchmarks/tpu_compile.jsonl --table-only
+    python benchmarks/tpu_compile.py --out benchmarks/tpu_compile.jsonl --reaccount   # from --hlo-dir, no compile
 
-Each row is written as soon as its compile ends, so an interrupted run keeps what it measured. Small recipes
-run first. The batch is the recipe's, raised to one row per chip where the slice has more chips than rows.
+Each row is written as soon as its compile ends, so an interrupted run keeps what it measured. The largest
+recipes run first. The batch is the recipe's, raised to one row per chip where the slice has more chips than rows.
+Each compile leaves what the accounting reads in --hlo-dir (the optimized program's text, gzip, and the
+compiler's memory analysis): --reaccount rebuilds every row from there with the current accounting, so fixing
+the accounting never needs a second 256-chip compile.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import time
@@ -58,58 +63,106 @@ def overrides(recipe_cfg, topo: topology.Topology, preset: str) -> list[str]:
     return out
 
 
-def measure(recipe: str, topo_name: str, slices: int, preset: str) -> dict:
+def key_name(recipe: str, topo_name: str, slices: int, preset: str) -> str:
+    return f"{recipe}@{topo_name}x{slices}:{preset}"
+
+
+def compile_facts(cfg, topo, base: Path) -> dict:
+    """Compile once; keep the program text (base.hlo.gz) and the compiler's facts (base.meta.json)."""
+    t0 = time.perf_counter()
+    lowered, mesh, _, abstract = aot.lower(cfg, topo)
+    facts = {"state_bytes": aot.state_bytes_per_device(abstract), "mesh": dict(mesh.shape)}
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - kept as the row's verdict (the compiler's out-of-memory refusal)
+        facts.update(error=str(e)[:20000], compile_seconds=time.perf_counter() - t0)
+    else:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        facts.update(memory=aot.memory_of(compiled), compile_seconds=time.perf_counter() - t0,
+                     cost={k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed")})
+        with gzip.open(f"{base}.hlo.gz", "wt") as f:
+            f.write(compiled.as_text())
+    Path(f"{base}.meta.json").write_text(json.dumps(facts))
+    return facts
+
+
+def measure(recipe: str, topo_name: str, slices: int, preset: str, hlo_dir: Path) -> dict:
+    """One row: compiled now, or re-accounted from what an earlier compile left in hlo_dir."""
     topo = topology.parse(topo_name, slices)
     path = f"configs/{recipe}.py"
     ov = overrides(config_lib.load(path), topo, preset)
     cfg = config_lib.load(path, ov)
     row = {"recipe": recipe, "topology": topo_name, "slices": slices, "preset": preset, "overrides": ov,
            "batch_size": cfg.train.batch_size}
-    t0 = time.perf_counter()
+    base = hlo_dir / key_name(recipe, topo_name, slices, preset)
+    meta = Path(f"{base}.meta.json")
     try:
-        r = aot.compile_report(cfg, topo)
-    except aot.DoesNotFit as e:
-        return dict(row, fits=False, reason=str(e), compile_seconds=time.perf_counter() - t0)
+        facts = json.loads(meta.read_text()) if meta.exists() else compile_facts(cfg, topo, base)
     except KslmError as e:
-        return dict(row, fits=None, reason=str(e), compile_seconds=time.perf_counter() - t0)
-    coll = sum(v["bytes"] for v in r["collectives_per_chip"].values())
-    return dict(row, fits=True, memory_gib=r["memory_per_chip"]["total"] / topology.GiB,
-                hbm_gib=r["memory_per_chip"]["hbm"] / topology.GiB,
-                tflops_compiled=r["flops_per_chip_compiled"] * r["topology"]["chips"] / 1e12,
-                tflops_analytic=r["flops_per_step_analytic"] / 1e12, collective_mib=coll / 2 ** 20,
-                mfu_serial=r["roofline"]["mfu_serial"], mfu_overlap=r["roofline"]["mfu_overlap"],
-                roofline=r["roofline"], bytes_accessed_per_chip=r["bytes_accessed_per_chip"],
-                state_gib=r["state_bytes_per_chip"] / topology.GiB,
-                compile_seconds=r["compile_seconds"], mesh=r["mesh"])
+        return dict(row, fits=None, reason=str(e), compile_seconds=0.0)
+    if "error" in facts:
+        refusal = aot.oom_refusal(cfg, topo, facts["error"], facts["state_bytes"])
+        return dict(row, fits=None if refusal is None else False, reason=refusal or facts["error"][:500],
+                    compile_seconds=facts["compile_seconds"])
+    facts = dict(facts, xla_flops=facts["cost"]["flops"], xla_bytes=facts["cost"]["bytes accessed"])
+    with gzip.open(f"{base}.hlo.gz", "rt") as f:
+        text = f.read()
+    try:
+        r = aot.account(cfg, topo, facts, text)
+    except aot.DoesNotFit as e:
+        return dict(row, fits=False, reason=str(e), compile_seconds=facts["compile_seconds"])
+    coll = r["collectives_per_chip"]
+    out = dict(row, fits=True, memory_gib=r["memory_per_chip"]["total"] / topology.GiB,
+               hbm_gib=r["memory_per_chip"]["hbm"] / topology.GiB,
+               tflops_chip_compiled=r["flops_per_chip_compiled"] / 1e12,
+               tflops_chip_kernels=r["flops_per_chip_kernels"] / 1e12,
+               tflops_chip_analytic=r["flops_per_chip_analytic"] / 1e12,
+               tflops_chip_attention=r["attention_flops_per_chip_analytic"] / 1e12,
+               tflops_chip_xla_once=r["flops_per_chip_xla"] / 1e12,
+               hbm_gb_chip=r["bytes_accessed_per_chip"] / 1e9,
+               collective_gib_chip=sum(v["bytes"] for v in coll.values()) / topology.GiB,
+               collectives={k: v for k, v in coll.items() if v["count"]},
+               mfu_serial=r["roofline"]["mfu_serial"], mfu_overlap=r["roofline"]["mfu_overlap"],
+               roofline=r["roofline"], state_gib=r["state_bytes_per_chip"] / topology.GiB,
+               top_matmuls=r["top_matmuls_per_chip"][:3], loops_counted_once=r["loops_counted_once"],
+               compile_seconds=r["compile_seconds"], mesh=r["mesh"])
+    return out
 
 
 def _mfu(r: dict) -> str:
-    if "mfu_serial" not in r:  # measured before the estimate kept both bounds
-        return "not recorded"
-    return f"{r['mfu_serial']:.0%}-{r['mfu_overlap']:.0%}"
+    mfu = f"{r['mfu_serial']:.0%}-{r['mfu_overlap']:.0%}"
+    return mfu + (" (counted short)" if "warning" in r["roofline"] else "")
+
+
+def _topo(r: dict) -> str:
+    return f"{r['slices']} x {r['topology']}" if r["slices"] > 1 else r["topology"]
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| recipe | topology | preset | batch | fits | memory/chip GiB | compiled TFLOP/step | analytic TFLOP/step "
-            "| collectives MiB/chip | est. MFU (no overlap-full) | compile s |")
+    head = ("| recipe | topology | preset | batch | fits | memory/chip GiB | compiled TFLOP/chip (matmuls) "
+            "| analytic TFLOP/chip (6N + attention) | compiled / 6N | collectives GiB/chip | est. MFU "
+            "(no overlap-full) | compile s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        topo = f"{r['slices']} x {r['topology']}" if r["slices"] > 1 else r["topology"]
+        if r["fits"] and "tflops_chip_compiled" not in r:
+            continue   # an old row from the body-once accounting; --reaccount replaces it
         if r["fits"]:
-            lines.append(f"| {r['recipe']} | {topo} | {r['preset']} | {r['batch_size']} | yes | "
-                         f"{r['memory_gib']:.2f} / {r['hbm_gib']:.0f} | {r['tflops_compiled']:.1f} | "
-                         f"{r['tflops_analytic']:.1f} | {r['collective_mib']:.0f} | {_mfu(r)} | "
+            six_n = r["tflops_chip_analytic"] - r["tflops_chip_attention"]
+            lines.append(f"| {r['recipe']} | {_topo(r)} | {r['preset']} | {r['batch_size']} | yes | "
+                         f"{r['memory_gib']:.2f} / {r['hbm_gib']:.0f} | {r['tflops_chip_compiled']:.1f} | "
+                         f"{six_n:.1f} + {r['tflops_chip_attention']:.1f} | "
+                         f"{r['tflops_chip_compiled'] / six_n:.2f} | {r['collective_gib_chip']:.1f} | {_mfu(r)} | "
                          f"{r['compile_seconds']:.0f} |")
         else:
             why = "no" if r["fits"] is False else "refused"
-            lines.append(f"| {r['recipe']} | {topo} | {r['preset']} | {r['batch_size']} | {why}: "
-                         f"{r['reason'].split(': ', 1)[-1]} | | | | | | {r['compile_seconds']:.0f} |")
+            lines.append(f"| {r['recipe']} | {_topo(r)} | {r['preset']} | {r['batch_size']} | {why}: "
+                         f"{r['reason'].split(': ', 1)[-1]} | | | | | | | {r['compile_seconds']:.0f} |")
     best = {}
     for r in rows:
         if r["fits"]:
-            key = f"{r['slices']} x {r['topology']}" if r["slices"] > 1 else r["topology"]
-            if RECIPES.index(r["recipe"]) >= RECIPES.index(best.get(key, RECIPES[0])):
-                best[key] = r["recipe"]
+            if "tflops_chip_compiled" in r and RECIPES.index(r["recipe"]) >= RECIPES.index(best.get(_topo(r), RECIPES[0])):
+                best[_topo(r)] = r["recipe"]
     lines += ["", "Largest recipe that fits (of those compiled): "
               + ", ".join(f"{k}: {v}" for k, v in best.items())]
     return "\n".join(lines)
@@ -128,7 +181,11 @@ def _ordered(rows: str | None, only: bool) -> list[tuple]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/tpu_compile.jsonl")
+    p.add_argument("--hlo-dir", default=str(Path.home() / ".cache" / "kslm_tpu_compile"),
+                   help="where each compile leaves its program text and memory analysis (--reaccount reads them)")
     p.add_argument("--table-only", action="store_true", help="print the table of the rows already measured")
+    p.add_argument("--reaccount", action="store_true",
+                   help="rebuild every row found in --hlo-dir with the current accounting (no compile), rewrite --out")
     p.add_argument("--only", default=None, help="comma-separated recipes")
     p.add_argument("--rows", default=None,
                    help="run these rows first, in this order: RECIPE@TOPOLOGY[xSLICES]:PRESET, comma-separated "
@@ -136,13 +193,23 @@ def main(argv=None) -> None:
     p.add_argument("--only-rows", action="store_true", help="run just the --rows")
     args = p.parse_args(argv)
     out = Path(args.out)
+    hlo_dir = Path(args.hlo_dir)
+    hlo_dir.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if args.reaccount:
+        redone = []
+        for r in done:
+            key = (r["recipe"], r["topology"], r["slices"], r["preset"])
+            have = Path(f"{hlo_dir / key_name(*key)}.meta.json").exists()
+            redone.append(measure(*key, hlo_dir) if have else r)
+        done = redone
+        out.write_text("".join(json.dumps(r) + "\n" for r in done))
     seen = {(r["recipe"], r["topology"], r["slices"], r["preset"]) for r in done}
-    if not args.table_only:
+    if not (args.table_only or args.reaccount):
         for key in _ordered(args.rows, args.only_rows):
             if key in seen or (args.only and key[0] not in args.only.split(",")):
                 continue
-            row = measure(*key)
+            row = measure(*key, hlo_dir)
             print(json.dumps(row), flush=True)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

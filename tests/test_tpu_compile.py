@@ -15,10 +15,10 @@ from kslm_jax.core.errors import KslmError
 from kslm_jax.train import topology
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiny recipe unrolled with the reference attention: XLA's cost analysis then sees every matmul (a scanned
-# layer counts once, a Pallas kernel not at all). Measured: compiled / analytic = 1.03 (elementwise, softmax,
-# optimizer and norms are in the compiled count, not in 6N + attention).
-FLOPS_TOLERANCE = 0.10
+# The tiny recipe (scanned layers) with the reference attention, so every matmul is in the compiled program.
+# hlo_cost weights the layer loop by its trip count; measured: compiled matmuls / analytic = 0.999 (the analytic
+# count also has 6 x the norm scales, which are no matmul). XLA's own cost_analysis counts the loop body once.
+FLOPS_TOLERANCE = 0.01
 
 
 def _needs_libtpu():
@@ -55,17 +55,21 @@ def _kslm(tmp_path, *args):
 def test_tiny_compiles_for_v5e_2x2_and_flops_match_the_analytic_count(tmp_path):
     _needs_libtpu()
     from kslm_jax.train import aot
-    cfg = config_lib.load("configs/tiny_ko.py", ["mesh.fsdp=2", "model.attention=xla", "model.scan_layers=false"])
+    cfg = config_lib.load("configs/tiny_ko.py", ["mesh.fsdp=2", "model.attention=xla"])
+    assert cfg.model.scan_layers and cfg.model.n_layers == 4
     r = aot.compile_report(cfg, topology.parse("v5e-4"))
     assert r["fits"] and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     m = r["memory_per_chip"]
     assert 0 < m["arguments"] and 0 < m["total"] < m["hbm"] and m["headroom"] == m["hbm"] - m["total"]
-    compiled = r["flops_per_chip_compiled"] * r["topology"]["chips"]
-    assert compiled == pytest.approx(r["flops_per_step_analytic"], rel=FLOPS_TOLERANCE)
+    assert r["loops_counted_once"] == 0 and r["flops_per_chip_kernels"] == 0
+    assert r["flops_per_chip_compiled"] == pytest.approx(r["flops_per_chip_analytic"], rel=FLOPS_TOLERANCE)
+    assert r["flops_per_chip_compiled"] * r["topology"]["chips"] == pytest.approx(r["flops_per_step_analytic"],
+                                                                                   rel=FLOPS_TOLERANCE)
+    assert r["flops_per_chip_xla"] < 0.6 * r["flops_per_chip_compiled"]   # the 4-layer body counted once
     # fsdp shards parameters: they are gathered for the matmuls and their gradients reduced
     assert r["collectives_per_chip"]["all-gather"]["count"] > 0
     rf = r["roofline"]
-    assert rf["estimate"] and 0 < rf["mfu_serial"] <= rf["mfu_overlap"] <= 1
+    assert rf["estimate"] and "warning" not in rf and 0 < rf["mfu_serial"] <= rf["mfu_overlap"] <= 1
 
 
 def test_kslm_compile_splash_writes_compile_json(tmp_path):
@@ -75,6 +79,10 @@ def test_kslm_compile_splash_writes_compile_json(tmp_path):
     assert "attention=splash" in out.stdout and "ESTIMATE" in out.stdout and "not a TPU run" in out.stdout
     report = json.loads((tmp_path / "compile.json").read_text())
     assert report["attention"] == "splash" and report["fits"] is True
+    # Splash is opaque to the compiled count: its analytic share completes it
+    executed = report["flops_per_chip_compiled"] + report["flops_per_chip_kernels"]
+    assert executed == pytest.approx(report["flops_per_chip_analytic"], rel=FLOPS_TOLERANCE)
+    assert "warning" not in report["roofline"]
     assert report["topology"] == {"name": "v5e-4", "jax": "v5e:2x2", "slices": 1, "chips": 4, "chips_per_host": 4,
                                   "hosts": 1}
 

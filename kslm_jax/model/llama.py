@@ -275,9 +275,14 @@ def param_count(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
+def attention_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the attention scores and their weighted sum (PaLM appendix B)."""
+    return 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (parameters outside the input embedding) + attention (PaLM appendix B)."""
     attn = c.n_heads * c.head_dim
     per_layer = c.d_model * (attn + 2 * c.n_kv_heads * c.head_dim) + attn * c.d_model + 3 * c.d_model * c.d_ff + 2 * c.d_model
     n = c.n_layers * per_layer + c.d_model + c.d_model * c.vocab_size
-    return 6.0 * n + 12.0 * c.n_layers * attn * seq_len
+    return 6.0 * n + attention_flops_per_token(c, seq_len)

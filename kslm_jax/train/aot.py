@@ -6,11 +6,12 @@ What comes back is the compiler's own accounting (memory, FLOPs, collectives) pl
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
+import gzip
 import math
 import re
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +19,12 @@ import jax.numpy as jnp
 from kslm_jax.core import sharding
 from kslm_jax.core.errors import KslmError
 from kslm_jax.model import llama
-from kslm_jax.train import optim
+from kslm_jax.train import hlo_cost, optim
 from kslm_jax.train import state as state_lib
 from kslm_jax.train import step as step_lib
 from kslm_jax.train import topology as topo_lib
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
-_OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 # The compiler's out-of-memory refusals: "Ran out of memory on HBM, the total memory required for HLO temporaries
 # (170.81G) exceeds available HBM (15.75G)" and "Used 20.5G of 15.75G hbm. Exceeded hbm capacity by 4.75G."
 _OOM = (re.compile(r"required for .*?\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
@@ -100,28 +96,6 @@ def memory_of(compiled) -> dict:
     return memory
 
 
-def collectives(hlo_text: str) -> dict:
-    """{kind: {"count", "bytes"}} of the optimized per-chip HLO; a loop body counts once (see `note`)."""
-    out = collections.OrderedDict((k, {"count": 0, "bytes": 0}) for k in COLLECTIVES)
-    for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if not m:
-            continue
-        sizes = [_BYTES.get(dt, 4) * _prod(dims) for dt, dims in _ARRAY.findall(m.group(1))]
-        # An async start returns (operands..., results..., scratch); its payload is the largest buffer.
-        nbytes = max(sizes, default=0) if m.group(3) else sum(sizes)
-        out[m.group(2)]["count"] += 1
-        out[m.group(2)]["bytes"] += nbytes
-    return dict(out)
-
-
-def _prod(dims: str) -> int:
-    n = 1
-    for d in filter(None, dims.split(",")):
-        n *= int(d)
-    return n
-
-
 def _size(value: str, unit: str) -> float:
     return float(value) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[unit]
 
@@ -152,47 +126,77 @@ def state_bytes_per_device(abstract) -> float:
     return float(sum(shard_bytes(x) for x in jax.tree.leaves(abstract)))
 
 
-def compile_report(cfg, topo: topo_lib.Topology) -> dict:
-    """Compile and account; raises DoesNotFit (the one-line refusal) when the step needs more HBM than a chip has."""
+def compile_report(cfg, topo: topo_lib.Topology, keep_hlo: str | Path | None = None) -> dict:
+    """Compile and account; raises DoesNotFit (the one-line refusal) when the step needs more HBM than a chip has.
+    `keep_hlo`: also write the optimized program's text there (gzip), so `account` can redo the accounting
+    without compiling again."""
     t0 = time.perf_counter()
-    lowered, mesh, mc, abstract = lower(cfg, topo)
-    hbm = topo.chip.hbm_bytes
+    lowered, mesh, _, abstract = lower(cfg, topo)
     state_bytes = state_bytes_per_device(abstract)
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory verdict is translated
-        sizes = compiler_oom_sizes(str(e))
-        if not sizes:
+        refusal = oom_refusal(cfg, topo, str(e), state_bytes)
+        if refusal is None:
             raise
-        used, usable = sizes
-        raise DoesNotFit(_refusal(cfg, topo, used, usable, state_bytes)) from None
-    seconds = time.perf_counter() - t0
-    memory = memory_of(compiled)
-    memory["hbm"] = hbm
-    memory["headroom"] = hbm - memory["total"]
+        raise DoesNotFit(refusal) from None
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    facts = {"memory": memory_of(compiled), "compile_seconds": time.perf_counter() - t0, "state_bytes": state_bytes,
+             "mesh": dict(mesh.shape), "xla_flops": float(cost.get("flops", 0.0)),
+             "xla_bytes": float(cost.get("bytes accessed", 0.0))}
+    text = compiled.as_text()
+    if keep_hlo is not None:
+        with gzip.open(keep_hlo, "wt") as f:
+            f.write(text)
+    return account(cfg, topo, facts, text)
+
+
+def account(cfg, topo: topo_lib.Topology, facts: dict, hlo_text: str) -> dict:
+    """The report from what the compiler gave (`facts`: its memory and cost analysis, compile seconds, the
+    state's bytes and the mesh) and the optimized program's text, whose loops hlo_cost weights by trip count."""
+    mc = model_config(cfg)
+    hbm = topo.chip.hbm_bytes
+    memory = dict(facts["memory"], hbm=hbm, headroom=hbm - facts["memory"]["total"])
     tokens = cfg.train.batch_size * cfg.data.seq_len
+    chips = topo.devices_total
     analytic = llama.flops_per_token(mc, cfg.data.seq_len) * tokens
+    attention = llama.attention_flops_per_token(mc, cfg.data.seq_len) * tokens
+    hc = hlo_cost.analyze(hlo_text)
     report = {
-        "topology": {"name": topo.name, "jax": topo.jax_name, "slices": topo.slices, "chips": topo.devices_total,
+        "topology": {"name": topo.name, "jax": topo.jax_name, "slices": topo.slices, "chips": chips,
                      "chips_per_host": topo.chips_per_host, "hosts": topo.hosts},
         "chip": dataclasses.asdict(topo.chip),
-        "mesh": dict(mesh.shape), "rules": cfg.mesh.rules, "attention": mc.attention, "remat": mc.remat,
-        "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len, "grad_accum": cfg.train.grad_accum,
-        "tokens_per_step": tokens,
+        "mesh": facts["mesh"], "rules": cfg.mesh.rules, "attention": mc.attention, "remat": mc.remat,
+        "scan_layers": mc.scan_layers, "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
+        "grad_accum": cfg.train.grad_accum, "tokens_per_step": tokens,
         "memory_per_chip": memory, "fits": memory["total"] <= hbm,
-        "state_bytes_per_chip": state_bytes,
-        "flops_per_chip_compiled": float(cost.get("flops", 0.0)),
-        "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
+        "state_bytes_per_chip": facts["state_bytes"],
+        # matmul FLOPs of the compiled program, each loop body times its trip count (hlo_cost)
+        "flops_per_chip_compiled": hc["flops"],
+        # a Pallas kernel is opaque to both counts: Splash's share is the analytic attention term
+        "flops_per_chip_kernels": attention / chips if mc.attention == "splash" else 0.0,
+        "flops_per_chip_analytic": analytic / chips,
+        "attention_flops_per_chip_analytic": attention / chips,
         "flops_per_step_analytic": analytic,
-        "collectives_per_chip": collectives(compiled.as_text()),
-        "compile_seconds": seconds,
+        # XLA's own cost_analysis(), which visits each loop body once: kept to show the difference
+        "flops_per_chip_xla": facts["xla_flops"], "bytes_accessed_per_chip_xla": facts["xla_bytes"],
+        "bytes_accessed_per_chip": hc["bytes"],
+        "collectives_per_chip": hc["collectives"],
+        "loops_counted_once": hc["unknown_loops"],
+        "top_matmuls_per_chip": hc["top_matmuls"],
+        "compile_seconds": facts["compile_seconds"],
     }
     report["roofline"] = roofline(report, topo)
     if not report["fits"]:
-        raise DoesNotFit(_refusal(cfg, topo, memory["total"], hbm, state_bytes))
+        raise DoesNotFit(_refusal(cfg, topo, memory["total"], hbm, facts["state_bytes"]))
     return report
+
+
+def oom_refusal(cfg, topo, error_text: str, state_bytes: float) -> str | None:
+    """The one-line refusal for the compiler's out-of-memory error text; None for any other error."""
+    sizes = compiler_oom_sizes(error_text)
+    return None if sizes is None else _refusal(cfg, topo, sizes[0], sizes[1], state_bytes)
 
 
 def _refusal(cfg, topo, used: float, hbm: float, state_bytes: float) -> str:
@@ -203,19 +207,19 @@ def _refusal(cfg, topo, used: float, hbm: float, state_bytes: float) -> str:
 def roofline(r: dict, topo: topo_lib.Topology) -> dict:
     """An estimate, not a measurement: per-chip compute, HBM, ICI and DCN time from the chip's published peaks.
 
-    MFU is given as a range: `mfu_overlap` if communication hid entirely behind compute or HBM traffic,
-    `mfu_serial` if none of it did. These bound the model, not a real run, which also loses time elsewhere.
+    Compute is the compiled program's matmul FLOPs (loops times their trip counts, remat recomputation
+    included) plus the analytic share of opaque kernels; HBM is the program's bytes moved; ICI its collective
+    payloads. MFU is given as a range: `mfu_overlap` if communication hid entirely behind compute or HBM
+    traffic, `mfu_serial` if none of it did. These bound the model, not a real run, which also loses time
+    elsewhere. MFU is never clamped: above 100% means the program was counted short (`warning` says so).
     """
     chip = topo.chip
-    useful = r["flops_per_step_analytic"] / topo.devices_total
-    compiled = r["flops_per_chip_compiled"]
-    # XLA's cost analysis counts a while-loop body once (scanned layers, grad_accum micro-batches) and cannot see
-    # into Pallas kernels, so its counts can fall below the analytic FLOPs; traffic is scaled up like the FLOPs.
-    scale = max(1.0, useful / compiled) if compiled else 1.0
-    compute = max(compiled, useful) / chip.peak_flops
-    hbm = scale * r["bytes_accessed_per_chip"] / chip.hbm_bw
+    useful = r["flops_per_chip_analytic"]
+    executed = r["flops_per_chip_compiled"] + r["flops_per_chip_kernels"]
+    compute = executed / chip.peak_flops
+    hbm = r["bytes_accessed_per_chip"] / chip.hbm_bw
     coll = sum(v["bytes"] for v in r["collectives_per_chip"].values())
-    ici = scale * coll / (chip.ici_bw / 2)
+    ici = coll / (chip.ici_bw / 2)
     dcn = 0.0
     if topo.slices > 1:
         # the data-parallel gradient all-reduce across slices: each chip's fp32 gradient shard (a third of its
@@ -224,11 +228,19 @@ def roofline(r: dict, topo: topo_lib.Topology) -> dict:
         dcn = 2 * (topo.slices - 1) / topo.slices * r["state_bytes_per_chip"] / 3 / per_chip_bw
     overlap = max(compute, hbm, ici, dcn)
     serial = max(compute, hbm) + ici + dcn
-    return {"estimate": True, "loop_scale": scale, "compute_s": compute, "hbm_s": hbm, "ici_s": ici, "dcn_s": dcn,
-            "step_s_overlap": overlap, "step_s_serial": serial,
-            "mfu_overlap": useful / (overlap * chip.peak_flops), "mfu_serial": useful / (serial * chip.peak_flops),
-            "tokens_per_s_serial": r["tokens_per_step"] / serial,
-            "source": "peak bf16 FLOP/s, HBM and ICI bandwidth and host NICs from the Cloud TPU docs (train/topology.py)"}
+    out = {"estimate": True, "compute_flops": executed, "compute_s": compute, "hbm_s": hbm, "ici_s": ici,
+           "dcn_s": dcn, "step_s_overlap": overlap, "step_s_serial": serial,
+           "mfu_overlap": useful / (overlap * chip.peak_flops), "mfu_serial": useful / (serial * chip.peak_flops),
+           "tokens_per_s_serial": r["tokens_per_step"] / serial,
+           "source": "peak bf16 FLOP/s, HBM and ICI bandwidth and host NICs from the Cloud TPU docs (train/topology.py)"}
+    short = []
+    if executed < 0.99 * useful:
+        short.append(f"the program counts {executed / useful:.0%} of the model's analytic FLOPs")
+    if r["loops_counted_once"]:
+        short.append(f"{r['loops_counted_once']} loop(s) with no readable trip count were counted once")
+    if short:
+        out["warning"] = "; ".join(short) + ": the roofline undercounts this program"
+    return out
 
 
 def format_report(r: dict) -> str:
@@ -242,13 +254,14 @@ def format_report(r: dict) -> str:
                                                     ("arguments", "outputs", "aliased", "temporaries", "code")),
              f"          total {m['total'] / g:.2f} of {m['hbm'] / g:.0f} HBM: "
              + (f"fits, {m['headroom'] / g:.2f} GiB headroom" if r["fits"] else "DOES NOT FIT"),
-             f"flops     compiled {r['flops_per_chip_compiled'] * t['chips'] / 1e12:.4g} TFLOP/step "
-             f"({r['flops_per_chip_compiled'] / 1e12:.4g} per chip; loop bodies once); analytic 6N + attention "
-             f"{r['flops_per_step_analytic'] / 1e12:.4g} TFLOP/step",
-             "collectives per chip (optimized HLO, loop bodies once):"]
+             f"flops     per chip per step: compiled matmuls {r['flops_per_chip_compiled'] / 1e12:.4g} TFLOP (loops x "
+             f"trip count) + {r['flops_per_chip_kernels'] / 1e12:.4g} in opaque kernels (Splash, analytic); "
+             f"analytic 6N + attention {r['flops_per_chip_analytic'] / 1e12:.4g} "
+             f"(XLA cost_analysis, loop bodies once: {r['flops_per_chip_xla'] / 1e12:.4g})",
+             "collectives per chip per step (optimized HLO, loops x trip count):"]
     for kind, v in r["collectives_per_chip"].items():
         if v["count"]:
-            lines.append(f"          {kind:<19} {v['count']:>5}  {v['bytes'] / 2 ** 20:>10.1f} MiB")
+            lines.append(f"          {kind:<19} {v['count']:>7.0f}  {v['bytes'] / 2 ** 20:>10.1f} MiB")
     rf, c = r["roofline"], r["chip"]
     lines += [f"compile   {r['compile_seconds']:.1f} s on this machine",
               f"ESTIMATE  roofline step {rf['step_s_overlap'] * 1e3:.1f}-{rf['step_s_serial'] * 1e3:.1f} ms (compute "
@@ -257,4 +270,6 @@ def format_report(r: dict) -> str:
               "overlap): an estimate from the compiler and a roofline, not a TPU run",
               f"          chip: {c['peak_flops'] / 1e12:.0f} TFLOP/s bf16, HBM {c['hbm_bw'] / 1e9:.0f} GB/s, "
               f"ICI {c['ici_bw'] / 1e9:.0f} GB/s (Cloud TPU docs)"]
+    if "warning" in rf:
+        lines.append(f"WARNING   {rf['warning']}")
     return "\n".join(lines)
