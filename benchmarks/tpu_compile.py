@@ -131,7 +131,7 @@ def measure(recipe: str, topo_name: str, slices: int, preset: str, hlo_dir: Path
 
 
 def _mfu(r: dict) -> str:
-    mfu = f"{r['mfu_serial']:.0%}-{r['mfu_overlap']:.0%}"
+    mfu = f"{r['mfu_serial']:.0%}-{r['mfu_overlap']:.0%}, {r['roofline']['bound']}-bound"
     return mfu + (" (counted short)" if "warning" in r["roofline"] else "")
 
 

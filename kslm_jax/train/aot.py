@@ -218,7 +218,8 @@ def roofline(r: dict, topo: topo_lib.Topology) -> dict:
     executed = r["flops_per_chip_compiled"] + r["flops_per_chip_kernels"]
     compute = executed / chip.peak_flops
     hbm = r["bytes_accessed_per_chip"] / chip.hbm_bw
-    coll = sum(v["bytes"] for v in r["collectives_per_chip"].values())
+    # a ring all-reduce is a reduce-scatter plus an all-gather: twice the traffic of its payload
+    coll = sum(v["bytes"] * (2 if k == "all-reduce" else 1) for k, v in r["collectives_per_chip"].items())
     ici = coll / (chip.ici_bw / 2)
     dcn = 0.0
     if topo.slices > 1:
@@ -228,7 +229,8 @@ def roofline(r: dict, topo: topo_lib.Topology) -> dict:
         dcn = 2 * (topo.slices - 1) / topo.slices * r["state_bytes_per_chip"] / 3 / per_chip_bw
     overlap = max(compute, hbm, ici, dcn)
     serial = max(compute, hbm) + ici + dcn
-    out = {"estimate": True, "compute_flops": executed, "compute_s": compute, "hbm_s": hbm, "ici_s": ici,
+    terms = {"compute": compute, "HBM": hbm, "ICI": ici, "DCN": dcn}
+    out = {"estimate": True, "bound": max(terms, key=terms.get), "compute_flops": executed, "compute_s": compute, "hbm_s": hbm, "ici_s": ici,
            "dcn_s": dcn, "step_s_overlap": overlap, "step_s_serial": serial,
            "mfu_overlap": useful / (overlap * chip.peak_flops), "mfu_serial": useful / (serial * chip.peak_flops),
            "tokens_per_s_serial": r["tokens_per_step"] / serial,

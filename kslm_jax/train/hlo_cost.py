@@ -41,21 +41,6 @@ class Instr:
     root: bool = False
 
 
-@dataclasses.dataclass
-class Cost:
-    flops: float = 0.0            # matmul FLOPs (dot + convolution)
-    bytes: float = 0.0            # operands + results of non-fused instructions
-    collectives: dict = dataclasses.field(
-        default_factory=lambda: {k: {"count": 0, "bytes": 0.0} for k in COLLECTIVES})
-
-    def add(self, other: "Cost", times: float = 1.0) -> None:
-        self.flops += times * other.flops
-        self.bytes += times * other.bytes
-        for k, v in other.collectives.items():
-            self.collectives[k]["count"] += times * v["count"]
-            self.collectives[k]["bytes"] += times * v["bytes"]
-
-
 def _closing(s: str, i: int) -> int:
     """Index just past the bracket group that opens at s[i]."""
     depth = 0
@@ -122,6 +107,11 @@ def _dot_flops(ins: Instr, shapes: dict) -> float:
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
     contract = [int(d) for d in filter(None, m.group(1).split(","))] if m else []
     return 2.0 * math.prod(_dims(ins.shape)) * math.prod(lhs[d] for d in contract if d < len(lhs))
+
+
+def _matmul_flops(ins: Instr, shapes: dict) -> float:
+    return _dot_flops(ins, shapes) if ins.op == "dot" else _conv_flops(ins, shapes) if ins.op == "convolution" \
+        else 0.0
 
 
 def _window(attrs: str) -> list[dict]:
@@ -228,36 +218,43 @@ def trip_count(loop: Instr, caller: list, cond: list, body: list) -> int | None:
 
 
 class Module:
+    """An HLO module with how many times each computation runs per step (`weight`), through every loop
+    (times its trip count), call, fusion and conditional branch above it."""
+
     def __init__(self, text: str):
         self.comps, self.entry = parse(text)
         self.shapes = {c: {i.name: i.shape for i in instrs} for c, instrs in self.comps.items()}
         self.unknown_loops = set()
-        self._memo = {}
+        self.fused = set()     # bodies of fusions: their traffic is counted at the fusion instruction
+        self.weight = collections.Counter()
+        self._walk(self.entry, 1.0)
 
-    def cost(self, comp: str | None = None, fused: bool = False) -> Cost:
-        """The computation's cost with callees included; inside a fusion, bytes stay at the fusion's boundary."""
-        comp = comp or self.entry
-        key = (comp, fused)
-        if key in self._memo:
-            return self._memo[key]
-        total = Cost()
-        shapes = self.shapes[comp]
+    def _walk(self, comp: str, weight: float) -> None:
+        self.weight[comp] += weight
         for ins in self.comps[comp]:
-            base = ins.op.removesuffix("-start")
-            if ins.op == "dot":
-                total.flops += _dot_flops(ins, shapes)
-            elif ins.op == "convolution":
-                total.flops += _conv_flops(ins, shapes)
-            if base in COLLECTIVES and not ins.op.endswith("-done"):
-                sizes = [array_bytes(f"{dt}[{d}]") for dt, d in _ARRAY.findall(ins.shape)]
-                # an async start returns (operands..., results..., scratch): its payload is the largest buffer
-                total.collectives[base]["count"] += 1
-                total.collectives[base]["bytes"] += max(sizes, default=0) if ins.op.endswith("-start") else sum(sizes)
-            if not fused and ins.op not in _FREE and not ins.op.endswith("-done"):
-                total.bytes += self._traffic(ins, shapes)
-            self._callees(ins, comp, total, fused)
-        self._memo[key] = total
-        return total
+            calls = dict(_CALLS.findall(ins.attrs))
+            if ins.op == "while":
+                n = trip_count(ins, self.comps[comp], self.comps.get(calls.get("condition"), []),
+                               self.comps.get(calls.get("body"), []))
+                if n is None:
+                    self.unknown_loops.add(ins.name)
+                self._walk(calls["body"], weight * (1 if n is None else n))
+            elif calls.get("calls") in self.comps:
+                if ins.op == "fusion":
+                    self.fused.add(calls["calls"])
+                self._walk(calls["calls"], weight)
+            for group in _BRANCHES.findall(ins.attrs):
+                names = [n for n in re.findall(r"%([\w.\-]+)", group) if n in self.comps]
+                for name in names:   # a conditional runs one of its branches: count their mean
+                    self._walk(name, weight / len(names) if ins.op == "conditional" else weight)
+
+    def flops(self) -> float:
+        return sum(w * sum(_matmul_flops(i, self.shapes[c]) for i in self.comps[c]) for c, w in self.weight.items())
+
+    def bytes(self) -> float:
+        return sum(w * sum(self._traffic(i, self.shapes[c]) for i in self.comps[c]
+                           if i.op not in _FREE and not i.op.endswith("-done"))
+                   for c, w in self.weight.items() if c not in self.fused)
 
     def _traffic(self, ins: Instr, shapes: dict) -> float:
         """HBM bytes one instruction moves. As HloCostAnalysis does, a slice reads only its window and an
@@ -291,53 +288,43 @@ class Module:
                           else array_bytes(o.shape) for o in outs if o is not None)
         return out + sum(sizes)
 
-    def _trips(self, loop: Instr, caller: str, calls: dict) -> int:
-        n = trip_count(loop, self.comps[caller], self.comps.get(calls.get("condition"), []),
-                       self.comps.get(calls.get("body"), []))
-        if n is None:
-            self.unknown_loops.add(loop.name)
-        return 1 if n is None else n
-
-    def _callees(self, ins: Instr, comp: str, total: Cost, fused: bool) -> None:
-        calls = dict((k, v) for k, v in _CALLS.findall(ins.attrs))
-        if ins.op == "while":
-            trips = self._trips(ins, comp, calls)
-            total.add(self.cost(calls["body"], fused), trips)
-        elif "calls" in calls and calls["calls"] in self.comps:
-            total.add(self.cost(calls["calls"], fused or ins.op == "fusion"))
-        for group in _BRANCHES.findall(ins.attrs):
-            names = [n for n in re.findall(r"%([\w.\-]+)", group) if n in self.comps]
-            for name in names:   # a conditional runs one branch: count their mean
-                total.add(self.cost(name, fused), 1.0 / len(names) if ins.op == "conditional" else 1.0)
-
     def matmuls(self, top: int = 8) -> list[dict]:
         """The largest matmuls by FLOPs per step (a loop body's counted trip-count times), with their shapes."""
-        seen = collections.Counter()
-        self._weights(self.entry, 1.0, seen)
         rows = []
-        for comp, weight in seen.items():
+        for comp, weight in self.weight.items():
             shapes = self.shapes[comp]
             for ins in self.comps[comp]:
                 if ins.op in ("dot", "convolution"):
-                    f = (_dot_flops if ins.op == "dot" else _conv_flops)(ins, shapes)
+                    f = _matmul_flops(ins, shapes)
                     rows.append({"flops": f * weight, "times": weight, "out": ins.shape.split("{")[0],
                                  "operands": [shapes.get(o, "?").split("{")[0] for o in ins.operands[:2]],
                                  "op_name": (re.search(r'op_name="([^"]*)"', ins.attrs) or [None, ""])[1]})
         return sorted(rows, key=lambda r: -r["flops"])[:top]
 
-    def _weights(self, comp: str, weight: float, seen: collections.Counter) -> None:
-        seen[comp] += weight
-        for ins in self.comps[comp]:
-            calls = dict(_CALLS.findall(ins.attrs))
-            if ins.op == "while":
-                self._weights(calls["body"], weight * self._trips(ins, comp, calls), seen)
-            elif "calls" in calls and calls["calls"] in self.comps:
-                self._weights(calls["calls"], weight, seen)
+    def collectives(self) -> dict:
+        """{kind: {"count", "bytes"}} per step. The TPU compiler repeats one asynchronous collective in the
+        fusions that start it, consume it and finish it, under one channel_id: each channel counts once."""
+        channels = {}
+        for comp, weight in self.weight.items():
+            for ins in self.comps[comp]:
+                kind = ins.op.removesuffix("-start")
+                if kind not in COLLECTIVES or ins.op.endswith("-done"):
+                    continue
+                sizes = [array_bytes(f"{dt}[{d}]") for dt, d in _ARRAY.findall(ins.shape)]
+                # an async start returns (operands..., results..., scratch): its payload is the largest buffer
+                payload = max(sizes, default=0) if ins.op.endswith("-start") else sum(sizes)
+                channel = re.search(r"channel_id=(\d+)", ins.attrs)
+                key = channel.group(1) if channel else (comp, ins.name)
+                channels[key] = max(channels.get(key, (kind, 0.0, 0.0)), (kind, weight, payload), key=lambda t: t[1])
+        out = {k: {"count": 0, "bytes": 0.0} for k in COLLECTIVES}
+        for kind, weight, payload in channels.values():
+            out[kind]["count"] += weight
+            out[kind]["bytes"] += weight * payload
+        return out
 
 
 def analyze(text: str) -> dict:
     """{"flops", "bytes", "collectives", "unknown_loops", "top_matmuls"} per chip for one step."""
     mod = Module(text)
-    c = mod.cost()
-    return {"flops": c.flops, "bytes": c.bytes, "collectives": c.collectives,
+    return {"flops": mod.flops(), "bytes": mod.bytes(), "collectives": mod.collectives(),
             "unknown_loops": len(mod.unknown_loops), "top_matmuls": mod.matmuls()}

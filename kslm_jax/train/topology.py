@@ -33,7 +33,8 @@ class Chip:
 CHIPS = {
     "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 300e9, 100e9 / 8, 3, 2),
     "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 400e9, 200e9 / 8, 2, 1),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 600e9, 200e9 / 8, 3, 2),
+    # ICI 1200 GB/s bidirectional per chip (the v5p table; its older "4800 Gbps" is one direction)
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 1200e9, 200e9 / 8, 3, 2),
     "v6e": Chip("v6e", 32 * GiB, 918e12, 1638e9, 800e9, 400e9 / 8, 2, 1),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
