@@ -1,14 +1,10 @@
 """Per-chip cost of an optimized HLO module with every loop body weighted by its trip count.
 
-XLA's `cost_analysis()` visits a while loop's body once: a scanned layer stack (n_layers iterations) or a
-grad_accum scan is counted as one iteration, so its FLOPs, bytes and collectives fall short by up to the trip
-count. This walks the compiled program's text instead: each computation's cost is multiplied by how often it
-runs (a while body by the trip count its condition compares against), so the totals are the whole step's.
-
-Counted: matmul FLOPs (dot and convolution, which is what the TPU compiler turns a dot into; 2 per
-multiply-add, padding excluded as HloCostAnalysis does), HBM bytes of each non-fused instruction (its operands
-and results, as HloCostAnalysis counts a fusion), and collective payloads. Not counted: what happens inside a
-custom kernel (Pallas/Mosaic, e.g. Splash attention), whose FLOPs the compiled text does not state.
+XLA's `cost_analysis()` visits a while loop's body once, so a scanned layer stack or a grad_accum scan counts
+as one iteration. This walks the compiled program's text and multiplies each computation by how often it runs.
+Counted: matmul FLOPs (dot, and convolution, which is what the TPU compiler turns a dot into; padding excluded
+as HloCostAnalysis does), HBM bytes of each unfused instruction (operands and results, as HloCostAnalysis counts
+a fusion) and collective payloads. Not counted: the inside of a custom kernel (Pallas/Mosaic: Splash attention).
 """
 from __future__ import annotations
 
@@ -43,9 +39,7 @@ class Instr:
 
 def _closing(s: str, i: int) -> int:
     """Index just past the bracket group that opens at s[i]."""
-    depth = 0
-    pairs = {"(": ")", "[": "]", "{": "}"}
-    opener, closer = s[i], pairs[s[i]]
+    depth, opener, closer = 0, s[i], {"(": ")", "[": "]", "{": "}"}[s[i]]
     for j in range(i, len(s)):
         if s[j] == opener:
             depth += 1
@@ -110,8 +104,7 @@ def _dot_flops(ins: Instr, shapes: dict) -> float:
 
 
 def _matmul_flops(ins: Instr, shapes: dict) -> float:
-    return _dot_flops(ins, shapes) if ins.op == "dot" else _conv_flops(ins, shapes) if ins.op == "convolution" \
-        else 0.0
+    return {"dot": _dot_flops, "convolution": _conv_flops}.get(ins.op, lambda *_: 0.0)(ins, shapes)
 
 
 def _window(attrs: str) -> list[dict]:
@@ -144,17 +137,15 @@ def _valid_positions(w: dict, n_in: int, n_out: int, n_kernel: int) -> int:
 
 
 def _conv_flops(ins: Instr, shapes: dict) -> float:
-    lhs, rhs, out = (_dims(shapes.get(ins.operands[0], "")), _dims(shapes.get(ins.operands[1], "")),
-                     _dims(ins.shape))
+    (lhs, rhs), out = (_dims(shapes.get(o, "")) for o in ins.operands[:2]), _dims(ins.shape)
     m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
     if not m or not lhs or not rhs:
         return 0.0
     lhs_l, rhs_l, out_l = m.groups()
     groups = int((re.search(r"feature_group_count=(\d+)", ins.attrs) or [0, 1])[1])
     batch_groups = int((re.search(r"batch_group_count=(\d+)", ins.attrs) or [0, 1])[1])
-    windows = _window(ins.attrs)
     valid = 1
-    for d, w in enumerate(windows):
+    for d, w in enumerate(_window(ins.attrs)):
         n_in, n_k, n_out = lhs[lhs_l.index(str(d))], rhs[rhs_l.index(str(d))], out[out_l.index(str(d))]
         valid *= _valid_positions(w, n_in, n_out, n_k)
     fma = (lhs[lhs_l.index("f")] // groups) * out[out_l.index("f")] * (lhs[lhs_l.index("b")] // batch_groups)
@@ -226,6 +217,7 @@ class Module:
         self.shapes = {c: {i.name: i.shape for i in instrs} for c, instrs in self.comps.items()}
         self.unknown_loops = set()
         self.fused = set()     # bodies of fusions: their traffic is counted at the fusion instruction
+        self._user_cache = {}
         self.weight = collections.Counter()
         self._walk(self.entry, 1.0)
 
@@ -258,35 +250,62 @@ class Module:
 
     def _traffic(self, ins: Instr, shapes: dict) -> float:
         """HBM bytes one instruction moves. As HloCostAnalysis does, a slice reads only its window and an
-        in-place update writes only its update: a scanned layer reads its slice of the stacked weights and
-        writes its slice of the stacked gradients, not the whole stack every iteration."""
+        in-place update writes only its update, also through nested fusions: a scanned layer reads its slice
+        of the stacked weights and saved activations and writes its slice of the stacked gradients, not the
+        whole stack every iteration."""
         if ins.op in ("dynamic-slice", "slice"):
             return 2 * array_bytes(ins.shape)
-        if ins.op == "dynamic-update-slice":
-            return 2 * array_bytes(shapes.get(ins.operands[1], ""))
-        sizes = [array_bytes(shapes.get(o, "")) for o in ins.operands]
-        out = array_bytes(ins.shape)
-        callee = dict(_CALLS.findall(ins.attrs)).get("calls")
-        if ins.op == "fusion" and callee in self.comps:
-            body = self.comps[callee]
-            params = {int(i.args): i.name for i in body if i.op == "parameter" and i.args.strip().isdigit()}
+        if ins.op.endswith("-start"):   # (operands, results, context): a slice moves its smallest, a copy its largest
+            sizes = [array_bytes(f"{dt}[{d}]") for dt, d in _ARRAY.findall(ins.shape) if d]
+            return 2 * ((min if ins.op == "slice-start" else max)(sizes, default=0))
+        callee = dict(_CALLS.findall(ins.attrs)).get("calls") if ins.op == "fusion" else None
+        if callee not in self.comps:
+            return array_bytes(ins.shape) + sum(array_bytes(shapes.get(o, "")) for o in ins.operands)
+        params = {int(i.args): i.name for i in self.comps[callee] if i.op == "parameter" and i.args.strip().isdigit()}
+        read = sum(self._read(callee, params[k], array_bytes(shapes.get(o, "")))
+                   for k, o in enumerate(ins.operands) if k in params)
+        root = next((i for i in self.comps[callee] if i.root), None)
+        return read + (self._written(callee, root) if root is not None else array_bytes(ins.shape))
+
+    def _users(self, comp: str) -> dict:
+        if comp not in self._user_cache:
             users = collections.defaultdict(list)
-            for i in body:
+            for i in self.comps[comp]:
                 for pos, o in enumerate(i.operands):
                     users[o].append((i, pos))
-            for k, name in params.items():
-                use = users.get(name, [])
-                if k < len(sizes) and use and all(u.op in ("dynamic-slice", "slice") for u, _ in use):
-                    sizes[k] = sum(array_bytes(u.shape) for u, _ in use)
-                elif k < len(sizes) and use and all(u.op == "dynamic-update-slice" and pos == 0 for u, pos in use):
-                    sizes[k] = 0.0   # the buffer updated in place
-            root = next((i for i in body if i.root), None)
-            by_name = {i.name: i for i in body}
-            outs = [by_name.get(o) for o in root.operands] if root is not None and root.op == "tuple" else [root]
-            if any(o is not None and o.op == "dynamic-update-slice" for o in outs):
-                out = sum(array_bytes(self.shapes[callee].get(o.operands[1], "")) if o.op == "dynamic-update-slice"
-                          else array_bytes(o.shape) for o in outs if o is not None)
-        return out + sum(sizes)
+            self._user_cache[comp] = users
+        return self._user_cache[comp]
+
+    def _read(self, comp: str, name: str, full: float) -> float:
+        """Bytes of value `name` (of size `full`) that computation `comp` reads."""
+        total = 0.0
+        for user, pos in self._users(comp).get(name, []):
+            if user.op in ("dynamic-slice", "slice") and pos == 0:
+                total += array_bytes(user.shape)
+            elif user.op == "dynamic-update-slice" and pos == 0:
+                continue   # the buffer updated in place
+            elif user.op == "bitcast":
+                total += self._read(comp, user.name, full)
+            elif user.op == "fusion" and dict(_CALLS.findall(user.attrs)).get("calls") in self.comps:
+                inner = dict(_CALLS.findall(user.attrs))["calls"]
+                param = next((i.name for i in self.comps[inner] if i.op == "parameter" and i.args.strip() == str(pos)),
+                             None)
+                total += full if param is None else self._read(inner, param, full)
+            else:
+                return full
+        return min(total, full)
+
+    def _written(self, comp: str, ins: Instr) -> float:
+        by_name = {i.name: i for i in self.comps[comp]}
+        if ins.op == "tuple":
+            return sum(self._written(comp, by_name[o]) for o in ins.operands if o in by_name)
+        if ins.op == "dynamic-update-slice":
+            return array_bytes(self.shapes[comp].get(ins.operands[1], ""))
+        if ins.op == "bitcast" and ins.operands and ins.operands[0] in by_name:
+            return self._written(comp, by_name[ins.operands[0]])
+        inner = dict(_CALLS.findall(ins.attrs)).get("calls") if ins.op == "fusion" else None
+        root = next((i for i in self.comps[inner] if i.root), None) if inner in self.comps else None
+        return self._written(inner, root) if root is not None else array_bytes(ins.shape)
 
     def matmuls(self, top: int = 8) -> list[dict]:
         """The largest matmuls by FLOPs per step (a loop body's counted trip-count times), with their shapes."""
