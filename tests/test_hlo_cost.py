@@ -62,3 +62,38 @@ def test_a_loop_without_a_readable_count_is_counted_once_and_reported():
     r = hlo_cost.analyze(text)
     assert r["unknown_loops"] == 1
     assert r["flops"] == 2 * 8 * 16 * 16 + 2 * (4 * 128) * 128 * (2 * 32)
+
+
+# One layer's step reads its slice of a stacked (32-layer) operand through a nested fusion and writes its slice of
+# a stacked result in place: 2 x 16 KiB moved plus the result slice, not the 512 KiB stacks.
+STACKED = """HloModule s, is_scheduled=true
+
+%inner (a: f32[32,128,32], i: s32[]) -> f32[1,128,32] {
+  %a = f32[32,128,32]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,128,32]{2,1,0} dynamic-slice(%a, %i, %z, %z), dynamic_slice_sizes={1,128,32}
+}
+
+%outer (p0: f32[32,128,32], p1: s32[], p2: f32[32,128,32]) -> f32[32,128,32] {
+  %p0 = f32[32,128,32]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %p2 = f32[32,128,32]{2,1,0} parameter(2)
+  %f = f32[1,128,32]{2,1,0} fusion(%p0, %p1), kind=kLoop, calls=%inner
+  %y = f32[1,128,32]{2,1,0} multiply(%f, %f)
+  %z.1 = s32[] constant(0)
+  ROOT %dus = f32[32,128,32]{2,1,0} dynamic-update-slice(%p2, %y, %p1, %z.1, %z.1)
+}
+
+ENTRY %main (x: f32[32,128,32], i.2: s32[], acc: f32[32,128,32]) -> f32[32,128,32] {
+  %x = f32[32,128,32]{2,1,0} parameter(0)
+  %i.2 = s32[] parameter(1)
+  %acc = f32[32,128,32]{2,1,0} parameter(2)
+  ROOT %step = f32[32,128,32]{2,1,0} fusion(%x, %i.2, %acc), kind=kLoop, calls=%outer
+}
+"""
+
+
+def test_a_fusion_moves_the_slices_it_reads_and_writes_not_the_stacks():
+    layer = 128 * 32 * 4
+    assert hlo_cost.analyze(STACKED)["bytes"] == layer + 4 + layer   # slice read, index, slice written
