@@ -1,7 +1,7 @@
 """A ~3.0B Korean model (Llama-3.2-3B-like body: d 3072, 28 layers, GQA 24/8, d_ff 8192) for a TPU slice, FSDP.
 
 Compiled here for TPUs (`kslm compile`; the compiler's numbers, not a TPU run): fits 2 x v5e-256 (mesh.data=2 across
-the slices, fsdp 256 inside, batch 512) in 4.3 of 16 GiB per chip. benchmarks/README.md has the table; check
+the slices, fsdp 256 inside, batch 512) in 4.2 of 16 GiB per chip. benchmarks/README.md has the table; check
 another slice with the first command below (the launcher runs it as its preflight).
     kslm compile --config configs/ko_3b.py --topology v5e-256
     python launch/tpu_pod.py --name ko-3b --zone ZONE --accelerator-type v5e-256 --runtime-version v2-alpha-tpuv5-lite \\
