@@ -68,21 +68,15 @@ def key_name(recipe: str, topo_name: str, slices: int, preset: str) -> str:
 
 
 def compile_facts(cfg, topo, base: Path) -> dict:
-    """Compile once; keep the program text (base.hlo.gz) and the compiler's facts (base.meta.json)."""
+    """Compile once; keep the compiler's facts (base.meta.json) and the program text (base.hlo.gz)."""
     t0 = time.perf_counter()
-    lowered, mesh, _, abstract = aot.lower(cfg, topo)
-    facts = {"state_bytes": aot.state_bytes_per_device(abstract), "mesh": dict(mesh.shape)}
     try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - kept as the row's verdict (the compiler's out-of-memory refusal)
-        facts.update(error=str(e)[:20000], compile_seconds=time.perf_counter() - t0)
+        facts, text = aot.compile_facts(cfg, topo)
+    except aot.DoesNotFit as e:
+        facts = {"refusal": str(e), "compile_seconds": time.perf_counter() - t0}
     else:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        facts.update(memory=aot.memory_of(compiled), compile_seconds=time.perf_counter() - t0,
-                     cost={k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed")})
         with gzip.open(f"{base}.hlo.gz", "wt") as f:
-            f.write(compiled.as_text())
+            f.write(text)
     Path(f"{base}.meta.json").write_text(json.dumps(facts))
     return facts
 
@@ -101,11 +95,8 @@ def measure(recipe: str, topo_name: str, slices: int, preset: str, hlo_dir: Path
         facts = json.loads(meta.read_text()) if meta.exists() else compile_facts(cfg, topo, base)
     except KslmError as e:
         return dict(row, fits=None, reason=str(e), compile_seconds=0.0)
-    if "error" in facts:
-        refusal = aot.oom_refusal(cfg, topo, facts["error"], facts["state_bytes"])
-        return dict(row, fits=None if refusal is None else False, reason=refusal or facts["error"][:500],
-                    compile_seconds=facts["compile_seconds"])
-    facts = dict(facts, xla_flops=facts["cost"]["flops"], xla_bytes=facts["cost"]["bytes accessed"])
+    if "refusal" in facts:
+        return dict(row, fits=False, reason=facts["refusal"], compile_seconds=facts["compile_seconds"])
     with gzip.open(f"{base}.hlo.gz", "rt") as f:
         text = f.read()
     try:

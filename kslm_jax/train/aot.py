@@ -7,11 +7,9 @@ What comes back is the compiler's own accounting (memory, FLOPs, collectives) pl
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import math
 import re
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -126,10 +124,10 @@ def state_bytes_per_device(abstract) -> float:
     return float(sum(shard_bytes(x) for x in jax.tree.leaves(abstract)))
 
 
-def compile_report(cfg, topo: topo_lib.Topology, keep_hlo: str | Path | None = None) -> dict:
-    """Compile and account; raises DoesNotFit (the one-line refusal) when the step needs more HBM than a chip has.
-    `keep_hlo`: also write the optimized program's text there (gzip), so `account` can redo the accounting
-    without compiling again."""
+def compile_facts(cfg, topo: topo_lib.Topology) -> tuple[dict, str]:
+    """Compile once: (what the compiler says about the program, the optimized program's text). The facts are
+    its memory and cost analysis, the compile seconds, the state's bytes per chip and the mesh; raises DoesNotFit
+    (the one-line refusal) when the compiler runs out of HBM."""
     t0 = time.perf_counter()
     lowered, mesh, _, abstract = lower(cfg, topo)
     state_bytes = state_bytes_per_device(abstract)
@@ -145,10 +143,12 @@ def compile_report(cfg, topo: topo_lib.Topology, keep_hlo: str | Path | None = N
     facts = {"memory": memory_of(compiled), "compile_seconds": time.perf_counter() - t0, "state_bytes": state_bytes,
              "mesh": dict(mesh.shape), "xla_flops": float(cost.get("flops", 0.0)),
              "xla_bytes": float(cost.get("bytes accessed", 0.0))}
-    text = compiled.as_text()
-    if keep_hlo is not None:
-        with gzip.open(keep_hlo, "wt") as f:
-            f.write(text)
+    return facts, compiled.as_text()
+
+
+def compile_report(cfg, topo: topo_lib.Topology) -> dict:
+    """Compile and account; raises DoesNotFit (the one-line refusal) when the step needs more HBM than a chip has."""
+    facts, text = compile_facts(cfg, topo)
     return account(cfg, topo, facts, text)
 
 
