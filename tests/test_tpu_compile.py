@@ -108,3 +108,16 @@ def test_two_slices_put_data_across_slices_and_fsdp_inside():
     with pytest.raises(KslmError, match="mesh.slices"):
         aot.lower(config_lib.load("configs/tiny_ko.py", ["mesh.fsdp=-1", "mesh.data=1"]),
                   topology.parse("v5e-4", slices=2))
+
+
+def test_tensor_parallel_mesh_splits_a_torus_axis_where_jax_would_refuse():
+    _needs_libtpu()
+    from kslm_jax.core import sharding
+    cfg = config_lib.load("configs/tiny_ko.py", ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=4"])
+    devices = topology.devices(topology.parse("v6e-64"))   # an 8x8 torus: tensor=4 needs half of one side
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 4}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+    for row in mesh.devices.reshape(16, 4):   # each tensor group: 4 neighbouring chips in one torus line
+        coords = [d.coords for d in row]
+        assert len({c[0] for c in coords}) == 1 or len({c[1] for c in coords}) == 1

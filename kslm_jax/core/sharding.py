@@ -11,6 +11,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -76,13 +77,18 @@ def make_mesh(mcfg, devices=None) -> jax.sharding.Mesh:
     auto = (AxisType.Auto,) * 3
     if mcfg.slices > 1:
         return _multislice_mesh(shape, mcfg.slices, used, auto)
-    return jax.make_mesh(shape, AXES, axis_types=auto, devices=used)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=used)
+    except NotImplementedError:
+        # jax splits a physical torus axis between two mesh axes only on v5e; elsewhere (mesh.tensor=4 on a v6e
+        # 8x8) it refuses. Splitting keeps each axis on contiguous chips, which is what we want.
+        grid = mesh_utils.create_device_mesh(shape, used, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, AXES, axis_types=auto)
 
 
 def _multislice_mesh(shape, slices: int, devices, axis_types) -> jax.sharding.Mesh:
     """Multi-slice TPU: `data` spans slices over the data-center network; fsdp and tensor stay inside a
     slice, on the fast interconnect, where their collectives run every layer."""
-    from jax.experimental import mesh_utils
     if shape[0] % slices:
         raise KslmError(f"mesh.data={shape[0]} must be a multiple of mesh.slices={slices}")
     if not all(hasattr(d, "slice_index") for d in devices):
