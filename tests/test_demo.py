@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_end_to_end(tmp_path):
-    env = cpu_env.one_device_env()
+    env = cpu_env.one_device_env(fast_compile=False)  # the README's main job, as a user runs it
     wd = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "kslm_jax", "demo", "--workdir", str(wd)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
