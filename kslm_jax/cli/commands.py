@@ -146,12 +146,13 @@ def _restored_trainer(args, overrides):
 
 def eval_(args, overrides) -> int:
     distributed.initialize_from_env()
-    if getattr(args, "tasks", None) or _cfg(args, overrides).finetune.kind != "none":
+    cfg = _cfg(args, overrides)
+    if getattr(args, "tasks", None) or cfg.finetune.kind != "none":
         return eval_cmd.cli(args, overrides)
+    if getattr(args, "quant", []):  # refused before a model is built
+        arch.require_decoder(cfg, "kslm eval --quant")
     cfg, trainer, step = _restored_trainer(args, overrides)
     if cfg.model.arch == "encoder":  # masked-LM loss and accuracy on the held-out split, not next-token ones
-        if getattr(args, "quant", []):
-            arch.require_decoder(cfg, "kslm eval --quant")
         result = trainer.evaluate()
         print(mlm.format_eval(step, result))
         mlm.write_eval(args.workdir, step, result)

@@ -77,13 +77,11 @@ def make_mesh(mcfg, devices=None) -> jax.sharding.Mesh:
     auto = (AxisType.Auto,) * 3
     if mcfg.slices > 1:
         return _multislice_mesh(shape, mcfg.slices, used, auto)
-    try:
-        return jax.make_mesh(shape, AXES, axis_types=auto, devices=used)
-    except NotImplementedError:
-        # jax splits a physical torus axis between two mesh axes only on v5e; elsewhere (mesh.tensor=4 on a v6e
-        # 8x8) it refuses. Splitting keeps each axis on contiguous chips, which is what we want.
-        grid = mesh_utils.create_device_mesh(shape, used, allow_split_physical_axes=True)
-        return jax.sharding.Mesh(grid, AXES, axis_types=auto)
+    # jax.make_mesh lets a mesh axis split a physical torus axis only on v5e, so mesh.tensor=4 on a v6e 8x8 fails
+    # there. create_device_mesh (what make_mesh calls) splits only where no whole-axis layout exists, so this
+    # gives make_mesh's mesh wherever make_mesh has one, and a contiguous split elsewhere.
+    grid = mesh_utils.create_device_mesh(shape, used, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, AXES, axis_types=auto)
 
 
 def _multislice_mesh(shape, slices: int, devices, axis_types) -> jax.sharding.Mesh:

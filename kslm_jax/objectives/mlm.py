@@ -121,8 +121,7 @@ class MLM(lm.LM):
         self.tables = vocab_tables(sp)
         self.loss = mlm_loss(s.model, cfg.train.z_loss, self.tables, cfg.mlm, self.mask_id)
         fn = functools.partial(masked_sums, s.model, tables=self.tables, mcfg=cfg.mlm, mask_id=self.mask_id)
-        self.eval_step = jax.jit(lambda params, batch, key: fn(params, batch, key),
-                                 in_shardings=(self.shardings.params, sharding.batch_sharding(s.mesh), None),
+        self.eval_step = jax.jit(fn, in_shardings=(self.shardings.params, sharding.batch_sharding(s.mesh), None),
                                  out_shardings=sharding.replicated(s.mesh))
 
     def evaluate(self, state) -> dict:

@@ -74,7 +74,6 @@ def _spec(spec) -> str:
     return "P(" + ", ".join(map(repr, spec)) + ")"
 
 
-
 def format_report(r: dict) -> str:
     width = max(len(p["name"]) for p in r["params"]) + 2
     lines = [f"mesh {r['mesh']} over {r['devices']} x {r['device_kind']}, rules={r['rules']}, attention="
