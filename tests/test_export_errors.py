@@ -87,10 +87,21 @@ def test_tokenizer_that_does_not_fit_the_model(trained_tiny, small_tokenizer, tm
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-# Where each format fails, as a full disk would: hf and onnx after the weights are written (copying the
-# tokenizer), gguf after the header and metadata (writing the tensors).
-FAILURES = {"hf": "kslm_jax.export.hf_io.shutil.copy", "gguf": "gguf.GGUFWriter.write_tensors_to_file",
-            "onnx": "kslm_jax.export.onnx_io.shutil.copy"}
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _onnx_disk_full(model, example, path, **kwargs):
+    Path(path).write_bytes(b"\x08\x08\x12\x07pytorch")  # the first bytes of a model.onnx, then the disk is full
+    _disk_full()
+
+
+# Where each format fails, as a full disk would: hf after the weights are written (copying the tokenizer), gguf
+# after the header and metadata (writing the tensors), onnx part way into model.onnx (the exporter itself
+# fails: letting a second real export run first cost this test 14 s of the suite).
+FAILURES = {"hf": ("kslm_jax.export.hf_io.shutil.copy", _disk_full),
+            "gguf": ("gguf.GGUFWriter.write_tensors_to_file", _disk_full),
+            "onnx": ("torch.onnx.export", _onnx_disk_full)}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -98,11 +109,8 @@ def test_failed_export_keeps_the_previous_one(trained_tiny, tmp_path, monkeypatc
     out = tmp_path / ("model.gguf" if fmt == "gguf" else fmt)
     _export(trained_tiny.workdir, fmt, out)
     before = out.read_bytes() if fmt == "gguf" else _tree(out)
-
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(FAILURES[fmt], disk_full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(*FAILURES[fmt])
+    with pytest.raises(OSError, match="No space left"):
         _export(trained_tiny.workdir, fmt, out)
     assert (out.read_bytes() if fmt == "gguf" else _tree(out)) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary sibling left
