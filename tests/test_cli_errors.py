@@ -1,7 +1,8 @@
 """`kslm` as a user runs it: help texts, and bad input that must end in one `kslm: error:` line and exit 2.
 
-Every case runs `python -m kslm_jax` in a subprocess and stops before any training; each takes a few seconds
-at most (the ones that import JAX about two). The corpus is a few Korean sentences written for this file.
+Every case stops before any training and runs `kslm` inside the test process (tests/cli_inproc.py), which saves
+the two seconds a `python -m kslm_jax` spends on imports; one case runs a real subprocess, for the exit path a
+user sees. The corpus is a few Korean sentences written for this file.
 """
 import os
 import shutil
@@ -10,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_inproc import REPO, kslm
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_KO = str(REPO / "configs" / "tiny_ko.py")
 COMMANDS = ("prepare", "tokenizer", "tokenize", "train", "eval", "generate", "demo", "distill-cache", "prune")
 
@@ -37,13 +38,6 @@ KOREAN = """오늘은 날씨가 맑고 바람이 시원하게 불어서 공원�
 SMALL = ["--config.tokenizer.vocab_size=500", "--config.model.d_model=64", "--config.model.n_layers=2",
          "--config.data.seq_len=32", "--config.train.batch_size=2", "--config.mesh.data=1",
          "--config.logging.progress_bar=false"]
-
-
-def kslm(*args, timeout=120):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _describe(proc):
@@ -109,7 +103,7 @@ def stages(tmp_path_factory):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_says_what_it_reads_and_writes(command):
-    proc = ok(kslm(command, "--help", timeout=30))
+    proc = ok(kslm(command, "--help"))
     assert "reads" in proc.stdout and "writes" in proc.stdout, proc.stdout
     assert f"kslm {command}" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -117,20 +111,20 @@ def test_help_says_what_it_reads_and_writes(command):
 
 @pytest.mark.parametrize("args", [(), ("--help",), ("-h",)])
 def test_no_command_prints_the_command_list(args):
-    proc = ok(kslm(*args, timeout=30))
+    proc = ok(kslm(*args))
     for command in COMMANDS:
         assert command in proc.stdout
     assert proc.stderr == ""
 
 
 def test_unknown_command_exits_2():
-    proc = kslm("trian", "--workdir", "x", timeout=30)
+    proc = kslm("trian", "--workdir", "x")
     user_error(proc, "trian")
     assert "train" in proc.stdout  # the command list, to pick the right one
 
 
 def test_missing_workdir_is_an_argparse_error():
-    proc = kslm("prepare", "--config", TINY_KO, timeout=30)
+    proc = kslm("prepare", "--config", TINY_KO)
     assert proc.returncode == 2, _describe(proc)
     assert "--workdir" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -143,6 +137,17 @@ def test_prepare_pattern_matching_nothing(tmp_path):
     user_error(kslm("prepare", "--config", TINY_KO, "--workdir", tmp_path / "run",
                     f"--config.data.sources={pattern}"), pattern, "data.sources")
     assert not (tmp_path / "run" / "data" / "clean").exists()
+
+
+def test_real_process_fails_in_one_line(tmp_path):
+    """The exit a user sees, which in-process cases replace with SystemExit: `_fail` closes fd 2 and os._exits."""
+    pattern = "/nonexistent/*.txt"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "kslm_jax", "prepare", "--config", TINY_KO, "--workdir",
+                           str(tmp_path / "run"), f"--config.data.sources={pattern}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    user_error(proc, pattern, "data.sources")
+    assert not (tmp_path / "run").exists()
 
 
 def test_prepare_one_missing_file_among_several(tmp_path, corpus):

@@ -237,6 +237,12 @@ def _fail(message: str, code: int = 2) -> None:
     print(f"kslm: error: {message}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    # Apart from _fail so that tests can run main() in their own process and get SystemExit instead: closing
+    # fd 2 and os._exit there would end the test run.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)  # nothing a dying library thread prints can follow our line
     os._exit(code)

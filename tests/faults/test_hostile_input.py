@@ -1,5 +1,7 @@
 """Issue 17 items 1, 5, 6 and 10: export replaces only its own marked output; HF import refuses wrong,
-non-finite or hostile input in one line and writes nothing; damaged manifests and full disks are one line."""
+non-finite or hostile input in one line and writes nothing; damaged manifests and full disks are one line.
+Cases that stop in our own code run `kslm` in the test process (tests/cli_inproc.py); those where a library's
+threads or C++ code could print after our line (a damaged shard, training, a full disk) run a subprocess."""
 import json
 import shutil
 import subprocess
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_inproc import kslm
 from one_line import one_line_error
 
 import cpu_env
@@ -19,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 QUIET = ["--config.logging.progress_bar=false"]
 
 
-def kslm(*args):
+def kslm_process(*args):
     env = cpu_env.one_device_env(JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -150,20 +153,22 @@ def test_flipped_shard_without_verification_is_one_line(prepared, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    one_line_error(kslm("train", "--workdir", wd, "--config.data.verify_shards=false", *QUIET), "damaged")
+    one_line_error(kslm_process("train", "--workdir", wd, "--config.data.verify_shards=false", *QUIET), "damaged")
 
 
 def test_zeroed_unsealed_step_falls_back_without_tracebacks(trained_tiny, tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(trained_tiny.workdir, wd)
-    proc = kslm("train", "--workdir", wd, "--config.train.steps=22", "--config.checkpoint.every_steps=2", *QUIET)
+    proc = kslm_process("train", "--workdir", wd, "--config.train.steps=22", "--config.checkpoint.every_steps=2",
+                        *QUIET)
     assert proc.returncode == 0, proc.stderr[-2000:]
     step = wd / "checkpoints" / "22"
     (step / "kslm_checksums.json").unlink()
     for f in step.rglob("*"):
         if f.is_file() and "/d/" in str(f):
             f.write_bytes(b"\0" * f.stat().st_size)
-    proc = kslm("train", "--workdir", wd, "--config.train.steps=24", "--config.checkpoint.every_steps=2", *QUIET)
+    proc = kslm_process("train", "--workdir", wd, "--config.train.steps=24", "--config.checkpoint.every_steps=2",
+                        *QUIET)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "checkpoint step 22 is damaged" in proc.stderr and "restored checkpoint step 20" in proc.stderr
 
@@ -188,7 +193,8 @@ def test_export_to_a_full_disk_is_one_line(trained_tiny, full_disk, fmt):
         pytest.importorskip("gguf")
     out = full_disk / ("m.gguf" if fmt == "gguf" else "hf")
     _fill(full_disk, 200 * 1024)  # room for the metadata, not for the weights
-    one_line_error(kslm("export", "--workdir", trained_tiny.workdir, "--format", fmt, "--out", out), "disk full")
+    one_line_error(kslm_process("export", "--workdir", trained_tiny.workdir, "--format", fmt, "--out", out),
+                   "disk full")
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no partial output left
 
 
@@ -196,4 +202,4 @@ def test_tokenize_on_a_full_disk_is_one_line(prepared, full_disk):
     wd = full_disk / "run"
     shutil.copytree(prepared, wd, ignore=shutil.ignore_patterns("tokens", "checkpoints"))
     _fill(full_disk, 64 * 1024)
-    one_line_error(kslm("tokenize", "--workdir", wd), "disk full")
+    one_line_error(kslm_process("tokenize", "--workdir", wd), "disk full")

@@ -1,5 +1,6 @@
-"""Issue 17 items 3 and 7, issue 20 points 1-2: one writer per workdir (two real processes), a missing
-workdir or config.json is one line and writes nothing, and a failed first command leaves no config behind."""
+"""Issue 17 items 3 and 7, issue 20 points 1-2: one writer per workdir (the holder is a real second process), a
+missing workdir or config.json is one line and writes nothing, and a failed first command leaves no config behind.
+Refusals run `kslm` in the test process (tests/cli_inproc.py); what holds a lock or trains runs as a subprocess."""
 import shutil
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_inproc import kslm
 from one_line import one_line_error
 
 import cpu_env
@@ -20,8 +22,8 @@ def _env():
     return cpu_env.one_device_env(JAX_PLATFORMS="cpu")
 
 
-def kslm(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=env or _env(),
+def kslm_process(*args):
+    return subprocess.run([sys.executable, "-m", "kslm_jax", *map(str, args)], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -38,6 +40,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_workdir(prepared, tm
             time.sleep(0.2)
         assert first.poll() is None, first.communicate()[1][-2000:]
         before = sorted(p.name for p in (wd / "checkpoints").glob("*")) if (wd / "checkpoints").exists() else []
+        # the refused commands run here: what matters is that the holder is another process
         second = kslm("train", "--workdir", wd, "--config.train.steps=4", *QUIET)
         one_line_error(second, "in use by", f"PID {first.pid}", "host")
         reader = kslm("eval", "--workdir", wd)  # a reader waits for no writer: it is refused too
@@ -47,7 +50,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_workdir(prepared, tm
     finally:
         first.send_signal(signal.SIGKILL)  # the OS releases the flock of a killed holder
         first.communicate()
-    third = kslm("train", "--workdir", wd, "--config.train.steps=2", *QUIET)
+    third = kslm_process("train", "--workdir", wd, "--config.train.steps=2", *QUIET)
     assert third.returncode == 0, third.stderr[-2000:]
 
 
