@@ -1,8 +1,5 @@
 """Debugging a run: a profiler trace of chosen steps, NaN provenance, the OOM report, `kslm inspect`."""
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cli_inproc import kslm
 from conftest import random_params
 
 from kslm_jax.cli import commands
@@ -24,8 +22,6 @@ from kslm_jax.objectives import lm
 from kslm_jax.train import debug_nans, layout, oom, profiler
 from kslm_jax.train import state as state_lib
 from kslm_jax.train import step as step_lib
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _xplane_steps(path: Path) -> set[int]:
@@ -121,11 +117,9 @@ def test_debug_nans_names_the_operation_and_module_path_in_unrolled_layers():
     assert found.bad_params == ["layers_1/self_attn/q_proj/kernel (1 of 1024 values, first at [3, 1, 0])"]
 
 
-def test_out_of_memory_ends_kslm_train_with_exit_code_4_and_one_paragraph(workdir):
-    env = dict(os.environ, KSLM_FAULT_OOM="1:compile", PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "kslm_jax", "train", "--workdir", str(workdir),
-                          "--config.train.steps=2", "--config.train.eval_batches=1"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+def test_out_of_memory_ends_kslm_train_with_exit_code_4_and_one_paragraph(workdir, monkeypatch):
+    monkeypatch.setenv("KSLM_FAULT_OOM", "1:compile")
+    out = kslm("train", "--workdir", workdir, "--config.train.steps=2", "--config.train.eval_batches=1")
     assert out.returncode == oom.EXIT_CODE, out.stderr[-2000:]
     line = [x for x in out.stderr.splitlines() if x.startswith("kslm: error:")]
     assert len(line) == 1 and out.stderr.rstrip().endswith(line[0])

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY, random_params
+from cli_inproc import kslm
 from extras import needs, optional
+from one_line import one_line_error
 
 from kslm_jax.cli import commands
-from kslm_jax.cli import main as cli_main
 from kslm_jax.core import checkpoint
 from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
@@ -175,10 +176,11 @@ def test_config_refuses_what_an_encoder_cannot_do():
 
 # ------------------------------------------------------------------------------------- the CLI, end to end
 
-def _cli(*argv):
-    with pytest.raises(SystemExit) as e:
-        cli_main.main(list(argv))
-    return e.value.code
+def _cli(*argv) -> str:
+    """Stdout of `kslm ARGV`, run in this process (tests/cli_inproc.py), which must exit 0."""
+    proc = kslm(*argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,7 @@ def enc_workdir(tmp_path_factory, prepared):
         stage(args, TINY + ENC)
     clean = tmp_path_factory.mktemp("encoder") / "clean"
     shutil.copytree(wd, clean)
-    assert _cli("train", "--workdir", str(wd), *[f"--config.{o}" for o in RUN]) == 0
+    _cli("train", "--workdir", wd, *[f"--config.{o}" for o in RUN])
     return SimpleNamespace(trained=wd, clean=clean)
 
 
@@ -210,7 +212,7 @@ def _params(wd):
     return step, t, jax.tree.map(np.asarray, state.params)
 
 
-def test_encoder_trains_evaluates_and_resumes_bit_exact_from_the_cli(enc_workdir, tmp_path, monkeypatch, capsys):
+def test_encoder_trains_evaluates_and_resumes_bit_exact_from_the_cli(enc_workdir, tmp_path, monkeypatch):
     straight = enc_workdir.trained
     losses = _losses(straight)
     assert np.mean([losses[s] for s in (1, 2)]) - np.mean([losses[s] for s in (11, 12)]) > 0.3
@@ -223,23 +225,17 @@ def test_encoder_trains_evaluates_and_resumes_bit_exact_from_the_cli(enc_workdir
     cfg = workdir_lib.config_for(wd, None, RUN, force=True)
     assert mlm.trainer(cfg, wd).fit()["stopped_by"] == "SIGTERM"
     monkeypatch.delenv("KSLM_FAULT_SIGTERM_AT_STEP")
-    assert _cli("train", "--workdir", str(wd)) == 0
+    _cli("train", "--workdir", wd)
     assert {s: v for s, v in _losses(wd).items() if s > 6} == {s: v for s, v in losses.items() if s > 6}
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(wd)[2])):
         np.testing.assert_array_equal(a, b)
 
-    capsys.readouterr()
-    assert _cli("eval", "--workdir", str(straight)) == 0
-    line = capsys.readouterr().out
+    line = _cli("eval", "--workdir", straight)
     assert line.startswith("masked LM at step 12: loss") and "accuracy" in line
-    # (the CLI turns these into one line and exit code 2; os._exit would end pytest too, so they are called here)
-    args = SimpleNamespace(workdir=str(straight), config=None, force=False, prompt=["대한민국"], tasks=None,
-                           shots=None, limit=None, fewshot=None)
-    with pytest.raises(KslmError, match="kslm generate needs a causal model, and this run has model.arch=encoder"):
-        commands.generate(args, [])
-    args.tasks = f"kornli={DATA / 'kornli_xnli_dev.tsv'}"
-    with pytest.raises(KslmError, match="task kornli scores the next token, which an encoder"):
-        commands.eval_(args, [])
+    one_line_error(kslm("generate", "--workdir", straight, "--prompt", "대한민국"),
+                   "kslm generate needs a causal model, and this run has model.arch=encoder")
+    one_line_error(kslm("eval", "--workdir", straight, "--tasks", f"kornli={DATA / 'kornli_xnli_dev.tsv'}"),
+                   "task kornli scores the next token, which an encoder")
 
 
 @pytest.mark.parametrize("pool", ["first", "mean"])

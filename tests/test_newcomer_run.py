@@ -8,7 +8,6 @@ import pty
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import termios
 from pathlib import Path
@@ -17,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import TINY
 from test_cli_errors import kslm, ok, user_error
+
+import cpu_env
 
 from kslm_jax.cli import commands
 from kslm_jax.eval import runner
@@ -60,15 +61,13 @@ def test_generate_flags_and_prompts_from_the_held_out_split(trained_tiny, tmp_pa
         _generate(wd, capsys, top_p=1.5)
 
 
-def test_export_hf_without_safetensors_is_one_line_and_leaves_no_folder(trained_tiny, tmp_path):
+def test_export_hf_without_safetensors_is_one_line_and_leaves_no_folder(trained_tiny, tmp_path, monkeypatch):
     wd = _copy(trained_tiny, tmp_path)
-    fake = tmp_path / "site" / "safetensors"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('safetensors is not installed here')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), str(REPO)]), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "kslm_jax", "export", "--workdir", str(wd), "--format", "hf"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    user_error(proc, "safetensors", "pip install")
+    # None in sys.modules makes every import of it fail, as on an install without the package; kslm_jax imports
+    # safetensors only inside the functions that use it, so nothing imported before this test holds it either.
+    for name in ("safetensors", "safetensors.numpy"):
+        monkeypatch.setitem(sys.modules, name, None)
+    user_error(kslm("export", "--workdir", wd, "--format", "hf"), "safetensors", "pip install")
     assert not (wd / "export").exists()
 
 
@@ -107,12 +106,17 @@ def test_train_ends_with_the_table_and_tensorboard_shows_the_run(workdir, capsys
     assert ev.Scalars("eval/unigram_bits_per_char")[-1].value == pytest.approx(lm["unigram"]["bits_per_char"], rel=1e-5)
 
 
-def _on_a_terminal(command: str, timeout: float = 600) -> str:
-    """`bash -c command` on a pseudo-terminal 150 columns wide (tqdm draws nothing into zero columns)."""
+def _on_a_terminal(*commands) -> str:
+    """The `kslm` commands, one after another in one fresh process, on a pseudo-terminal 150 columns wide (tqdm
+    draws nothing into zero columns); one process rather than one per command saves their imports."""
+    script = ("from kslm_jax.cli import main\n"
+              f"for argv in {[list(map(str, c)) for c in commands]!r}:\n"
+              "    try:\n        main.main(argv)\n"
+              "    except SystemExit as e:\n        if e.code:\n            raise\n")
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(REPO)
-        os.execvpe("bash", ["bash", "-c", command], dict(os.environ, JAX_PLATFORMS="cpu"))
+        os.execve(sys.executable, [sys.executable, "-c", script], cpu_env.one_device_env(JAX_PLATFORMS="cpu"))
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
     out = b""
     while True:
@@ -130,9 +134,8 @@ def _on_a_terminal(command: str, timeout: float = 600) -> str:
 @pytest.mark.skipif(not KORNLI.is_file(), reason="KorNLI test file not found")
 def test_progress_bars_on_a_terminal_and_silent_in_a_pipe(trained_tiny, tmp_path):
     wd = _copy(trained_tiny, tmp_path)
-    py = f"{sys.executable} -m kslm_jax"
-    shown = _on_a_terminal(f"{py} prepare --workdir {wd} && {py} tokenize --workdir {wd} && {py} eval --workdir {wd} "
-                           f"&& {py} eval --workdir {wd} --tasks kornli={KORNLI} --limit 24")
+    shown = _on_a_terminal(("prepare", "--workdir", wd), ("tokenize", "--workdir", wd), ("eval", "--workdir", wd),
+                           ("eval", "--workdir", wd, "--tasks", f"kornli={KORNLI}", "--limit", "24"))
     # elapsed<remaining: a stage shorter than the bar's refresh interval shows only its first frame, "<?".
     eta = r"\[\d\d:\d\d<(?:\d\d:\d\d|\?)"
     assert re.search(r"prepare \(\d+ files\): .*doc/s", shown), shown[-3000:]

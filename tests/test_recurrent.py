@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_inproc import kslm
 
-from kslm_jax.cli import main as cli_main
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
@@ -83,10 +83,11 @@ def test_generate_with_state_equals_full_recompute(kind):
     assert int(cache["index"]) == seq.shape[1]
 
 
-def _cli(*argv):
-    with pytest.raises(SystemExit) as e:
-        cli_main.main(list(argv))
-    return e.value.code
+def _cli(*argv) -> str:
+    """Stdout of `kslm ARGV`, run in this process (tests/cli_inproc.py), which must exit 0."""
+    proc = kslm(*argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 GRU = ["model.arch=gru", "train.steps=12", "checkpoint.every_steps=4", "optim.warmup_steps=2"]
@@ -104,10 +105,10 @@ def _losses(wd):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_gru_trains_resumes_bit_exact_evaluates_and_generates_from_the_cli(workdir, tmp_path, monkeypatch, capsys):
+def test_gru_trains_resumes_bit_exact_evaluates_and_generates_from_the_cli(workdir, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     __import__("shutil").copytree(workdir, straight)
-    assert _cli("train", "--workdir", str(straight), *[f"--config.{o}" for o in GRU]) == 0
+    _cli("train", "--workdir", straight, *[f"--config.{o}" for o in GRU])
     losses = _losses(straight)
     assert np.mean([losses[s] for s in (1, 2)]) - np.mean([losses[s] for s in (11, 12)]) > 0.5
     step, params = _params(straight)
@@ -122,13 +123,10 @@ def test_gru_trains_resumes_bit_exact_evaluates_and_generates_from_the_cli(workd
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(workdir)[1])):
         np.testing.assert_array_equal(a, b)
 
-    capsys.readouterr()
-    assert _cli("eval", "--workdir", str(straight)) == 0
-    assert "model (step 12)" in capsys.readouterr().out
-    assert _cli("generate", "--workdir", str(straight), "--prompt", "대한민국", "--max-new-tokens", "8") == 0
-    assert capsys.readouterr().out.startswith("대한민국")
+    assert "model (step 12)" in _cli("eval", "--workdir", straight)
+    assert _cli("generate", "--workdir", straight, "--prompt", "대한민국", "--max-new-tokens", "8").startswith("대한민국")
     (tmp_path / "ppl.txt").write_text("대한민국은 민주공화국이다.\n\n국회는 법률을 제정한다.\n", encoding="utf-8")
-    assert _cli("eval", "--workdir", str(straight), "--tasks", f"ppl={tmp_path / 'ppl.txt'}") == 0
+    _cli("eval", "--workdir", straight, "--tasks", f"ppl={tmp_path / 'ppl.txt'}")
     assert json.loads((straight / "eval" / "ppl.json").read_text())["bits_per_char"] > 0
 
 

@@ -2,19 +2,18 @@
 for a topology we do not have; the fit verdict, FLOP accounting and the one-line refusal.
 
 Topology names are parsed without libtpu; everything that compiles skips on an install without the extra.
+`kslm compile` runs in the test process (tests/cli_inproc.py): the topology's devices come from libtpu, not from
+the process's CPU devices, so a subprocess would compile the same program after two seconds of imports.
 """
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_inproc import kslm
 
 from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.train import topology
 
-REPO = Path(__file__).resolve().parents[1]
 # The tiny recipe (scanned layers) with the reference attention, so every matmul is in the compiled program.
 # hlo_cost weights the layer loop by its trip count; measured: compiled matmuls / analytic = 0.999 (the analytic
 # count also has 6 x the norm scales, which are no matmul). XLA's own cost_analysis counts the loop body once.
@@ -48,8 +47,7 @@ def test_two_slices_double_the_hosts():
 
 
 def _kslm(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "kslm_jax", "compile", "--config", "configs/tiny_ko.py",
-                           "--workdir", str(tmp_path), *args], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    return kslm("compile", "--config", "configs/tiny_ko.py", "--workdir", tmp_path, *args)
 
 
 def test_tiny_compiles_for_v5e_2x2_and_flops_match_the_analytic_count(tmp_path):
