@@ -1,10 +1,7 @@
 """Distillation and pruning on the tiny corpus: online KD, the offline top-k cache, HF teachers, tokenizer
 checks, `kslm prune` then `kslm train` from the pruned student."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_inproc import kslm
 from extras import needs
 
 from kslm_jax.cli import commands
@@ -291,10 +289,7 @@ def test_different_tokenizers_are_one_clear_error(teacher, prepared, tmp_path):
 
 def test_cli_distill_cache_without_a_teacher_is_one_line(prepared, tmp_path):
     wd = _copy(prepared, tmp_path / "run")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "kslm_jax", "distill-cache", "--workdir", str(wd)],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = kslm("distill-cache", "--workdir", wd)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == ("kslm: error: kslm distill-cache needs a teacher: set "
                                                      "--config.distill.teacher=PATH")

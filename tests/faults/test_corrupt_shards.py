@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_inproc import kslm
 
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
@@ -88,7 +89,7 @@ def test_cli_says_one_line_and_tokenize_repairs(workdir):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kslm: error: token shard") and "CRC32" in lines[0], proc.stderr
     assert _digests(workdir / "data" / "clean") == clean_before
-    subprocess.run([sys.executable, "-m", "kslm_jax", "tokenize", "--workdir", str(workdir)], check=True,
-                   capture_output=True, timeout=300)
+    repaired = kslm("tokenize", "--workdir", workdir)
+    assert repaired.returncode == 0, repaired.stderr
     for split in ("train", "val"):
         shards.verify(workdir / "data" / "tokens", split)
