@@ -163,7 +163,9 @@ class Sweep:
                     trial = self.study.ask()
                     self.study._storage.record_heartbeat(trial._trial_id)
             if trial is None:
-                time.sleep(self.beat)
+                # The last trials may finish at any moment; sleeping a whole heartbeat (10 s by default) here
+                # left every --parallel or shared sweep idle that long after its last trial before reporting.
+                self.stop.wait(min(self.beat, 1))
                 continue
             if self._surplus(trial):
                 continue
