@@ -1,7 +1,8 @@
 """`kslm sweep` on the tiny prepared workdir: it finds the learning rates a tiny model trains well with, resumes
 after kill -9 without counting a trial twice, shares one SQLite study between two processes, and writes the
-TensorBoard HParams runs. Every trial is a real `kslm train` subprocess of 20 steps."""
-import os
+TensorBoard HParams runs. Every trial is a real `kslm train` subprocess of 20 steps, on one CPU device with the
+suite's fast-compile XLA flags: a trial's time is its Python start-up and compiles, so the tests start as few as
+they can (4 trials find the lr region; the kill test adds a fifth trial to that same study)."""
 import re
 import shutil
 import signal
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import cpu_env
+
 from kslm_jax.cli import sweep_space
 from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
@@ -21,6 +24,8 @@ import sqlalchemy  # noqa: E402  (optuna's storage: present wherever optuna is)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--budget-steps", "20", "--config.train.eval_every=5", "--config.checkpoint.every_steps=5"]
+LR_SPACE = ("--space", "optim.lr=loguniform(1e-5,1e-1)", "--sampler", "qmc", "--seed", 0)
+LR_TRIALS = 4
 
 
 def _cmd(wd, *args):
@@ -28,7 +33,8 @@ def _cmd(wd, *args):
 
 
 def _env():
-    return dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    # Trials inherit the sweep's environment: one device (mesh.data=1), not the suite's 8 fake ones.
+    return cpu_env.one_device_env(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
 
 
 def _sweep(wd, *args, timeout=600):
@@ -54,20 +60,24 @@ def _trials(storage, *states):
 def lr_sweep(prepared, tmp_path_factory):
     wd = tmp_path_factory.mktemp("sweep") / "run"
     shutil.copytree(prepared, wd)
-    proc = _sweep(wd, "--space", "optim.lr=loguniform(1e-5,1e-1)", "--trials", 6, "--parallel", 2,
-                  "--sampler", "qmc", "--seed", 0)
+    proc = _sweep(wd, *LR_SPACE, "--trials", LR_TRIALS, "--parallel", 2)
     return wd, proc
 
 
 def test_sweep_finds_the_good_lr_region(lr_sweep):
     wd, proc = lr_sweep
     trials = _trials(f"sqlite:///{wd / 'sweep.db'}", "COMPLETE", "PRUNED")
-    assert len(trials) == 6, proc.stderr
-    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert len(trials) == LR_TRIALS, proc.stderr
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    best = min(complete, key=lambda t: t.value)
     worst = max(trials, key=lambda t: t.value)
+    # Scrambled Sobol draws one lr in each quarter of the log range: its first 4 points cover 1e-5..1e-1 evenly.
     # 20 steps: 1e-5 barely moves the weights; the optimum of this model lies well inside the range.
     assert 3e-4 < best.params["optim.lr"] < 6e-2, [(t.params, t.value) for t in trials]
     assert best.value < worst.value - 0.5
+    # The lowest lr is the worst trial: it barely leaves the initial loss, which even a trial pruned at its first
+    # evaluation is below.
+    assert worst.params["optim.lr"] == min(t.params["optim.lr"] for t in trials)
     record = __import__("json").loads((wd / "best.json").read_text())
     assert record["trial"] == best.number and record["params"]["optim.lr"] == best.params["optim.lr"]
     # The winner is an ordinary workdir: its config holds the trial's lr and its checkpoint is at the budget.
@@ -97,57 +107,78 @@ def test_hparams_tags(lr_sweep):
         assert scalars[-1].value == pytest.approx(t.value, rel=1e-5)
 
 
-def test_killed_sweep_resumes_without_duplicates(prepared, tmp_path):
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid`, read from /proc (the trial's death with its parent is Linux-only)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+        except (OSError, IndexError):  # it ended while we looked
+            continue
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_sweep_resumes_without_duplicates(lr_sweep, tmp_path):
+    # The lr sweep's finished study, asked for one trial more: trials 000..003 are done before the kill.
     wd = tmp_path / "run"
-    shutil.copytree(prepared, wd)
-    args = ("--space", "optim.lr=loguniform(1e-3,1e-2)", "--trials", 2, "--heartbeat", 1, "--pruner", "none")
+    shutil.copytree(lr_sweep[0], wd)
+    args = (*LR_SPACE, "--trials", LR_TRIALS + 1, "--heartbeat", 1, "--pruner", "none")
+    last = f"trials/{LR_TRIALS:03d}"
     storage = f"sqlite:///{wd / 'sweep.db'}"
     parent = subprocess.Popen(_cmd(wd, *args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    # Kill once trial 000 is done and trial 001 has saved a checkpoint midway.
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        if (wd / "sweep.db").is_file() and _trials(storage, "COMPLETE") and (wd / "trials/001/checkpoints/10").is_dir():
-            break
+    # Kill once the new trial has sealed its first checkpoint (step 5 of 20), so that the retry has one to resume.
+    deadline = time.time() + 300
+    while not (wd / last / "checkpoints/5/kslm_checksums.json").is_file():
         assert parent.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.5)
-    else:
-        pytest.fail("trial 001 never reached a checkpoint")
+        assert time.time() < deadline, "the last trial never reached a checkpoint"
+        time.sleep(0.1)
+    trial_procs = _children(parent.pid)
+    assert trial_procs, "the sweep's trial process was not found"
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    assert [t.number for t in _trials(storage, "RUNNING")] == [1]
-    time.sleep(3)  # the orphaned trial would keep writing; it died with its parent
-    log = (wd / "trials/001/train.log").read_text()
-    time.sleep(2)
-    assert (wd / "trials/001/train.log").read_text() == log
+    assert [t.number for t in _trials(storage, "RUNNING")] == [LR_TRIALS]
+    # The orphaned trial would keep training; it must die with its parent.
+    deadline = time.time() + 10
+    while any(_running(p) for p in trial_procs):
+        assert time.time() < deadline, "the trial outlived its killed sweep"
+        time.sleep(0.05)
 
     proc = _sweep(wd, *args)
     trials = _study(storage).trials
     done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(done) == 2 and not [t for t in trials if t.state.name == "RUNNING"], proc.stderr
+    assert len(done) == LR_TRIALS + 1 and not [t for t in trials if t.state.name == "RUNNING"], proc.stderr
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert [t.number for t in failed] == [1]  # the killed one: failed, then re-run as a new trial number
+    assert [t.number for t in failed] == [LR_TRIALS]  # the killed one: failed, then re-run as a new trial number
     retry = done[-1]
-    assert retry.params == failed[0].params and retry.user_attrs["workdir"].endswith("trials/001")
-    assert sorted(p.name for p in (wd / "trials").iterdir()) == ["000", "001"]
-    assert "restored checkpoint step" in (wd / "trials/001/train.log").read_text()  # it resumed, not restarted
-    assert "resuming: 1 of 2 trials already finished" in proc.stderr
+    assert retry.number > LR_TRIALS and retry.params == failed[0].params and retry.user_attrs["workdir"].endswith(last)
+    assert sorted(p.name for p in (wd / "trials").iterdir()) == [f"{i:03d}" for i in range(LR_TRIALS + 1)]
+    assert "restored checkpoint step" in (wd / last / "train.log").read_text()  # it resumed, not restarted
+    assert f"resuming: {LR_TRIALS} of {LR_TRIALS + 1} trials already finished" in proc.stderr
 
 
 def test_two_processes_share_one_sqlite_study(prepared, tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(prepared, wd)
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    args = ("--space", "optim.lr=loguniform(1e-3,1e-2)", "--trials", 3, "--storage", storage)
+    args = ("--space", "optim.lr=loguniform(1e-3,1e-2)", "--trials", 2, "--storage", storage)
     procs = [subprocess.Popen(_cmd(wd, *args, "--seed", i), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     trials = _study(storage).trials
     done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(done) == 3
+    assert len(done) == 2
     assert len({t.number for t in trials}) == len(trials)
-    assert len({t.user_attrs["workdir"] for t in done}) == 3  # no trial trained twice
+    assert len({t.user_attrs["workdir"] for t in done}) == 2  # no trial trained twice
     # Both processes ran trials: the sweep really was shared.
     assert all("trial 0" in err for _, err in outs), outs
     assert not (wd / "sweep.db").exists()
