@@ -1,28 +1,26 @@
 """Two processes × 2 CPU devices train exactly like one process × 4 devices, and checkpoints move between them.
 
 The two-process runs are `python -m kslm_jax train` subprocesses on 127.0.0.1, with gloo collectives; the
-one-process runs are `kslm train`'s command function in this test process, on 4 of its devices. The learning-rate
+one-process runs are `kslm train` in this test process (tests/cli_inproc.py), on 4 of its devices. The learning-rate
 schedule depends on train.steps, so the references take the same path as the runs they check: 6 steps, then
 a resume to 9.
 """
 import json
-import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import numpy as np
 import portpicker
 import pytest
 
+import cli_inproc
 import cpu_env
 
-from kslm_jax.cli import commands
 from kslm_jax.core import distributed
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import pipeline
@@ -40,9 +38,12 @@ def _env(devices, **extra):
     return env
 
 
+def _train_args(wd, steps):
+    return ["train", "--workdir", str(wd), *[f"--config.{o}" for o in OVERRIDES], f"--config.train.steps={steps}"]
+
+
 def _cmd(wd, steps):
-    return [sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd),
-            *[f"--config.{o}" for o in OVERRIDES], f"--config.train.steps={steps}"]
+    return [sys.executable, "-m", "kslm_jax", *_train_args(wd, steps)]
 
 
 def _wait(procs):
@@ -69,32 +70,15 @@ def run_two(wd, steps):
     return results
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def run_one(wd, steps):
-    """One process on four devices: this test process itself (the mesh takes 4 of its 8), through the function
-    `kslm train` runs, so no run starts Python and JAX again. Returns what it logged."""
-    ours, lines = logging.getLogger("kslm"), _Lines()
-    level = ours.level
-    ours.addHandler(lines)
-    ours.setLevel(logging.INFO)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k in [k for k in os.environ if k.startswith("KSLM_")]:
-                mp.delenv(k)
-            args = SimpleNamespace(workdir=str(wd), config=None, force=False)
-            assert commands.train(args, [*OVERRIDES, f"train.steps={steps}"]) == 0
-    finally:
-        ours.removeHandler(lines)
-        ours.setLevel(level)
-    return "\n".join(lines.lines)
+    """One process on four devices: `kslm train` in this test process (tests/cli_inproc.py), whose mesh takes 4 of
+    its 8 devices, so no run starts Python and JAX again. Returns its stderr."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in [k for k in os.environ if k.startswith("KSLM_")]:
+            mp.delenv(k)
+        proc = cli_inproc.kslm(*_train_args(wd, steps))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
 
 
 def losses(wd):
