@@ -3,6 +3,7 @@ after kill -9 without counting a trial twice, shares one SQLite study between tw
 TensorBoard HParams runs. Every trial is a real `kslm train` subprocess of 20 steps, on one CPU device with the
 suite's fast-compile XLA flags: a trial's time is its Python start-up and compiles, so the tests start as few as
 they can (4 trials find the lr region; the kill test adds a fifth trial to that same study)."""
+import os
 import re
 import shutil
 import signal
@@ -120,6 +121,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _running(pid: int) -> bool:
+    """Alive (a stopped process too); a zombie has ended."""
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
@@ -143,13 +145,18 @@ def test_killed_sweep_resumes_without_duplicates(lr_sweep, tmp_path):
         time.sleep(0.1)
     trial_procs = _children(parent.pid)
     assert trial_procs, "the sweep's trial process was not found"
+    # Frozen, the trial can neither finish its budget nor exit by itself: only its parent's death can end it now.
+    for pid in trial_procs:
+        os.kill(pid, signal.SIGSTOP)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     assert [t.number for t in _trials(storage, "RUNNING")] == [LR_TRIALS]
-    # The orphaned trial would keep training; it must die with its parent.
     deadline = time.time() + 10
-    while any(_running(p) for p in trial_procs):
-        assert time.time() < deadline, "the trial outlived its killed sweep"
+    while any(_running(pid) for pid in trial_procs):
+        if time.time() > deadline:
+            for pid in trial_procs:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail("the trial outlived its killed sweep")
         time.sleep(0.05)
 
     proc = _sweep(wd, *args)
