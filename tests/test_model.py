@@ -81,6 +81,8 @@ def test_unrolled_state_starts_from_its_scanned_twin():
     unrolled_cfg = dataclasses.replace(CFG, scan_layers=False)
     unrolled = jax.jit(lambda: nn.unbox(init(unrolled_cfg)()))().params
     assert "layers" not in unrolled
+    partly = jax.jit(lambda: nn.unbox(init(dataclasses.replace(CFG, scan_unroll=3))()))().params
+    jax.tree.map(np.testing.assert_array_equal, partly, scanned)
     for i in range(CFG.n_layers):
         jax.tree.map(lambda u, s: np.testing.assert_array_equal(u, s[i]), unrolled[f"layers_{i}"], scanned["layers"])
     np.testing.assert_array_equal(unrolled["embed_tokens"]["embedding"], scanned["embed_tokens"]["embedding"])

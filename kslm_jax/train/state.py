@@ -36,11 +36,16 @@ def _init_params(model, key):
     """Parameters of `model`. An unrolled decoder is initialized through its scanned twin, then split into
     layers_0..layers_{n-1}: the twin's program draws one layer's random numbers in a loop, where the unrolled
     model's program holds a separate threefry expansion for every leaf of every layer. That program took over
-    70 s to compile on an H100 at 124M (benchmarks/init_time.py), against 12 s for the train step itself.
+    70 s to compile on an H100 at 124M, against 12 s for the train step itself; through the twin the whole
+    init takes 3.5 s there (benchmarks/init_time.py).
     For one seed, both layouts start from the same weights."""
-    if not isinstance(model, llama.Transformer) or model.c.scan_layers or model.c.n_layers < 2:
+    if not isinstance(model, llama.Transformer) or model.c.n_layers < 2:
         return model.init(key, _dummy())["params"]
+    # scan_unroll=1 too: an unrolled scan body copies its draws as well (124M at scan_unroll=12 on an H100:
+    # setup 31.6 s before, 3.1 s after), and unrolling does not change which weights are drawn.
     twin = llama.Transformer(dataclasses.replace(model.c, scan_layers=True, scan_unroll=1))
+    if model.c.scan_layers:
+        return twin.init(key, _dummy())["params"]
     params = dict(twin.init(key, _dummy())["params"])
     stacked = params.pop("layers")
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
