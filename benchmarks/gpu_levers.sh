@@ -5,14 +5,14 @@
 # repository root, with the kernels extra and .peers/nanogpt/model.py there (see vs_nanogpt.sh):
 #   bash benchmarks/gpu_levers.sh [outdir]
 #   PARTS="tests ko1b depth attention" BUDGET=540 bash benchmarks/gpu_levers.sh   # a second call's share
-# Parts: nanogpt levers tests ko1b depth attention (all by default; together they need about 11 minutes on an
+# Parts: nanogpt levers tests ko1b depth xl attention (all by default; together they need about 11 minutes on an
 # H100, more than one call's 10, so split them over two calls). tokamax's Pallas kernels need a tokamax built for
 # the device's jax: 0.0.12 (the last for Python 3.11) fails on jax 0.11.2 (benchmarks/README.md).
 # Writes log.txt (everything), rows.jsonl (one JSON row per measurement) and vs_nanogpt.jsonl under outdir.
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 budget=${BUDGET:-560}
-parts=" ${PARTS:-nanogpt levers tests ko1b depth attention} "
+parts=" ${PARTS:-nanogpt levers tests ko1b depth xl attention} "
 export PYTHONUNBUFFERED=1
 log="$out/log.txt"
 rows="$out/rows.jsonl"
@@ -45,15 +45,19 @@ step levers "each lever alone, 124M, batch 16, unrolled, after its own base row"
   --variant "tk_triton_attn=model.attention=tokamax_triton"
 step tests "kernels vs reference on the GPU (outputs and gradients, packed rows with padding)" 60 \
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py "tests/test_model.py::test_cudnn_matches_reference"
-step ko1b "ko_1b, remat none, batch 8" 90 "${tp[@]}" --config configs/ko_1b.py --batch 8 --steps 5 --warmup 2 \
-  --override mesh.fsdp=1 --override mesh.data=1 --override model.remat=none --label ko_1b \
-  --variant "ko_1b_tk_mosaic=model.attention=tokamax_mosaic"
+k1b=(--config configs/ko_1b.py --batch 8 --steps 5 --warmup 2 --override mesh.fsdp=1 --override mesh.data=1
+     --override model.remat=none)
+step ko1b "ko_1b, remat none, batch 8" 40 "${tp[@]}" "${k1b[@]}" --label ko_1b
+# cuBLAS for every GEMM, then tokamax's attention on top (its compile alone took 104 s on an H100)
+step ko1b "ko_1b, Triton GEMM off" 160 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${tp[@]}" "${k1b[@]}" \
+  --label ko_1b_cublas --variant "ko_1b_cublas_tk=model.attention=tokamax_mosaic"
 step depth "depth: scanned stacks, 124M width" 90 "${tp[@]}" --preset gpt2-124m --batch 16 --steps 5 --warmup 1 --skip-base \
-  --variant "L24_unroll4=model.n_layers=24,model.scan_unroll=4" \
-  --variant "L48_unroll4=model.n_layers=48,model.scan_unroll=4" \
-  --variant "L12_unroll4=model.scan_unroll=4" \
   --variant "L12_unroll12=model.scan_unroll=12" \
-  --variant "L24_scan=model.n_layers=24" \
-  --variant "L48_scan=model.n_layers=48"
+  --variant "L24_unroll24=model.n_layers=24,model.scan_unroll=24" \
+  --variant "L12_unroll6=model.scan_unroll=6" \
+  --variant "L24_unroll4=model.n_layers=24,model.scan_unroll=4"
+step xl "GPT-2 XL, scan fully unrolled, remat dots" 90 "${tp[@]}" --preset gpt2-xl --batch 8 --steps 5 --warmup 1 \
+  --override model.remat=dots --override model.scan_unroll=48 --label xl_u48 \
+  --variant "xl_u48_tk=model.attention=tokamax_mosaic"
 step attention "attention kernels alone, fwd+bwd, packed rows" 50 python3 benchmarks/attention_kernels.py --reps 10 --jsonl "$rows"
 echo "### done at ${SECONDS}s" | tee -a "$log"

@@ -5,7 +5,7 @@
 # row, document-masked attention) with the overrides in OURS. Prints tokens/s of each and ours / nanoGPT.
 #
 #   bash benchmarks/vs_nanogpt.sh [outdir]                    # BATCHES="16 32" by default
-#   BATCHES="16" OURS="--override model.scan_layers=false --override model.kernels=tokamax" bash benchmarks/vs_nanogpt.sh
+#   BATCHES="16" OURS="--override model.scan_layers=false --override model.kernels=tokamax_norm" bash benchmarks/vs_nanogpt.sh
 #
 # nanoGPT's model.py is not in this repository. Put it at .peers/nanogpt/model.py (.gitignore'd), from
 # https://github.com/karpathy/nanoGPT (this was timed with commit 3adf61e1), e.g.
@@ -15,7 +15,11 @@ set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 model_py=${NANOGPT_MODEL:-.peers/nanogpt/model.py}
 batches=${BATCHES:-16 32}
-ours=${OURS:---override model.scan_layers=false}
+# Our best measured setting by default (benchmarks/README.md, fourth push): tokamax's Mosaic GPU attention where
+# tokamax imports, cuDNN's otherwise.
+best="--override model.scan_layers=false"
+python3 -c "import tokamax" 2>/dev/null && best="$best --override model.attention=tokamax_mosaic"
+ours=${OURS:-$best}
 steps=${STEPS:-20}
 [ -f "$model_py" ] || { echo "vs_nanogpt.sh: no $model_py; see the comment at the top of this script" >&2; exit 1; }
 rows="$out/vs_nanogpt.jsonl"
