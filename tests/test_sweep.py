@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import optuna  # the test extra installs the sweep extra, so a missing optuna is an install error
 import pytest
+import sqlalchemy  # optuna's storage: present wherever optuna is
 
 import cpu_env
 
@@ -20,8 +22,6 @@ from kslm_jax.cli import sweep_space
 from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
 
-optuna = pytest.importorskip("optuna")
-import sqlalchemy  # noqa: E402  (optuna's storage: present wherever optuna is)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--budget-steps", "20", "--config.train.eval_every=5", "--config.checkpoint.every_steps=5"]
