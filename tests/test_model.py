@@ -127,15 +127,17 @@ def test_remat_matches_no_remat(remat, scan, tie):
 
 
 def test_greedy_with_cache_equals_full_recompute():
+    """21 prompt tokens: one prefill chunk of 16, then five one at a time, then 12 decoded."""
     model, params = _init()
-    prompt = [2, 17, 99, 5]
+    prompt = [2, *np.random.default_rng(4).integers(4, 250, 20).tolist()]
+    assert len(prompt) == gen.PREFILL_CHUNK + 5
     cached = gen.generate_ids(model, params, prompt, max_new_tokens=12, temperature=0.0, top_k=0, top_p=1.0,
                               rng=jax.random.PRNGKey(0), vocab_limit=250, stop_id=None)
     seq = list(prompt)
     full = jax.jit(model.apply)
     for _ in range(12):
         # Padded to one length so it compiles once; causality makes the padding invisible.
-        logits = full({"params": params}, jnp.asarray([seq + [0] * (16 - len(seq))]))
+        logits = full({"params": params}, jnp.asarray([seq + [0] * (40 - len(seq))]))
         seq.append(int(jnp.argmax(logits[0, len(seq) - 1, :250])))
     assert cached == seq[len(prompt):]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import prepare
@@ -45,13 +46,28 @@ def cache_len(needed: int) -> int:
     return -(-needed // 128) * 128
 
 
+PREFILL_CHUNK = 16
+
+
+def prefill(model, params, prompt_ids: list[int], cache):
+    """The prompt through the cache in chunks of PREFILL_CHUNK tokens, the rest one token at a time: two program
+    shapes for every prompt length (the second is the decoding step's), where feeding the whole prompt compiles
+    a new program for each length. `kslm demo`'s three prompts compiled three prefills."""
+    ids = np.asarray([prompt_ids], np.int32)  # numpy: a jnp slice at each new offset would compile its own op
+    done, n = 0, len(prompt_ids)
+    while done < n:
+        width = PREFILL_CHUNK if n - done >= PREFILL_CHUNK else 1
+        positions = np.arange(done, done + width, dtype=np.int32)[None]
+        logits, cache = forward_cached(model, params, ids[:, done:done + width], positions, cache)
+        done += width
+    return logits, cache
+
+
 def generate_ids(model: llama.Transformer, params, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
                  top_k: int, top_p: float, rng, vocab_limit: int, stop_id: int | None = tok_lib.EOS) -> list[int]:
     c = model.c
     cache = arch.init_cache(c, 1, cache_len(len(prompt_ids) + max_new_tokens), jnp.float32)
-    tokens = jnp.asarray([prompt_ids], jnp.int32)
-    positions = jnp.arange(len(prompt_ids), dtype=jnp.int32)[None]
-    logits, cache = forward_cached(model, params, tokens, positions, cache)
+    logits, cache = prefill(model, params, prompt_ids, cache)
     out: list[int] = []
     pos = len(prompt_ids)
     for i in range(max_new_tokens):
