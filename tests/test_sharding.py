@@ -1,4 +1,7 @@
-"""The same few steps on 1 device and on 8 fake CPU devices in three mesh shapes give the same losses."""
+"""The same few steps on 1 device and on 8 fake CPU devices in two mesh shapes give the same losses.
+
+Pure data parallelism (8, 1, 1) is left out: it costs a compile of its own, and the data axis is split here by
+(2, 2, 2) and in tests/test_grad_accum.py's 2 x 2 mesh (data x fsdp), whose gradients match one device's."""
 import jax
 import numpy as np
 import pytest
@@ -6,17 +9,19 @@ import pytest
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.objectives import lm
 
-MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
+MESHES = [(1, 1, 1), (2, 2, 2), (1, 4, 2)]
+STEPS = 3  # losses 2 and 3 come after one and two updates
 
 
 def _losses(wd, mesh):
     d, f, t = mesh
-    cfg = workdir_lib.config_for(wd, None, ["train.steps=4", "checkpoint.every_steps=1000", "train.eval_batches=1",
-                                            f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"], force=True)
+    cfg = workdir_lib.config_for(wd, None, [f"train.steps={STEPS}", "checkpoint.every_steps=1000",
+                                            "train.eval_batches=1", f"mesh.data={d}", f"mesh.fsdp={f}",
+                                            f"mesh.tensor={t}"], force=True)
     trainer = lm.trainer(cfg, wd)
     trainer.init_fresh()
     summary = trainer.fit()
-    return [summary["losses"][s] for s in range(1, 5)], trainer
+    return [summary["losses"][s] for s in range(1, STEPS + 1)], trainer
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

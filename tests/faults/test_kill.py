@@ -43,9 +43,11 @@ def _params(wd):
     return step, [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
-def _stepped(wd) -> bool:
+def _losses(wd) -> dict:
     path = Path(wd) / "metrics.jsonl"
-    return path.exists() and "train/loss" in path.read_text(encoding="utf-8")
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1] if path.exists() else []  # not a half-written last one
+    rows = [json.loads(line) for line in lines]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def _committed(wd):
@@ -59,25 +61,29 @@ def reference(prepared, tmp_path_factory):
     proc = _start(wd)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    return wd, _params(wd)
+    return wd, _params(wd), _losses(wd)
 
 
 @pytest.mark.parametrize("trial", range(REPEATS))
 def test_kill_9_then_resume(prepared, reference, tmp_path, trial):
-    ref_wd, (ref_step, ref_params) = reference
+    ref_wd, (ref_step, ref_params), ref_losses = reference
     wd = tmp_path / "run"
     shutil.copytree(prepared, wd)
     rng = random.Random(1000 + trial)
     proc = _start(wd)
     # Wait for the first step's metrics (compilation done), then kill at a random moment of the 16 steps,
-    # whose checkpoints every 2 steps are written asynchronously: many kills land in the middle of one.
+    # whose checkpoints every 2 steps are written asynchronously: many kills land in the middle of one. A fast
+    # machine is killed by step 12 at the latest, so the run never finishes first.
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not _stepped(wd):
+    while time.time() < deadline and proc.poll() is None and not _losses(wd):
         time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 1.5))
+    kill_at = time.time() + rng.uniform(0.0, 1.5)
+    while time.time() < kill_at and proc.poll() is None and max(_losses(wd), default=0) < 12:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     killed = proc.returncode == -signal.SIGKILL
+    assert killed, "the run finished before it could be killed"
     newest = max(_committed(wd), default=None)
     resumed = _start(wd)
     _, err = resumed.communicate(timeout=600)
@@ -87,6 +93,9 @@ def test_kill_9_then_resume(prepared, reference, tmp_path, trial):
         assert found is None
     else:
         assert found and int(found.group(1)) == newest, (newest, err[-1500:])
+    restored = int(found.group(1)) if found else 0
+    losses = _losses(wd)   # a step logged twice (before the kill and after the resume) counts its last value
+    assert all(losses[s] == ref_losses[s] for s in range(restored + 1, 17)), (restored, losses, ref_losses)
     step, params = _params(wd)
     assert step == ref_step == 16
     for a, b in zip(params, ref_params):
