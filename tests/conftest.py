@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices (for the sharding tests) and one small prepared workdir shared by the suite."""
+import json
 import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import cpu_env
@@ -104,6 +106,48 @@ def trained_tiny(prepared, tmp_path_factory):
     params = jax.tree.map(np.asarray, trainer.state.params)
     return SimpleNamespace(workdir=wd, cfg=cfg, model=trainer.model, params=params,
                            sp=tok_lib.check_workdir(cfg, wd))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(prepared, tmp_path_factory):
+    """`kslm train` in a process of its own, 16 steps with a checkpoint every 2, never interrupted: the run that
+    the signal test (tests/test_train.py) and the kill -9 test (tests/faults/test_kill.py) must reproduce exactly.
+    `copy(dest)` gives them the workdir it started from: `prepared` without its clean text, so that a finished
+    run writes no end-of-train samples (a second of generating), which they do not read."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from kslm_jax.core import checkpoint
+    from kslm_jax.core import workdir as workdir_lib
+    from kslm_jax.objectives import lm
+
+    def copy(dest):
+        return shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("clean"))
+
+    def cmd(wd):
+        return [sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd), "--config.train.steps=16",
+                "--config.checkpoint.every_steps=2"]
+
+    def losses(wd):
+        path = wd / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1] if path.exists() else []  # not a half-written one
+        return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+    def params(wd):
+        t = lm.trainer(workdir_lib.config_for(wd, None, []), wd)
+        with jax.set_mesh(t.mesh):
+            step, state = checkpoint.restore_params(t.paths["checkpoints"], t.abstract)
+        return step, [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+    wd = copy(tmp_path_factory.mktemp("uninterrupted") / "run")
+    proc = subprocess.run(cmd(wd), cwd=Path(__file__).resolve().parents[1], env=cpu_env.one_device_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step, leaves = params(wd)
+    return SimpleNamespace(workdir=wd, copy=copy, cmd=cmd, losses=losses(wd), step=step, params=leaves,
+                           losses_of=losses, params_of=params)
 
 
 @pytest.fixture

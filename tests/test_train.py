@@ -1,7 +1,5 @@
 """Training: loss falls, TensorBoard events are readable, bf16 works, resume is bit-exact."""
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -10,7 +8,6 @@ import pytest
 
 import cpu_env
 
-from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.objectives import lm
 
@@ -47,68 +44,33 @@ def test_bf16_compute_with_fp32_master_weights(workdir):
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(t.state.params))
 
 
-def _run(wd, *extra, env_extra=None, wait=True):
-    env = cpu_env.one_device_env(**(env_extra or {}))
-    cmd = [sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd), *[f"--config.{o}" for o in extra]]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return proc
-    out, err = proc.communicate(timeout=600)
-    return proc.returncode, out, err
-
-
-def _losses(wd):
-    rows = [json.loads(line) for line in (Path(wd) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def _final_params(wd):
-    t = _trainer(wd)
-    with jax.set_mesh(t.mesh):
-        step, state = checkpoint.restore_params(t.paths["checkpoints"], t.abstract)
-    return step, jax.tree.map(np.asarray, state.params)
-
-
-def _assert_same_params(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
-
-
-RUN = ("train.steps=12", "checkpoint.every_steps=4")
-
-
-@pytest.fixture(scope="module")
-def straight_run(prepared, tmp_path_factory):
-    """An uninterrupted run: its metrics.jsonl losses and its final parameters."""
-    wd = tmp_path_factory.mktemp("straight") / "run"
-    __import__("shutil").copytree(prepared, wd)
-    code, _, err = _run(wd, *RUN)
-    assert code == 0, err
-    return _losses(wd), _final_params(wd)
-
-
-def _stop_by(wd, sig, at, resumed_from=None):
-    code, _, err = _run(wd, *RUN, env_extra={"KSLM_FAULT_SIGTERM_AT_STEP": str(at), "KSLM_FAULT_SIGNAL": sig})
-    assert code == 0, err
+def _stop_by(run, wd, sig, at, resumed_from=None):
+    """`kslm train` that sends itself `sig` after step `at`: it must save that step and say so."""
+    env = cpu_env.one_device_env(KSLM_FAULT_SIGTERM_AT_STEP=str(at), KSLM_FAULT_SIGNAL=sig)
+    proc = subprocess.run(run.cmd(wd), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     if resumed_from is not None:
-        assert f"restored checkpoint step {resumed_from}" in err, err
-    assert f"SIG{sig} received: saved checkpoint at step {at}" in err
+        assert f"restored checkpoint step {resumed_from}" in proc.stderr, proc.stderr[-3000:]
+    assert f"SIG{sig} received: saved checkpoint at step {at}" in proc.stderr, proc.stderr[-3000:]
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == at
 
 
-def test_signals_save_and_resume_is_bit_exact(straight_run, workdir):
-    """SIGTERM, then SIGINT on the resumed run, each between two regular saves (steps 4, 8, 12); the third start
-    finishes with every logged loss and every parameter of the uninterrupted run, exactly."""
-    _stop_by(workdir, "TERM", 5)
-    _stop_by(workdir, "INT", 9, resumed_from=5)
-    code, _, err = _run(workdir, *RUN)
-    assert code == 0, err
-    assert "restored checkpoint step 9" in err
-    ref_losses, (ref_step, ref_params) = straight_run
-    assert _losses(workdir) == ref_losses and len(ref_losses) == 12     # every step 1..12, exactly
-    step, params = _final_params(workdir)
-    assert ref_step == step == 12
-    _assert_same_params(ref_params, params)
+def test_signals_save_and_resume_is_bit_exact(uninterrupted, tmp_path):
+    """SIGTERM, then SIGINT on the resumed run, each between two regular saves (every 2 steps of 16); the third
+    start finishes with every logged loss and every parameter of the uninterrupted run, exactly."""
+    run = uninterrupted
+    wd = run.copy(tmp_path / "run")
+    _stop_by(run, wd, "TERM", 5)
+    _stop_by(run, wd, "INT", 9, resumed_from=5)
+    proc = subprocess.run(run.cmd(wd), cwd=REPO, env=cpu_env.one_device_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "restored checkpoint step 9" in proc.stderr
+    assert run.losses_of(wd) == run.losses and len(run.losses) == 16     # every step 1..16, exactly
+    step, params = run.params_of(wd)
+    assert run.step == step == 16
+    for a, b in zip(params, run.params):
+        np.testing.assert_array_equal(a, b)
 
 
 # kill -9 at a random moment (mid-save included): tests/faults/test_kill.py.
