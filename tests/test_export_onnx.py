@@ -52,34 +52,40 @@ def test_cli_export_runs_in_onnxruntime(trained_tiny, tmp_path):
     assert inputs["input_ids"] == ["batch", "seq"] and inputs["attention_mask"][0] == "batch"
     assert len(inputs) == 2 + 2 * t.model.c.n_layers
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    session = _session(out)
-    forward = jax.jit(t.model.apply)
-    for text in SENTENCES:
-        ids = [sp.bos_id()] + sp.EncodeAsIds(text)
+    rows = [[sp.bos_id()] + sp.EncodeAsIds(text) for text in SENTENCES]
+    for ids, text in zip(rows, SENTENCES):
         assert ids[1:] == t.sp.EncodeAsIds(text)
-        ours = np.asarray(forward({"params": t.params}, jnp.asarray([ids])))
-        theirs, _ = _run(session, [ids])
-        assert theirs.shape == ours.shape
-        np.testing.assert_allclose(theirs, ours, **TOL)
+    # One right-padded batch (pad id 0), one JAX compile: both sides see the same ids, padding included.
+    ids = np.zeros((len(rows), max(map(len, rows))), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+    ours = np.asarray(jax.jit(t.model.apply)({"params": t.params}, jnp.asarray(ids)))
+    theirs, _ = _run(_session(out), ids)
+    assert theirs.shape == ours.shape
+    np.testing.assert_allclose(theirs, ours, **TOL)
 
 
-# (n_heads, n_kv_heads, tie): multi-head, grouped-query, multi-query; tied and untied output
-VARIANTS = [(4, 4, False), (4, 2, True), (6, 1, False)]
+# (n_heads, n_kv_heads, tie, n_layers): multi-head, grouped-query, multi-query; tied and untied output. Each
+# export traces the model again (seconds per layer on 2 cores), so one variant has two layers (the cache's per-layer
+# order) and the others one. The multi-head one is written with its weights in the external data file, so the
+# graph tests run on that form too (test_external_data_file checks the files).
+VARIANTS = [(4, 4, False, 1), (4, 2, True, 2), (6, 1, False, 1)]
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: "h{}-kv{}-tie{}".format(*v))
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: "h{}-kv{}-tie{}-l{}".format(*v))
 def exported(request, tmp_path_factory):
-    heads, kv, tie = request.param
+    heads, kv, tie, layers = request.param
     # Large weights give peaked attention and logits, so a layout mistake cannot hide in near-uniform output.
-    c = llama.ModelConfig(vocab_size=256, d_model=48, n_layers=2, n_heads=heads, n_kv_heads=kv, head_dim=8,
+    c = llama.ModelConfig(vocab_size=256, d_model=48, n_layers=layers, n_heads=heads, n_kv_heads=kv, head_dim=8,
                           d_ff=64, tie_embeddings=tie, rope_theta=500.0)
     model, params = random_params(c, seed=heads * 10 + kv, std=0.3)
     tmp = tmp_path_factory.mktemp("onnx")
     tok = tmp / "tok.model"
     tok.write_bytes(b"stand-in: the graph test does not tokenize")
-    out = onnx_io.write_onnx(params, c, tok, tmp / "onnx")
+    out = onnx_io.write_onnx(params, c, tok, tmp / "onnx", external_over=0 if heads == kv else onnx_io.EXTERNAL_OVER)
     forward = jax.jit(lambda ids: model.apply({"params": params}, ids))
-    return SimpleNamespace(c=c, session=_session(out), jax=lambda ids: np.asarray(forward(jnp.asarray(ids))))
+    return SimpleNamespace(c=c, params=params, out=out, session=_session(out),
+                           jax=lambda ids: np.asarray(forward(jnp.asarray(ids))))
 
 
 def test_graph_matches_jax(exported):
@@ -95,13 +101,14 @@ def test_graph_matches_jax(exported):
 
 
 def test_cached_decoding_equals_uncached(exported):
-    """A 20-token prompt, then one token at a time and a 5-token chunk through the returned cache: the logits
-    of every step equal the logits of the whole sequence at once."""
-    ids = np.random.default_rng(1).integers(0, 256, (2, 30))
+    """A 20-token prompt, then one token at a time and a 12-token chunk through the returned cache: the logits
+    of every step equal the logits of the whole sequence at once. (3 x 37 ids: the shape JAX compiled for
+    test_graph_matches_jax.)"""
+    ids = np.random.default_rng(1).integers(0, 256, (3, 37))
     whole, _ = _run(exported.session, ids)
     logits, past = _run(exported.session, ids[:, :20])
     steps = [logits]
-    for start, stop in [(20, 21), (21, 22), (22, 23), (23, 24), (24, 25), (25, 30)]:
+    for start, stop in [(20, 21), (21, 22), (22, 23), (23, 24), (24, 25), (25, 37)]:
         logits, past = _run(exported.session, ids[:, start:stop], past=past)
         steps.append(logits)
         assert past[0].shape[2] == stop
@@ -122,8 +129,14 @@ def test_left_padded_batch_with_mask(exported):
         ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
     logits, past = _run(exported.session, ids, mask)
     step, _ = _run(exported.session, nxt, np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1), past)
+    # Each row alone, then its next token, right-padded to 3 x 37 (one JAX compile, shared with the tests above):
+    # JAX's attention is causal, so the padding after a row does not reach its real positions.
+    right = np.zeros((3, 37), np.int64)
     for i, r in enumerate(rows):
-        alone = exported.jax(np.concatenate([r, nxt[i]])[None])[0]
+        right[i, :len(r) + 1] = np.concatenate([r, nxt[i]])
+    right = exported.jax(right)
+    for i, r in enumerate(rows):
+        alone = right[i, :len(r) + 1]
         np.testing.assert_allclose(logits[i, width - len(r):], alone[:-1], **TOL)
         np.testing.assert_allclose(step[i, 0], alone[-1], **TOL)
     # without the mask the padded rows differ: the mask is what makes them right
@@ -131,18 +144,15 @@ def test_left_padded_batch_with_mask(exported):
     assert np.abs(unmasked[2, -5:] - logits[2, -5:]).max() > 1e-2
 
 
-def test_external_data_file(tmp_path):
-    """Past the protobuf limit the weights move to model.onnx.data; forced here with a zero threshold."""
-    c = llama.ModelConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
-    model, params = random_params(c, std=0.3)
-    tok = tmp_path / "tok.model"
-    tok.write_bytes(b"x")
-    out = onnx_io.write_onnx(params, c, tok, tmp_path / "onnx", external_over=0)
+def test_external_data_file(exported):
+    """Past the protobuf limit the weights move to model.onnx.data; forced for the multi-head variant with a zero
+    threshold (the graph tests above ran on its files, and their logits matched JAX)."""
+    if exported.c.n_heads != exported.c.n_kv_heads:
+        assert not (exported.out / onnx_io.DATA_FILE).exists()
+        return
+    out = exported.out
     assert sorted(p.name for p in out.iterdir()) == [".kslm_export.json", "model.onnx", onnx_io.DATA_FILE, "tokenizer.model"]
-    weight_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params))
+    weight_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(exported.params))
     inline = [len(t.raw_data) for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer]
     assert max(inline) < 4096  # only norms and constants stay in the protobuf, every matrix moved out
     assert (out / onnx_io.DATA_FILE).stat().st_size + sum(inline) >= weight_bytes
-    ids = np.arange(20)[None] % 128
-    ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids)))
-    np.testing.assert_allclose(_run(_session(out), ids)[0], ours, **TOL)
