@@ -1,4 +1,5 @@
 """Tokenizer variants on real reviews: Kiwi morpheme-aware BPE, unigram, and `kslm tokenizer --report`."""
+import functools
 import gzip
 import itertools
 import json
@@ -33,6 +34,16 @@ HARD = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_kiwi():
+    """Loading Kiwi costs ~1.5 s on 2 cores and a dozen Segmenters here would each load their own; they share
+    one instance per thread count instead (its analyses do not depend on which instance gives them)."""
+    real = morph._kiwi
+    morph._kiwi = functools.cache(real)
+    yield real
+    morph._kiwi = real
+
+
 def _reviews(n: int, skip: int = 0) -> list[str]:
     with gzip.open(NSMC, "rt", encoding="utf-8") as f:
         rows = (json.loads(line)["text"] for line in f)
@@ -45,9 +56,9 @@ def _tcfg(**changes):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The same 6,000 reviews under three variants; 600 later reviews held out."""
+    """The same 3,000 reviews under three variants; 600 later reviews held out."""
     d = tmp_path_factory.mktemp("tokvariants")
-    train = _reviews(6000)
+    train = _reviews(3000)
     out = {}
     for name, changes in {"bpe": {}, "kiwi": {"pretokenize": "kiwi"}, "unigram": {"model_type": "unigram"}}.items():
         tok_lib.train(train, d / name / "spm.model", _tcfg(**changes))
@@ -108,7 +119,8 @@ def test_kiwi_model_pieces_hold_no_delimiter_and_load_knows_the_variant(trained)
         sp.Encode("밥", add_bos=True)
 
 
-def test_missing_kiwipiepy_is_one_clear_error(monkeypatch):
+def test_missing_kiwipiepy_is_one_clear_error(monkeypatch, one_kiwi):
+    monkeypatch.setattr(morph, "_kiwi", one_kiwi)  # the loader itself, not one_kiwi's cache of a loaded Kiwi
     monkeypatch.setitem(sys.modules, "kiwipiepy", None)
     with pytest.raises(KslmError, match="pip install"):
         morph.Segmenter().cuts(["밥을 먹었다"])
