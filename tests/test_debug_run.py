@@ -1,4 +1,5 @@
 """Debugging a run: a profiler trace of chosen steps, NaN provenance, the OOM report, `kslm inspect`."""
+import dataclasses
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,12 +10,13 @@ import numpy as np
 import optax
 import pytest
 from cli_inproc import kslm
-from conftest import random_params
+from conftest import TINY, random_params
 
 from kslm_jax.cli import commands
 from kslm_jax.cli import compile as compile_cmd
 from kslm_jax.cli import main as cli_main
 from kslm_jax.core import checkpoint, sharding
+from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
 from kslm_jax.model import llama
@@ -95,17 +97,20 @@ def test_debug_nans_stops_at_the_first_nan_step_naming_the_scanned_layer_and_sav
 
 
 def test_debug_nans_names_the_operation_and_module_path_in_unrolled_layers():
-    c = llama.ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-                          scan_layers=False)
+    # The suite's TINY shapes, as in the scanned test above: the op-by-op re-run compiles each operation once per
+    # shape, and most of this one's operations are then already compiled.
+    cfg = config_lib.load("tiny_ko", TINY)
+    c = dataclasses.replace(llama.ModelConfig.from_config(cfg), scan_layers=False)
+    rows, seq = cfg.train.batch_size, cfg.data.seq_len
     model, params = random_params(c)
     params["layers_1"]["self_attn"]["q_proj"]["kernel"][3, 1, 0] = np.nan
     params = jax.tree.map(jnp.asarray, params)
     tx = optax.sgd(0.1)
     state = state_lib.TrainState(step=jnp.int32(1), params=params, opt_state=tx.init(params),
                                  rng=jax.random.PRNGKey(0))
-    tokens = jnp.ones((2, 16), jnp.int32)
+    tokens = jnp.ones((rows, seq), jnp.int32)
     batch = {"inputs": tokens, "targets": tokens, "segment_ids": tokens,
-             "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))}
+             "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))}
     mesh = sharding.make_mesh(SimpleNamespace(data=1, fsdp=1, tensor=1, slices=1))
     trainer = SimpleNamespace(state=state, mesh=mesh, extra=None, tx=tx, lr_fn=lambda count: 0.1,
                               rules=sharding.RULES, cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=1)),
@@ -114,7 +119,7 @@ def test_debug_nans_names_the_operation_and_module_path_in_unrolled_layers():
     assert (found.op, found.kind, found.module, found.phase) == (
         "convert_element_type", "nan", "layers_1/self_attn/q_proj", "forward pass")
     assert found.source.startswith("kslm_jax/model/llama.py:") and found.source.endswith("(Linear.__call__)")
-    assert found.bad_params == ["layers_1/self_attn/q_proj/kernel (1 of 1024 values, first at [3, 1, 0])"]
+    assert found.bad_params == ["layers_1/self_attn/q_proj/kernel (1 of 4096 values, first at [3, 1, 0])"]
 
 
 def test_out_of_memory_ends_kslm_train_with_exit_code_4_and_one_paragraph(workdir, monkeypatch):
