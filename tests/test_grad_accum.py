@@ -128,7 +128,8 @@ def test_accumulation_gives_the_one_big_batch_gradient(name):
 
 
 def test_accumulation_on_a_2x2_mesh_matches_one_device():
-    """Parameters sharded over fsdp, the batch over data and fsdp: the same gradient as one device, k = 1, 2, 4."""
+    """Parameters sharded over fsdp, the batch over data and fsdp: the same gradient as one device, without
+    accumulation and with 4 micro-batches (k = 2 is checked on one device above; each k here is a compile)."""
     cfg = _cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1", "mesh.rules=fsdp")
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
     rules = sharding.rules(cfg.mesh.rules)
@@ -147,7 +148,7 @@ def test_accumulation_on_a_2x2_mesh_matches_one_device():
         want, _ = _grads(loss, params, extra, batch, 1)
         params, extra = place(params), place(extra)
         assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves((params, extra)))
-        for k in (1, 2, 4):
+        for k in (1, 4):
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 gb = sharding.global_batch(batch, mesh, k)
                 got, _ = _accumulate(loss, params, extra, gb, jax.random.PRNGKey(0), k)

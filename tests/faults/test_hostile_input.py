@@ -11,12 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_inproc import kslm
+from extras import needs
 from one_line import one_line_error
 
 import cpu_env
 
 from kslm_jax.core.errors import KslmError
-pytest.importorskip("safetensors")
+
+HF = needs("export", "safetensors")
+GGUF = needs("export", "gguf")
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = ["--config.logging.progress_bar=false"]
@@ -36,6 +39,7 @@ def hf_dir(trained_tiny, tmp_path_factory):
 
 # ------------------------------------------------------------------ item 1: export marker
 
+@HF
 def test_export_keeps_a_folder_that_only_looks_like_an_export(trained_tiny, tmp_path):
     x = tmp_path / "X"
     (x / "original").mkdir(parents=True)
@@ -50,8 +54,9 @@ def test_export_keeps_a_folder_that_only_looks_like_an_export(trained_tiny, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]  # our own earlier export may be replaced
 
 
+@GGUF
 def test_export_keeps_a_foreign_gguf_file(trained_tiny, tmp_path):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     theirs = tmp_path / "theirs.gguf"
     w = gguf.GGUFWriter(str(theirs), "llama")
     w.add_name("someone else's model")
@@ -116,18 +121,21 @@ def _refused(src, wd) -> str:
     return msg
 
 
+@HF
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_hostile_config_is_one_line(hf_dir, tmp_path, case):
     c = CONFIGS[case](hf_dir)
     _refused(_variant(hf_dir, tmp_path, config=c if isinstance(c, str) else json.dumps(c)), tmp_path / "wd")
 
 
+@HF
 @pytest.mark.parametrize("case", sorted(TENSORS))
 def test_wrong_tensor_is_refused_by_name(hf_dir, tmp_path, case):
     msg = _refused(_variant(hf_dir, tmp_path, tensors=TENSORS[case]), tmp_path / "wd")
     assert K in msg, msg
 
 
+@HF
 def test_failed_import_leaves_nothing_so_a_retry_needs_no_force(hf_dir, tmp_path):
     bad = _variant(hf_dir, tmp_path, tensors=TENSORS["nan"])
     wd = tmp_path / "wd"
@@ -187,10 +195,8 @@ def _fill(mnt: Path, leave: int) -> None:
     (mnt / "filler").write_bytes(b"\0" * max(shutil.disk_usage(mnt).free - leave, 0))
 
 
-@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+@pytest.mark.parametrize("fmt", [pytest.param("hf", marks=HF), pytest.param("gguf", marks=GGUF)])
 def test_export_to_a_full_disk_is_one_line(trained_tiny, full_disk, fmt):
-    if fmt == "gguf":
-        pytest.importorskip("gguf")
     out = full_disk / ("m.gguf" if fmt == "gguf" else "hf")
     _fill(full_disk, 200 * 1024)  # room for the metadata, not for the weights
     one_line_error(kslm_process("export", "--workdir", trained_tiny.workdir, "--format", fmt, "--out", out),
