@@ -38,10 +38,22 @@ def _import_error(module: str) -> str | None:
     return None
 
 
+class _Deferred:
+    """A module imported on its first attribute access: collection imports every test module in every xdist
+    worker, and importing torch, transformers and onnx there cost each worker about 2.7 s, whether or not it
+    ran a test that uses them."""
+
+    def __init__(self, module: str):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(importlib.import_module(self._module), name)
+
+
 def optional(module: str):
-    """The module if it imports, else None: for module-level names of tests marked with `needs`, which do not
-    run without it."""
-    return None if _import_error(module) else importlib.import_module(module)
+    """`module` for the module-level names of tests marked with `needs`: imported when a test first uses it,
+    which a test that lacks it never does (`needs` skips or fails it first)."""
+    return _Deferred(module)
 
 
 def needs(extra: str, *modules: str) -> pytest.MarkDecorator:

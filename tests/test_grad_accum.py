@@ -1,5 +1,6 @@
 """Token-weighted gradient accumulation: for every objective, k micro-batches give exactly the gradient of one
 big batch, however unevenly the real tokens fall across them, on one device and on a 2 x 2 mesh."""
+import functools
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -61,8 +62,13 @@ def _lora_params(cfg, base):
         if "lora_b" in jax.tree_util.keystr(p) else x, adapters)}
 
 
+NAMES = ("lm", "sft", "sft_lora", "cls", "distill_forward_kl_top0", "distill_jsd_top16", "distill_cached")
+
+
+@functools.cache
 def _objectives():
-    """(name, loss, params, extra, batch) for every objective's loss as its module builds it."""
+    """(name, loss, params, extra, batch) for every objective's loss as its module builds it. Built on first use,
+    not at import: collection imports this module in every xdist worker, and building them takes 3.5 s."""
     cfg = _cfg("train.z_loss=1e-3")
     c = llama.ModelConfig.from_config(cfg)
     model, params = init_params(c, 0)
@@ -87,10 +93,12 @@ def _objectives():
     cached.update(teacher_logp=np.asarray(logp), teacher_ids=np.asarray(ids))
     dcfg = _cfg("distill.cache=c", "distill.topk=16", "distill.alpha=0.5")
     out.append(("distill_cached", student.distill_loss(model, dcfg), params, None, cached))
+    assert tuple(o[0] for o in out) == NAMES
     return out
 
 
-OBJECTIVES = _objectives()
+def _objective(name):
+    return next(o for o in _objectives() if o[0] == name)
 
 
 _accumulate = jax.jit(step_lib.accumulate, static_argnames=("loss", "accum"))
@@ -108,9 +116,9 @@ def _close(a, b, tol=1e-6):
         assert np.abs(x - y).max() <= tol * scale, np.abs(x - y).max() / scale
 
 
-@pytest.mark.parametrize("name", [o[0] for o in OBJECTIVES])
+@pytest.mark.parametrize("name", NAMES)
 def test_accumulation_gives_the_one_big_batch_gradient(name):
-    _, loss, params, extra, batch = next(o for o in OBJECTIVES if o[0] == name)
+    _, loss, params, extra, batch = _objective(name)
     g1, aux1 = _grads(loss, params, extra, batch, 1)
     assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(g1)) > 1e-4
     for k in (2, 4):
@@ -144,7 +152,7 @@ def test_accumulation_on_a_2x2_mesh_matches_one_device():
             return {k: place(v) for k, v in tree.items()}
         return tree if tree is None else jax.device_put(tree, rep)
     for name in ("lm", "sft_lora", "cls", "distill_forward_kl_top0"):
-        _, loss, params, extra, batch = next(o for o in OBJECTIVES if o[0] == name)
+        _, loss, params, extra, batch = _objective(name)
         want, _ = _grads(loss, params, extra, batch, 1)
         params, extra = place(params), place(extra)
         assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves((params, extra)))
@@ -157,7 +165,7 @@ def test_accumulation_on_a_2x2_mesh_matches_one_device():
 
 def test_lora_dropout_masks_differ_across_micro_batches_and_repeat_for_the_same_key():
     """One batch twice as two micro-batches: with the same masks its gradient would be the single batch's."""
-    _, _, params, extra, _ = next(o for o in OBJECTIVES if o[0] == "sft_lora")
+    _, _, params, extra, _ = _objective("sft_lora")
     c = llama.ModelConfig.from_config(_cfg())
     model = llama.Transformer(c)
     drop = SimpleNamespace(train=_cfg().train, lora=SimpleNamespace(rank=4, alpha=8.0, dropout=0.5))
