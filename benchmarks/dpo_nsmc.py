@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import REPO, device_name, find_data, flags, fresh, run, subset, write_out
+from stages import REPO, device_name, find_data, flags, fresh, run, subset, timings, write_out
 
 PROMPT = "영화 리뷰:"
 TEMPLATE = "{prompt} {response}"
@@ -133,7 +133,7 @@ def table(title: str, rows: dict, judge: dict, pairs: dict, log: list, seconds: 
                    f"| {ev['reward_margin']:.3f} "
                    f"| {ev['accuracy']:.3f} | {ev['perplexity']:.2f} ({ev['reference_perplexity']:.2f}) "
                    f"| {ev['perplexity_drift']:.3f} | {r['steps']} |")
-    out += ["", "stages:"] + [f"- {e['seconds']:>6.1f}s  {e['command']}" for e in log]
+    out += timings(log)
     return "\n".join(out) + "\n"
 
 

@@ -29,7 +29,7 @@ import time
 import zlib
 from pathlib import Path
 
-from stages import REPO, device_name, find_data, flags, fresh, run, subset, write_out
+from stages import REPO, device_name, find_data, flags, fresh, run, subset, timings, write_out
 
 SHAPE = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
          "model.tie_embeddings=true", "tokenizer.vocab_size=4000", "tokenizer.special_tokens=<|mask|>",
@@ -135,7 +135,7 @@ def table(title: str, rows: dict, log: list, seconds: float) -> str:
                    f"| {r['nsmc']['macro_f1']:.4f} | {r['kornli_cls']['accuracy']:.4f} "
                    f"| {r['kornli_cls']['macro_f1']:.4f} | {'n/a' if zs is None else format(zs['accuracy'], '.4f')} "
                    f"| {r['korsts']['spearman']:.4f} |")
-    out += ["", "stages:"] + [f"- {e['seconds']:>6.1f}s  {e['command']}" for e in log]
+    out += timings(log)
     return "\n".join(out) + "\n"
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import DATA_DIRS, REPO, device_name, flags, fresh, run, subset, write_out
+from stages import DATA_DIRS, REPO, device_name, flags, fresh, run, subset, timings, write_out
 
 SMOKE_BASE = ["tokenizer.vocab_size=2000", "data.seq_len=128", "train.batch_size=16", "model.d_model=64",
               "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=192", "model.dtype=float32",
@@ -78,7 +78,7 @@ def table(title: str, base: dict, rows: dict, log: list, seconds: float, done: b
         out.append(f"| {name} | {res} | {p['trainable']:,} ({100 * p['trainable'] / p['total']:.2f}%) "
                    f"| {mib(p['param_bytes'] + p['optimizer_bytes'])} | {mib(p['frozen_bytes'])} "
                    f"| {mib(r['peak_device_bytes'])} | {step} | {r['steps']} |")
-    out += ["", "stages:"] + [f"- {e['seconds']:>6.1f}s  {e['command']}" for e in log]
+    out += timings(log)
     return "\n".join(out) + "\n"
 
 

@@ -35,11 +35,10 @@ def main():
     _, model = arch.from_config(cfg)
     tx, _ = optim.make(cfg.optim, 1000)
     _, shardings = state_lib.abstract_and_shardings(model, tx, 0, mesh, rules)
-    init = state_lib.init_fn(model, tx, 0)
     rows = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         t = time.perf_counter()
-        lowered = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings).lower()
+        lowered = state_lib.jitted_init(model, tx, 0, shardings).lower()
         rows.append(("trace + lower", time.perf_counter() - t))
         t = time.perf_counter()
         compiled = lowered.compile()

@@ -42,6 +42,11 @@ def run(cmd: list[str], log: list) -> float:
     return seconds
 
 
+def timings(log: list) -> list[str]:
+    """The closing lines of a report: each stage's seconds and the command `run` ran."""
+    return ["", "stages:"] + [f"- {e['seconds']:>6.1f}s  {e['command']}" for e in log]
+
+
 def flags(overrides: list[str]) -> list[str]:
     return [f"--config.{o}" for o in overrides]
 

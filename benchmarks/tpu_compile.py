@@ -63,6 +63,10 @@ def overrides(recipe_cfg, topo: topology.Topology, preset: str) -> list[str]:
     return out
 
 
+def _key(row: dict) -> tuple:
+    return row["recipe"], row["topology"], row["slices"], row["preset"]
+
+
 def key_name(recipe: str, topo_name: str, slices: int, preset: str) -> str:
     return f"{recipe}@{topo_name}x{slices}:{preset}"
 
@@ -104,21 +108,20 @@ def measure(recipe: str, topo_name: str, slices: int, preset: str, hlo_dir: Path
     except aot.DoesNotFit as e:
         return dict(row, fits=False, reason=str(e), compile_seconds=facts["compile_seconds"])
     coll = r["collectives_per_chip"]
-    out = dict(row, fits=True, memory_gib=r["memory_per_chip"]["total"] / topology.GiB,
-               hbm_gib=r["memory_per_chip"]["hbm"] / topology.GiB,
-               tflops_chip_compiled=r["flops_per_chip_compiled"] / 1e12,
-               tflops_chip_kernels=r["flops_per_chip_kernels"] / 1e12,
-               tflops_chip_analytic=r["flops_per_chip_analytic"] / 1e12,
-               tflops_chip_attention=r["attention_flops_per_chip_analytic"] / 1e12,
-               tflops_chip_xla_once=r["flops_per_chip_xla"] / 1e12,
-               hbm_gb_chip=r["bytes_accessed_per_chip"] / 1e9,
-               collective_gib_chip=sum(v["bytes"] for v in coll.values()) / topology.GiB,
-               collectives={k: v for k, v in coll.items() if v["count"]},
-               mfu_serial=r["roofline"]["mfu_serial"], mfu_overlap=r["roofline"]["mfu_overlap"],
-               roofline=r["roofline"], state_gib=r["state_bytes_per_chip"] / topology.GiB,
-               top_matmuls=r["top_matmuls_per_chip"][:3], loops_counted_once=r["loops_counted_once"],
-               compile_seconds=r["compile_seconds"], mesh=r["mesh"])
-    return out
+    return dict(row, fits=True, memory_gib=r["memory_per_chip"]["total"] / topology.GiB,
+                hbm_gib=r["memory_per_chip"]["hbm"] / topology.GiB,
+                tflops_chip_compiled=r["flops_per_chip_compiled"] / 1e12,
+                tflops_chip_kernels=r["flops_per_chip_kernels"] / 1e12,
+                tflops_chip_analytic=r["flops_per_chip_analytic"] / 1e12,
+                tflops_chip_attention=r["attention_flops_per_chip_analytic"] / 1e12,
+                tflops_chip_xla_once=r["flops_per_chip_xla"] / 1e12,
+                hbm_gb_chip=r["bytes_accessed_per_chip"] / 1e9,
+                collective_gib_chip=sum(v["bytes"] for v in coll.values()) / topology.GiB,
+                collectives={k: v for k, v in coll.items() if v["count"]},
+                mfu_serial=r["roofline"]["mfu_serial"], mfu_overlap=r["roofline"]["mfu_overlap"],
+                roofline=r["roofline"], state_gib=r["state_bytes_per_chip"] / topology.GiB,
+                top_matmuls=r["top_matmuls_per_chip"][:3], loops_counted_once=r["loops_counted_once"],
+                compile_seconds=r["compile_seconds"], mesh=r["mesh"])
 
 
 def _mfu(r: dict) -> str:
@@ -190,12 +193,12 @@ def main(argv=None) -> None:
     if args.reaccount:
         redone = []
         for r in done:
-            key = (r["recipe"], r["topology"], r["slices"], r["preset"])
+            key = _key(r)
             have = Path(f"{hlo_dir / key_name(*key)}.meta.json").exists()
             redone.append(measure(*key, hlo_dir) if have else r)
         done = redone
         out.write_text("".join(json.dumps(r) + "\n" for r in done))
-    seen = {(r["recipe"], r["topology"], r["slices"], r["preset"]) for r in done}
+    seen = {_key(r) for r in done}
     if not (args.table_only or args.reaccount):
         for key in _ordered(args.rows, args.only_rows):
             if key in seen or (args.only and key[0] not in args.only.split(",")):

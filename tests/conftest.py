@@ -126,9 +126,19 @@ def uninterrupted(prepared, tmp_path_factory):
     def copy(dest):
         return shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("clean"))
 
-    def cmd(wd):
-        return [sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd), "--config.train.steps=16",
-                "--config.checkpoint.every_steps=2"]
+    def start(wd, **env):
+        """This run's `kslm train` in `wd`, started as a process of its own on one device."""
+        cmd = [sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd), "--config.train.steps=16",
+               "--config.checkpoint.every_steps=2"]
+        return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=cpu_env.one_device_env(**env),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(wd, **env):
+        """start(wd, **env) run to its end; its stderr."""
+        proc = start(wd, **env)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        return err
 
     def losses(wd):
         path = wd / "metrics.jsonl"
@@ -142,12 +152,10 @@ def uninterrupted(prepared, tmp_path_factory):
         return step, [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
     wd = copy(tmp_path_factory.mktemp("uninterrupted") / "run")
-    proc = subprocess.run(cmd(wd), cwd=Path(__file__).resolve().parents[1], env=cpu_env.one_device_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    finish(wd)
     step, leaves = params(wd)
-    return SimpleNamespace(workdir=wd, copy=copy, cmd=cmd, losses=losses(wd), step=step, params=leaves,
-                           losses_of=losses, params_of=params)
+    return SimpleNamespace(workdir=wd, copy=copy, start=start, finish=finish, losses=losses(wd), step=step,
+                           params=leaves, losses_of=losses, params_of=params)
 
 
 @pytest.fixture

@@ -1,5 +1,4 @@
 """Tokenizer variants on real reviews: Kiwi morpheme-aware BPE, unigram, and `kslm tokenizer --report`."""
-import functools
 import gzip
 import itertools
 import json
@@ -32,16 +31,6 @@ HARD = [
     "\u2063구분자\u2063가 본문에",  # the training delimiter inside the text itself
     "",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_kiwi():
-    """Loading Kiwi costs ~1.5 s on 2 cores and a dozen Segmenters here would each load their own; they share
-    one instance per thread count instead (its analyses do not depend on which instance gives them)."""
-    real = morph._kiwi
-    morph._kiwi = functools.cache(real)
-    yield real
-    morph._kiwi = real
 
 
 def _reviews(n: int, skip: int = 0) -> list[str]:
@@ -119,8 +108,8 @@ def test_kiwi_model_pieces_hold_no_delimiter_and_load_knows_the_variant(trained)
         sp.Encode("밥", add_bos=True)
 
 
-def test_missing_kiwipiepy_is_one_clear_error(monkeypatch, one_kiwi):
-    monkeypatch.setattr(morph, "_kiwi", one_kiwi)  # the loader itself, not one_kiwi's cache of a loaded Kiwi
+def test_missing_kiwipiepy_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(morph, "_kiwi", morph._kiwi.__wrapped__)  # the loader itself, not its cached Kiwi
     monkeypatch.setitem(sys.modules, "kiwipiepy", None)
     with pytest.raises(KslmError, match="pip install"):
         morph.Segmenter().cuts(["밥을 먹었다"])

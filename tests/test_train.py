@@ -1,17 +1,10 @@
 """Training: loss falls, TensorBoard events are readable, bf16 works, resume is bit-exact."""
-import subprocess
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
-import cpu_env
-
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.objectives import lm
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _trainer(wd, *overrides):
@@ -46,12 +39,10 @@ def test_bf16_compute_with_fp32_master_weights(workdir):
 
 def _stop_by(run, wd, sig, at, resumed_from=None):
     """`kslm train` that sends itself `sig` after step `at`: it must save that step and say so."""
-    env = cpu_env.one_device_env(KSLM_FAULT_SIGTERM_AT_STEP=str(at), KSLM_FAULT_SIGNAL=sig)
-    proc = subprocess.run(run.cmd(wd), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = run.finish(wd, KSLM_FAULT_SIGTERM_AT_STEP=str(at), KSLM_FAULT_SIGNAL=sig)
     if resumed_from is not None:
-        assert f"restored checkpoint step {resumed_from}" in proc.stderr, proc.stderr[-3000:]
-    assert f"SIG{sig} received: saved checkpoint at step {at}" in proc.stderr, proc.stderr[-3000:]
+        assert f"restored checkpoint step {resumed_from}" in err, err[-3000:]
+    assert f"SIG{sig} received: saved checkpoint at step {at}" in err, err[-3000:]
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == at
 
 
@@ -62,10 +53,7 @@ def test_signals_save_and_resume_is_bit_exact(uninterrupted, tmp_path):
     wd = run.copy(tmp_path / "run")
     _stop_by(run, wd, "TERM", 5)
     _stop_by(run, wd, "INT", 9, resumed_from=5)
-    proc = subprocess.run(run.cmd(wd), cwd=REPO, env=cpu_env.one_device_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "restored checkpoint step 9" in proc.stderr
+    assert "restored checkpoint step 9" in run.finish(wd)
     assert run.losses_of(wd) == run.losses and len(run.losses) == 16     # every step 1..16, exactly
     step, params = run.params_of(wd)
     assert run.step == step == 16

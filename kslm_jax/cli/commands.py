@@ -135,13 +135,12 @@ def _write_eval(workdir, result: dict) -> None:
     workdir_lib.atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
-def _restored_trainer(args, overrides):
-    cfg = _cfg(args, overrides)
-    trainer = (mlm.trainer if cfg.model.arch == "encoder" else lm.trainer)(cfg, args.workdir)
+def _restored_trainer(cfg, workdir):
+    trainer = (mlm.trainer if cfg.model.arch == "encoder" else lm.trainer)(cfg, workdir)
     import jax
     with jax.set_mesh(trainer.mesh):
         step, trainer.state = checkpoint.restore_params(trainer.paths["checkpoints"], trainer.abstract)
-    return cfg, trainer, step
+    return trainer, step
 
 
 def eval_(args, overrides) -> int:
@@ -151,7 +150,7 @@ def eval_(args, overrides) -> int:
         return eval_cmd.cli(args, overrides)
     if getattr(args, "quant", []):  # refused before a model is built
         arch.require_decoder(cfg, "kslm eval --quant")
-    cfg, trainer, step = _restored_trainer(args, overrides)
+    trainer, step = _restored_trainer(cfg, args.workdir)
     if cfg.model.arch == "encoder":  # masked-LM loss and accuracy on the held-out split, not next-token ones
         result = trainer.evaluate()
         print(mlm.format_eval(step, result))
@@ -199,8 +198,7 @@ def generate(args, overrides) -> int:
         extra = [f"generate.{k}={v}" for k, v in flags.items() if v is not None]
         return eval_cmd.generate_cli(args, list(overrides) + extra)
     prompts = args.prompt or gen.held_out_prompts(workdir_lib.paths(args.workdir)["clean"], 3)
-    cfg, trainer, _ = _restored_trainer(args, overrides)
-    gen.apply_sampling_flags(cfg.generate, **flags)
+    trainer, _ = _restored_trainer(cfg, args.workdir)
     if getattr(args, "quant", []):
         trainer.state = trainer.state.replace(params=_quantized(trainer, args.quant[-1])[0])
     sp = tok_lib.check_workdir(cfg, Path(args.workdir))

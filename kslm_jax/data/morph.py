@@ -11,6 +11,7 @@ to segment at encode time: SentencePiece itself only applies the delimiter while
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -24,7 +25,11 @@ DELIMITER = "\u2063"
 _CHUNK_CHARS = 2000
 
 
+@functools.cache
 def _kiwi(threads: int):
+    """One Kiwi per thread count and process: loading its model takes about 1.5 s on 2 cores, and every
+    Segmenter (each loaded kiwi tokenizer, the tokenizer trainer's) would otherwise load its own. Its analyses do
+    not depend on which instance gives them."""
     try:
         from kiwipiepy import Kiwi
     except ImportError:

@@ -214,7 +214,8 @@ class Module:
 
     def __init__(self, text: str):
         self.comps, self.entry = parse(text)
-        self.shapes = {c: {i.name: i.shape for i in instrs} for c, instrs in self.comps.items()}
+        self.by_name = {c: {i.name: i for i in instrs} for c, instrs in self.comps.items()}
+        self.shapes = {c: {n: i.shape for n, i in by.items()} for c, by in self.by_name.items()}
         self.unknown_loops = set()
         self.fused = set()     # bodies of fusions: their traffic is counted at the fusion instruction
         self._user_cache = {}
@@ -296,7 +297,7 @@ class Module:
         return min(total, full)
 
     def _written(self, comp: str, ins: Instr) -> float:
-        by_name = {i.name: i for i in self.comps[comp]}
+        by_name = self.by_name[comp]
         if ins.op == "tuple":
             return sum(self._written(comp, by_name[o]) for o in ins.operands if o in by_name)
         if ins.op == "dynamic-update-slice":

@@ -73,8 +73,14 @@ def abstract_and_shardings(model, tx, seed: int, mesh, rules=sharding.RULES):
     return abstract, shardings
 
 
+def jitted_init(model, tx, seed: int, shardings):
+    """The jitted initializer that `create` runs, to call under the mesh and logical axis rules
+    (benchmarks/init_time.py times its lowering, compile and run)."""
+    init = init_fn(model, tx, seed)
+    return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)
+
+
 def create(model, tx, seed: int, mesh, shardings, rules=sharding.RULES):
     """Initialize directly into its shardings: full-size parameters never exist on one device."""
-    init = init_fn(model, tx, seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+        return jitted_init(model, tx, seed, shardings)()

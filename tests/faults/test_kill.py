@@ -8,22 +8,13 @@ import os
 import random
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import cpu_env
-
-REPO = Path(__file__).resolve().parents[2]
 REPEATS = int(os.environ.get("KSLM_FAULT_REPEATS", "1"))
-
-
-def _start(run, wd):
-    return subprocess.Popen(run.cmd(wd), cwd=REPO, env=cpu_env.one_device_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 def _committed(wd):
@@ -35,7 +26,7 @@ def test_kill_9_then_resume(uninterrupted, tmp_path, trial):
     run = uninterrupted   # 16 steps, a checkpoint every 2 (tests/conftest.py)
     wd = run.copy(tmp_path / "run")
     rng = random.Random(1000 + trial)
-    proc = _start(run, wd)
+    proc = run.start(wd)
     # Wait for the first step's metrics (compilation done), then kill at a random moment of the 16 steps,
     # whose checkpoints every 2 steps are written asynchronously: many kills land in the middle of one. A fast
     # machine is killed by step 12 at the latest, so the run never finishes first.
@@ -50,7 +41,7 @@ def test_kill_9_then_resume(uninterrupted, tmp_path, trial):
     killed = proc.returncode == -signal.SIGKILL
     assert killed, "the run finished before it could be killed"
     newest = max(_committed(wd), default=None)
-    resumed = _start(run, wd)
+    resumed = run.start(wd)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     found = re.search(r"restored checkpoint step (\d+)", err)
