@@ -37,7 +37,7 @@ def curve(wd: Path) -> dict:
 
 
 def table(title: str, curves: dict, log: list, seconds: float) -> str:
-    out = [f"{title}; {seconds:.0f}s so far", ""]
+    out = [f"{title}; {seconds:.0f}s{' so far' if len(curves) < 2 else ''}", ""]
     if len(curves) == 2:
         a, b = curves["bf16"], curves["fp8"]
         for kind in ("train", "eval"):

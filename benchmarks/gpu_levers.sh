@@ -49,8 +49,9 @@ k1b=(--config configs/ko_1b.py --batch 8 --steps 5 --warmup 2 --override mesh.fs
      --override model.remat=none)
 step ko1b "ko_1b, remat none, batch 8" 40 "${tp[@]}" "${k1b[@]}" --label ko_1b
 # cuBLAS for every GEMM, then tokamax's attention on top (its compile alone took 104 s on an H100)
-step ko1b "ko_1b, Triton GEMM off" 160 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${tp[@]}" "${k1b[@]}" \
-  --label ko_1b_cublas --variant "ko_1b_cublas_tk=model.attention=tokamax_mosaic"
+step ko1b "ko_1b, Triton GEMM off" 250 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${tp[@]}" "${k1b[@]}" \
+  --label ko_1b_cublas --variant "ko_1b_cublas_tk=model.attention=tokamax_mosaic" \
+  --variant "ko_1b_cublas_tk_fp8=model.attention=tokamax_mosaic,model.matmul_precision=fp8"
 step depth "depth: scanned stacks, 124M width" 90 "${tp[@]}" --preset gpt2-124m --batch 16 --steps 5 --warmup 1 --skip-base \
   --variant "L12_unroll12=model.scan_unroll=12" \
   --variant "L24_unroll24=model.n_layers=24,model.scan_unroll=24" \
