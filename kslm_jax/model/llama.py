@@ -88,6 +88,7 @@ class Linear(nn.Module):
     names: tuple
     c: ModelConfig
     n_in: int = 1
+    fp8_allowed: bool = True  # False keeps this projection in the compute dtype under matmul_precision=fp8
 
     @nn.compact
     def __call__(self, x):
@@ -95,7 +96,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _init(self.c, self.names), shape, DTYPES[self.c.param_dtype])
         dtype = DTYPES[self.c.dtype]
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        dot = fp8.dot_general if self.c.matmul_precision == "fp8" else jax.lax.dot_general
+        dot = fp8.dot_general if self.c.matmul_precision == "fp8" and self.fp8_allowed else jax.lax.dot_general
         return dot(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
 
 
@@ -251,7 +252,9 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = Linear((c.vocab_size,), ("embed", "vocab"), c, name="lm_head")(x)
+            # Not in FP8: e4m3's rounding here lands on every logit, and the loss sees it directly (the tied
+            # embedding's attend never used FP8 either).
+            logits = Linear((c.vocab_size,), ("embed", "vocab"), c, name="lm_head", fp8_allowed=False)(x)
         logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
         if cache is None:
             return logits
