@@ -1,4 +1,4 @@
-from kslm_jax.cli.main import main
+from kslm_jax.cli.main import run
 
 if __name__ == "__main__":
-    main()
+    run()

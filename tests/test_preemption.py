@@ -4,11 +4,10 @@ Each process stopping on its own flag would save different steps (or hang in the
 preemption service makes every process stop after the same step (train/preemption.py).
 """
 import re
-import shutil
 import subprocess
 
 import portpicker
-from test_multiprocess import REPO, _cmd, _env, _steps
+from test_multiprocess import REPO, _cmd, _env, _steps, copy_prepared
 
 SIGNALLED = 1   # only this process receives SIGTERM, after its step 3
 STEPS = 20      # far beyond the stop: a process that misses the notice would go on training
@@ -16,7 +15,7 @@ STEPS = 20      # far beyond the stop: a process that misses the notice would go
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(prepared, tmp_path):
     wd = tmp_path / "run"
-    shutil.copytree(prepared, wd)
+    copy_prepared(prepared, wd)
     port = portpicker.pick_unused_port()
     procs = []
     for i in range(2):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -311,5 +312,17 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code or 0)
 
 
+def run() -> None:
+    """The `kslm` script and `python -m kslm_jax`: main() in a process of its own."""
+    try:
+        main()
+    finally:
+        # On its way out the interpreter runs one last full garbage collection over every object still alive, and
+        # JAX, Flax and orbax leave hundreds of thousands: 0.9-1.3 s of each `kslm train` exit on 2 CPU cores.
+        # Frozen objects are skipped by that pass (reference counting still frees them). Not in main(): a test
+        # process that calls main() keeps its collector.
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    main()
+    run()
