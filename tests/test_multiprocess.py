@@ -57,13 +57,17 @@ def _wait(procs):
     return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
-def run_two(wd, steps):
-    """Two processes of two devices each; returns [(returncode, stderr)] of process 0 and 1."""
+def start_two(wd, steps):
+    """Starts two processes of two devices each; finish_two takes them."""
     port = portpicker.pick_unused_port()
-    procs = [subprocess.Popen(_cmd(wd, steps), cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=_env(2, KSLM_DISTRIBUTED="1", KSLM_COORDINATOR=f"127.0.0.1:{port}",
-                                       KSLM_NUM_PROCESSES="2", KSLM_PROCESS_ID=str(i), KSLM_INIT_TIMEOUT="120"))
-             for i in range(2)]
+    return [subprocess.Popen(_cmd(wd, steps), cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=_env(2, KSLM_DISTRIBUTED="1", KSLM_COORDINATOR=f"127.0.0.1:{port}",
+                                      KSLM_NUM_PROCESSES="2", KSLM_PROCESS_ID=str(i), KSLM_INIT_TIMEOUT="120"))
+            for i in range(2)]
+
+
+def finish_two(procs):
+    """[(returncode, stderr)] of process 0 and 1, once both have exited 0."""
     results = _wait(procs)
     for i, (code, err) in enumerate(results):
         assert code == 0, f"process {i} exited {code}:\n{err[-4000:]}"
@@ -98,24 +102,35 @@ def _steps(d):
 
 @pytest.fixture(scope="module")
 def runs(prepared, tmp_path_factory):
+    """The one-process runs go on in this process while the two-process ones they do not depend on train beside
+    them: those spend seconds waiting (process 0 at the first collective for process 1, whose compiles jax's
+    persistent cache never saves, as it writes entries from process 0 only and on CPU keys them per process)."""
     root = tmp_path_factory.mktemp("multiprocess")
     two, one, moved = root / "two", root / "one", root / "moved"
     for wd in (two, one):
         copy_prepared(prepared, wd)
     out = {"dirs": (two, one, moved)}
-    out["two_6"] = run_two(two, 6)
-    out["two_6_losses"] = losses(two)
-    out["two_6_events"] = len(list((two / "tensorboard").glob("events.*")))
-    out["two_6_steps"] = _steps(two)
-    out["two_6_data"] = [json.loads((two / "checkpoints" / "6" / "data" / f"process_{i}-of-2.json").read_text())
-                         for i in (0, 1)]
-    out["two_6_eval"] = json.loads((two / "eval" / "lm.json").read_text())
-    shutil.copytree(two, moved)                      # the 2-process checkpoint at step 6, for a 1-process resume
-    out["one_6"] = run_one(one, 6)
-    out["one_6_losses"] = losses(one)
-    out["one_9"] = run_one(one, 9)
-    out["two_9"] = run_two(two, 9)
-    out["moved_9"] = run_one(moved, 9)
+    started = start_two(two, 6)
+    try:
+        out["one_6"] = run_one(one, 6)
+        out["one_6_losses"] = losses(one)
+        out["one_9"] = run_one(one, 9)
+        out["two_6"] = finish_two(started)
+        out["two_6_losses"] = losses(two)
+        out["two_6_events"] = len(list((two / "tensorboard").glob("events.*")))
+        out["two_6_steps"] = _steps(two)
+        out["two_6_data"] = [json.loads((two / "checkpoints" / "6" / "data" / f"process_{i}-of-2.json").read_text())
+                             for i in (0, 1)]
+        out["two_6_eval"] = json.loads((two / "eval" / "lm.json").read_text())
+        shutil.copytree(two, moved)                  # the 2-process checkpoint at step 6, for a 1-process resume
+        started = start_two(two, 9)
+        out["moved_9"] = run_one(moved, 9)
+        out["two_9"] = finish_two(started)
+    finally:
+        for p in started:  # a failed one-process run leaves no two-process run behind
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     return out
 
 
