@@ -318,9 +318,9 @@ def run() -> None:
         main()
     finally:
         # On its way out the interpreter runs one last full garbage collection over every object still alive, and
-        # JAX, Flax and orbax leave hundreds of thousands: 0.9-1.3 s of each `kslm train` exit on 2 CPU cores.
-        # Frozen objects are skipped by that pass (reference counting still frees them). Not in main(): a test
-        # process that calls main() keeps its collector.
+        # JAX, Flax and orbax leave hundreds of thousands. That pass skips frozen objects (reference counting still
+        # frees them): a 4-step `kslm train` on 2 busy CPU cores took 0.9-1.3 s from main's return to its exit,
+        # 0.15 s frozen, and 0.4-0.6 s less CPU. Not in main(): a test process that calls main() keeps its collector.
         gc.freeze()
 
 
