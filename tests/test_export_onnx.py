@@ -1,6 +1,7 @@
 """ONNX export: onnxruntime runs the exported graph and its logits match JAX, tied and untied, MHA and GQA, batched;
 decoding through its KV cache gives the uncached logits, and a left-padded batch with its attention mask gives
 every row's logits alone."""
+import shutil
 from types import SimpleNamespace
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import random_params
 from extras import needs, optional
+from test_export_errors import failed_export_keeps
 
 from kslm_jax.cli import commands
 from kslm_jax.export import onnx_io
@@ -39,12 +41,18 @@ def _run(session, ids, mask=None, past=None):
     return out[0], out[1:]
 
 
-def test_cli_export_runs_in_onnxruntime(trained_tiny, tmp_path):
+@pytest.fixture(scope="module")
+def cli_export(trained_tiny, tmp_path_factory):
+    """`kslm export --format onnx` of the trained workdir, made once for the two tests below (12 s on 2 cores)."""
+    out = tmp_path_factory.mktemp("cli_onnx") / "onnx"
+    commands.export(SimpleNamespace(workdir=str(trained_tiny.workdir), format="onnx", quant=None, out=str(out)), [])
+    return out
+
+
+def test_cli_export_runs_in_onnxruntime(trained_tiny, cli_export):
     """`kslm export --format onnx` of a trained workdir; Korean sentences tokenized with the shipped tokenizer."""
     import sentencepiece as spm
-    t = trained_tiny
-    out = tmp_path / "onnx"
-    commands.export(SimpleNamespace(workdir=str(t.workdir), format="onnx", quant=None, out=str(out)), [])
+    t, out = trained_tiny, cli_export
     assert sorted(p.name for p in out.iterdir()) == [".kslm_export.json", "model.onnx", "tokenizer.model"]
     model = onnx.load(str(out / "model.onnx"))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -63,6 +71,13 @@ def test_cli_export_runs_in_onnxruntime(trained_tiny, tmp_path):
     theirs, _ = _run(_session(out), ids)
     assert theirs.shape == ours.shape
     np.testing.assert_allclose(theirs, ours, **TOL)
+
+
+def test_failed_export_keeps_the_previous_one(trained_tiny, cli_export, tmp_path, monkeypatch):
+    """tests/test_export_errors.py's case for onnx: the earlier export is a copy of the CLI export above."""
+    out = tmp_path / "onnx"
+    shutil.copytree(cli_export, out)
+    failed_export_keeps(trained_tiny.workdir, out, "onnx", monkeypatch)
 
 
 # (n_heads, n_kv_heads, tie, n_layers): multi-head, grouped-query, multi-query; tied and untied output. Each
