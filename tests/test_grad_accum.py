@@ -116,7 +116,8 @@ def _grads(loss, params, extra, batch, k):
 def _alone(batch, i, k):
     """`batch` with only micro-batch i of k real: the others' tokens and examples masked out, so the k-step
     program divides micro-batch i's gradient by its own count (its mean), without compiling a smaller shape."""
-    keep = (np.arange(B) // (B // k) == i)[:, None]
+    rows = len(batch["segment_ids"])
+    keep = (np.arange(rows) // (rows // k) == i)[:, None]
     out = dict(batch)
     for key, empty in (("segment_ids", 0), ("loss_mask", 0), ("cls_label", -1)):
         if key in out:
@@ -188,8 +189,9 @@ def test_lora_dropout_masks_differ_across_micro_batches_and_repeat_for_the_same_
     loss = finetune.sft_loss(model, drop)
     half = jax.tree.map(lambda v: v[:4], _batch())
     twice = jax.tree.map(lambda v: np.concatenate([v, v]), half)
-    one, _ = _grads(loss, params, extra, half, 1)
-    again, _ = _grads(loss, params, extra, half, 1)
+    # `half` alone is micro-batch 0 of `twice` with micro-batch 1 masked out: one compiled program for all three.
+    one, _ = _grads(loss, params, extra, _alone(twice, 0, 2), 2)
+    again, _ = _grads(loss, params, extra, _alone(twice, 0, 2), 2)
     two, _ = _grads(loss, params, extra, twice, 2)
     no_drop, _ = _grads(finetune.sft_loss(model, SimpleNamespace(train=drop.train, lora=SimpleNamespace(
         rank=4, alpha=8.0, dropout=0.0))), params, extra, half, 1)
