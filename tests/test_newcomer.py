@@ -168,8 +168,12 @@ def test_cpu_recipe_prepares_own_jsonl_split_by_a_field(tmp_path, reviews):
 @needs("export", "torch")
 def test_cli_start_imports_neither_torch_nor_scipy():
     """Every `kslm` command starts by importing the CLI: tensorboardX would pull torch in (1.2 s) and the task
-    metrics scipy.stats (0.5 s). Neither is needed to start, and torch stays importable for the exporters."""
-    code = ("import sys, kslm_jax.cli.main; heavy = sorted({'torch', 'scipy'} & set(sys.modules)); "
-            "assert not heavy, heavy; import torch, scipy.stats; print('ok', torch.__name__)")
+    metrics scipy.stats (0.5 s). Neither is needed to start, and the import system still finds both for the
+    exporters and the task metrics: no None placeholder in sys.modules and no finder that hides them, which is
+    how a CLI would keep them out. find_spec, not an import: the child took 4.5-4.8 s of CPU on 2 cores with
+    both imports, 2.2 s without, and the export and task tests import both after the CLI in one process."""
+    code = ("import sys, importlib.util, kslm_jax.cli.main; heavy = sorted({'torch', 'scipy'} & set(sys.modules)); "
+            "assert not heavy, heavy; found = [importlib.util.find_spec(m) is not None for m in ('torch', 'scipy')]; "
+            "assert found == [True, True], found; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok torch", proc.stderr[-2000:]
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
