@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna  # the test extra installs the sweep extra, so a missing optuna is an install error
 import pytest
@@ -19,6 +20,7 @@ import sqlalchemy  # optuna's storage: present wherever optuna is
 
 import cpu_env
 
+from kslm_jax.cli import sweep as sweep_lib
 from kslm_jax.cli import sweep_space
 from kslm_jax.core import config as config_lib
 from kslm_jax.core.errors import KslmError
@@ -222,3 +224,22 @@ def test_space_keys_are_checked_against_the_config():
         sweep_space.parse_all(cfg, ["train.batch_size=choice(16,big)"])
     p = sweep_space.parse_all(cfg, ["model.remat=choice(none,'dots')", "train.batch_size=int(8,32)"])
     assert p[0].values == ("none", "dots") and p[1].values == (8, 32)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_processes_sharing_a_study_draw_their_own_values(sampler, tmp_path):
+    """Two sweep processes started together on one study, both with --seed 0 (two Sweep objects here, as each
+    process builds one): their trials draw different values, and a trial's values are its number's, whichever
+    process made it. Seeding each process with seed + trials so far gave both the same first draw."""
+    cfg = config_lib.load("tiny_ko")
+    params = sweep_space.parse_all(cfg, ["optim.lr=loguniform(1e-5,1e-1)", "train.batch_size=int(4,64)"])
+    args = SimpleNamespace(workdir=str(tmp_path), budget_steps=10, heartbeat=1, pruner="none", study="s", seed=0,
+                           sampler=sampler)
+
+    def draws(db, order):
+        procs = [sweep_lib.Sweep(args, cfg, params, f"sqlite:///{tmp_path / db}") for _ in range(2)]
+        return {(t := procs[i].study.ask()).number: procs[i]._draw(t) for i in order}
+
+    first = draws("a.db", [0, 1, 1])
+    assert len({tuple(v.values()) for v in first.values()}) == 3, first
+    assert draws("b.db", [1, 0, 0]) == first  # the other process first: each trial number draws the same values

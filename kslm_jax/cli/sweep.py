@@ -26,6 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from kslm_jax.cli import sweep_report
 from kslm_jax.cli import sweep_space as space_lib
 from kslm_jax.core import workdir as workdir_lib
@@ -111,11 +113,10 @@ class Sweep:
         elif old != record:
             raise KslmError(f"study {args.study!r} in {storage} was started with {json.dumps(old)}; pass the same "
                             "--space/--budget-steps/--config.train.eval_every, or a new --study or --workdir")
-        seed = None if args.seed is None else args.seed + len(self.study.trials)  # a resumed process draws anew
-        samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-                    "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                    "qmc": lambda: optuna.samplers.QMCSampler(seed=args.seed or 0, scramble=True)}
-        self.study.sampler = samplers[args.sampler]()
+        self.samplers = {"tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+                         "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+                         "qmc": lambda seed: optuna.samplers.QMCSampler(seed=args.seed or 0, scramble=True)}
+        self.study.sampler = self.samplers[args.sampler](args.seed)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.error = None
@@ -170,7 +171,9 @@ class Sweep:
             if self._surplus(trial):
                 continue
             try:
-                self._run_trial(trial, device)
+                with self.lock:  # the study's sampler is shared by the worker threads
+                    values = self._draw(trial)
+                self._run_trial(trial, values, device)
             except BaseException as e:  # noqa: BLE001 - reported by run() in the main thread
                 self.error = e if isinstance(e, KslmError) else KslmError(f"trial {trial.number:03d}: {e}")
                 self.stop.set()
@@ -186,9 +189,18 @@ class Sweep:
         self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
         return True
 
-    def _run_trial(self, trial, device):
+    def _draw(self, trial) -> dict:
+        """The trial's parameter values. With --seed, TPE and random draw from a generator seeded by the seed and
+        the trial's number, which the storage hands out once per study: processes that share a study never draw
+        alike (seeding each process with seed + trials so far gave two processes started together the same
+        draws), and a trial's values do not depend on which process made it. QMC is indexed by trial already."""
+        if self.args.seed is not None and self.args.sampler != "qmc":
+            seed = int(np.random.SeedSequence([self.args.seed, trial.number]).generate_state(1)[0])
+            self.study.sampler = self.samplers[self.args.sampler](seed)
+        return {p.key: p.suggest(trial) for p in self.params}
+
+    def _run_trial(self, trial, values, device):
         optuna = self.optuna
-        values = {p.key: p.suggest(trial) for p in self.params}
         frozen = self.study._storage.get_trial(trial._trial_id)
         origin = self.retry.retried_trial_number(frozen)
         folder = self.workdir / "trials" / f"{trial.number if origin is None else origin:03d}"
