@@ -16,7 +16,7 @@ import pytest
 from kslm_jax.core import config as config_lib
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.core.errors import KslmError
-from kslm_jax.data import preference_data
+from kslm_jax.data import examples, preference_data
 from kslm_jax.objectives import dpo, preference
 from kslm_jax.train import step as step_lib
 
@@ -113,7 +113,8 @@ def packed(env):
     cfg = _cfg(env)
     data = preference_data.build(cfg, env.sp)
     # rows of 128 positions hold several pairs of at most 64 (the training rows hold one or two)
-    batch = next(preference_data.one_pass(data.train.pairs, 8, 128, cfg.data.max_segments_per_row))[0]
+    batch = next(examples.one_pass(data.train.pairs, 8, 128, preference_data.max_pairs(cfg.data.max_segments_per_row),
+                                   fill_fn=preference_data.fill))[0]
     rng = np.random.default_rng(0)
     shape = (*batch["inputs"].shape, 50)
     batch = dict(batch, targets=batch["targets"] % 50)  # a 50-token vocabulary keeps the numpy side small

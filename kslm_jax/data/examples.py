@@ -74,11 +74,11 @@ def _check_fits(ex: ExampleSet, order: np.ndarray, seq_len: int) -> None:
         raise ValueError(f"example {e} has {int(ex.lengths[e])} positions, over {seq_len}")
 
 
-def one_pass(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, order=None):
+def one_pass(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, order=None, fill_fn=fill):
     """(batch, plan) over every example once, in `order` (default: as stored); for evaluation.
 
     The examples are packed first-fit once, in order, and the rows cut into batches of `rows`; the last
-    batch is padded with empty rows.
+    batch is padded with empty rows. `fill_fn` gathers a batch, as in ExampleStream (preference pairs).
     """
     order = np.arange(len(ex)) if order is None else np.asarray(order, np.int64)
     _check_fits(ex, order, seq_len)
@@ -86,7 +86,7 @@ def one_pass(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, order=N
               for row in packing.first_fit(ex.lengths[order].tolist(), seq_len, max_segments, BINS)]
     for b in range(0, len(packed), rows):
         plan = packed[b: b + rows]
-        yield fill(ex, plan, rows, seq_len, max_segments), plan
+        yield fill_fn(ex, plan, rows, seq_len, max_segments), plan
 
 
 def ExampleStream(ex: ExampleSet, rows: int, seq_len: int, max_segments: int, seed: int,  # noqa: N802

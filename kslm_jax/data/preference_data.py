@@ -21,7 +21,6 @@ import numpy as np
 from kslm_jax.core.errors import KslmError
 from kslm_jax.data import finetune_data, packing
 from kslm_jax.data import tokenizer as tok_lib
-from kslm_jax.data.examples import BINS
 
 
 class PairSet:
@@ -68,16 +67,6 @@ def max_pairs(max_segments: int) -> int:
         raise KslmError("config key data.max_segments_per_row must be at least 2 for finetune.kind=dpo "
                         "(each pair takes two segments of a row)")
     return max_segments // 2
-
-
-def one_pass(ps: PairSet, rows: int, seq_len: int, max_segments: int, idx=None):
-    """(batch, plan) over the pairs `idx` (default all) once, in order, first-fit packed; for evaluation."""
-    idx = np.arange(len(ps)) if idx is None else np.asarray(idx, np.int64)
-    packed = [[int(idx[j]) for j in row]
-              for row in packing.first_fit(ps.lengths[idx].tolist(), seq_len, max_pairs(max_segments), BINS)]
-    for b in range(0, len(packed), rows):
-        plan = packed[b: b + rows]
-        yield fill(ps, plan, rows, seq_len), plan
 
 
 @dataclasses.dataclass

@@ -101,8 +101,8 @@ class Preference(finetune.Finetune):
         out = {k: np.zeros(len(idx)) for k in ("pi_c", "pi_r", "ref_c", "ref_r", "n_c", "n_r")}
         pos = {int(e): i for i, e in enumerate(idx)}
         with jax.set_mesh(self.setup.mesh):
-            for batch, plan in preference_data.one_pass(self.data.val.pairs, cfg.train.batch_size, cfg.data.seq_len,
-                                                        cfg.data.max_segments_per_row, idx):
+            for batch, plan in examples.one_pass(self.data.val.pairs, cfg.train.batch_size, cfg.data.seq_len,
+                                                 self.pairs, idx, fill_fn=preference_data.fill):
                 got = jax.device_get(self._stats(state.params, self.extra, batch))  # every process: all rows
                 for r, row in enumerate(plan):
                     for j, e in enumerate(row):
