@@ -221,6 +221,7 @@ class Module:
         self._user_cache = {}
         self.weight = collections.Counter()
         self._walk(self.entry, 1.0)
+        self.matmul_rows = self._matmul_rows()  # read by flops() and matmuls(): each FLOP count made once
 
     def _walk(self, comp: str, weight: float) -> None:
         self.weight[comp] += weight
@@ -242,7 +243,7 @@ class Module:
                     self._walk(name, weight / len(names) if ins.op == "conditional" else weight)
 
     def flops(self) -> float:
-        return sum(w * sum(_matmul_flops(i, self.shapes[c]) for i in self.comps[c]) for c, w in self.weight.items())
+        return sum(r["flops"] for r in self.matmul_rows)
 
     def bytes(self) -> float:
         return sum(w * sum(self._traffic(i, self.shapes[c]) for i in self.comps[c]
@@ -308,18 +309,17 @@ class Module:
         root = next((i for i in self.comps[inner] if i.root), None) if inner in self.comps else None
         return self._written(inner, root) if root is not None else array_bytes(ins.shape)
 
+    def _matmul_rows(self) -> list[dict]:
+        """Every dot and convolution, FLOPs per step and shapes; flops() sums them, matmuls() shows the largest."""
+        return [{"flops": _matmul_flops(ins, self.shapes[comp]) * weight, "times": weight,
+                 "out": ins.shape.split("{")[0],
+                 "operands": [self.shapes[comp].get(o, "?").split("{")[0] for o in ins.operands[:2]],
+                 "op_name": (re.search(r'op_name="([^"]*)"', ins.attrs) or [None, ""])[1]}
+                for comp, weight in self.weight.items() for ins in self.comps[comp] if ins.op in ("dot", "convolution")]
+
     def matmuls(self, top: int = 8) -> list[dict]:
         """The largest matmuls by FLOPs per step (a loop body's counted trip-count times), with their shapes."""
-        rows = []
-        for comp, weight in self.weight.items():
-            shapes = self.shapes[comp]
-            for ins in self.comps[comp]:
-                if ins.op in ("dot", "convolution"):
-                    f = _matmul_flops(ins, shapes)
-                    rows.append({"flops": f * weight, "times": weight, "out": ins.shape.split("{")[0],
-                                 "operands": [shapes.get(o, "?").split("{")[0] for o in ins.operands[:2]],
-                                 "op_name": (re.search(r'op_name="([^"]*)"', ins.attrs) or [None, ""])[1]})
-        return sorted(rows, key=lambda r: -r["flops"])[:top]
+        return sorted(self.matmul_rows, key=lambda r: -r["flops"])[:top]
 
     def collectives(self) -> dict:
         """{kind: {"count", "bytes"}} per step. The TPU compiler repeats one asynchronous collective in the
