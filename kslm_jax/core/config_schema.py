@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
                                 # (flash, mask) | cudnn_packed (flash, ragged; Hopper+) | splash (Pallas, TPU)
                                 # | tokamax_mosaic, tokamax_triton (tokamax's Pallas flash kernels; kernels extra)
         kernels="xla",          # xla | tokamax (fused SwiGLU and RMSNorm from tokamax) | tokamax_glu | tokamax_norm
-        matmul_precision="default",  # default (compute dtype) | fp8 (e4m3 operands, e5m2 gradients; Hopper)
+        matmul_precision="default",  # default (compute dtype) | fp8 (e4m3 operands, e5m2 gradients; Hopper;
+                                # the blocks' projections only: lm_head keeps the compute dtype)
         scan_layers=True,       # one compiled layer body scanned over depth: fast compiles at any depth
         scan_unroll=1,          # layers per iteration of that scan: unrolled speed, compile time bounded by this
         remat="none",           # none | dots | full: what the backward pass recomputes instead of storing
