@@ -201,6 +201,15 @@ def test_lora_dpo_trains_logs_and_resumes_bit_exact(env):
     assert rows[-1]["train/reward_margin"] > 0.05 and rows[-1]["train/loss"] < rows[0]["train/loss"]
     ev = summary["eval"]
     assert ev["pairs"] == min(16, len(straight.objective.data.val.pairs)) > 0 and ev["reward_margin"] > 0
+    # The frozen reference's held-out log-probs come from the first eval of that index set; later evals reuse
+    # them and never run the reference, and they equal a fresh computation.
+    obj = straight.objective
+    assert len(obj._ref_cache) == 1
+    ref_stats, obj._ref_stats = obj._ref_stats, None
+    cached = obj.evaluate(straight.state)
+    obj._ref_cache.clear()
+    obj._ref_stats = ref_stats
+    assert cached == obj.evaluate(straight.state) and cached["reward_margin"] == ev["reward_margin"]
 
     rwd = env.root / "resumed"
     _run(env, "resumed", cfg, sigterm_at=2, then=False)

@@ -62,7 +62,9 @@ class Preference(finetune.Finetune):
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self._merge = jax.jit(lambda base, ad: lora.merge(base, ad, cfg.lora.alpha / max(cfg.lora.rank, 1)))
         self._rows = pipeline._host_slice(cfg.train.batch_size, cfg.train.grad_accum)
-        self._stats = jax.jit(functools.partial(_pair_stats, self.forward, self.ref_model, self.pairs))
+        self._policy_stats = jax.jit(functools.partial(_policy_stats, self.forward, self.pairs))
+        self._ref_stats = jax.jit(functools.partial(_ref_stats, self.ref_model, self.pairs))
+        self._ref_cache = {}  # held-out index set -> the frozen reference's log-probs, computed at its first eval
         rep = self.data.report()
         if distributed.is_primary():
             workdir_lib.atomic_write_text(workdir / "finetune_data.json",
@@ -96,19 +98,28 @@ class Preference(finetune.Finetune):
         return np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
 
     def pair_logps(self, state, idx) -> dict:
-        """Per held-out pair (in `idx` order): summed response log-probs and token counts, policy and reference."""
+        """Per held-out pair (in `idx` order): summed response log-probs and token counts, policy and reference.
+        The reference is frozen, so its forward pass runs at the first evaluation of an index set only."""
         cfg = self.cfg
-        out = {k: np.zeros(len(idx)) for k in ("pi_c", "pi_r", "ref_c", "ref_r", "n_c", "n_r")}
+        key = np.asarray(idx, np.int64).tobytes()
+        ref = self._ref_cache.get(key)
+        out = {k: np.zeros(len(idx)) for k in ("pi_c", "pi_r", "n_c", "n_r") + (("ref_c", "ref_r") if ref is None
+                                                                                  else ())}
         pos = {int(e): i for i, e in enumerate(idx)}
         with jax.set_mesh(self.setup.mesh):
             for batch, plan in examples.one_pass(self.data.val.pairs, cfg.train.batch_size, cfg.data.seq_len,
                                                  self.pairs, idx, fill_fn=preference_data.fill):
-                got = jax.device_get(self._stats(state.params, self.extra, batch))  # every process: all rows
+                got = self._policy_stats(state.params, self.extra, batch)
+                if ref is None:
+                    got = dict(got, **self._ref_stats(self.extra["reference"], batch))
+                got = jax.device_get(got)  # every process: all rows
                 for r, row in enumerate(plan):
                     for j, e in enumerate(row):
                         for k in out:
                             out[k][pos[e]] = got[k][r, j]
-        return out
+        if ref is None:
+            ref = self._ref_cache[key] = {k: out[k] for k in ("ref_c", "ref_r")}
+        return dict(out, **ref)
 
     def evaluate(self, state) -> dict:
         idx = self.eval_indices()
@@ -118,11 +129,15 @@ class Preference(finetune.Finetune):
         return summarize(self.pair_logps(state, idx), self.cfg.finetune.dpo_beta, self.cfg.finetune.dpo_loss)
 
 
-def _pair_stats(policy_forward, ref_model, pairs, params, extra, batch) -> dict:
+def _policy_stats(policy_forward, pairs, params, extra, batch) -> dict:
     logits = policy_forward(params, extra, batch)
     pi_c, pi_r, n_c, n_r, _ = preference.response_logps(logits, batch, pairs)
-    ref_c, ref_r = preference.reference_logps(ref_model, extra["reference"], batch, pairs)
-    return {"pi_c": pi_c, "pi_r": pi_r, "ref_c": ref_c, "ref_r": ref_r, "n_c": n_c, "n_r": n_r}
+    return {"pi_c": pi_c, "pi_r": pi_r, "n_c": n_c, "n_r": n_r}
+
+
+def _ref_stats(ref_model, pairs, ref_params, batch) -> dict:
+    ref_c, ref_r = preference.reference_logps(ref_model, ref_params, batch, pairs)
+    return {"ref_c": ref_c, "ref_r": ref_r}
 
 
 def summarize(lp: dict, beta: float, kind: str) -> dict:
