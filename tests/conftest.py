@@ -126,7 +126,7 @@ def uninterrupted(prepared, tmp_path_factory):
     from kslm_jax.objectives import lm
 
     def copy(dest):
-        return shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("clean"))
+        return copy_without_clean(prepared, dest)
 
     def start(wd, **env):
         """This run's `kslm train` in `wd`, started as a process of its own on one device."""
@@ -142,11 +142,6 @@ def uninterrupted(prepared, tmp_path_factory):
         assert proc.returncode == 0, err[-3000:]
         return err
 
-    def losses(wd):
-        path = wd / "metrics.jsonl"
-        lines = path.read_text(encoding="utf-8").split("\n")[:-1] if path.exists() else []  # not a half-written one
-        return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
-
     def params(wd):
         t = lm.trainer(workdir_lib.config_for(wd, None, []), wd)
         with jax.set_mesh(t.mesh):
@@ -156,8 +151,36 @@ def uninterrupted(prepared, tmp_path_factory):
     wd = copy(tmp_path_factory.mktemp("uninterrupted") / "run")
     finish(wd)
     step, leaves = params(wd)
-    return SimpleNamespace(workdir=wd, copy=copy, start=start, finish=finish, losses=losses(wd), step=step,
-                           params=leaves, losses_of=losses, params_of=params)
+    return SimpleNamespace(workdir=wd, copy=copy, start=start, finish=finish, losses=logged_losses(wd), step=step,
+                           params=leaves, losses_of=logged_losses, params_of=params)
+
+
+def copy_without_clean(src, dest):
+    """A workdir copied without its clean text: a run that finishes there writes no end-of-train samples (a
+    generate compile per process), for tests that do not read them."""
+    return shutil.copytree(src, dest, ignore=shutil.ignore_patterns("clean"))
+
+
+def logged_losses(wd) -> dict:
+    """{step: train/loss} from a run's metrics.jsonl (a step logged twice, before and after a resume, keeps its
+    last value); a line still being written by a live run is left out."""
+    path = Path(wd) / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1] if path.exists() else []
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+
+def committed_steps(wd) -> list[int]:
+    """The checkpoint steps committed in a workdir, ascending (none before its first save)."""
+    return sorted(int(p.name) for p in (Path(wd) / "checkpoints").glob("*") if p.name.isdigit())
+
+
+def right_padded(rows):
+    """Token-id rows of different lengths as one (rows, longest) int64 batch, padded on the right with id 0."""
+    import numpy as np
+    ids = np.zeros((len(rows), max(map(len, rows))), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+    return ids
 
 
 @pytest.fixture

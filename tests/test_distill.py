@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import committed_steps
 from cli_inproc import kslm
 from extras import needs
 
@@ -136,7 +137,7 @@ def test_resumed_student_keeps_the_teacher_step_it_started_with(teacher, prepare
     assert json.loads((tmp_path / "student" / student.TEACHER_PIN).read_text())["step"] == 20
     more = workdir_lib.config_for(t_wd, None, ["train.steps=22", "checkpoint.every_steps=22"], force=True)
     lm.trainer(more, t_wd).fit()
-    assert 22 in checkpoint_steps(t_wd)
+    assert 22 in committed_steps(t_wd)
     again = _student(tmp_path / "student", t_wd)
     assert again.objective.teacher_step == 20
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), first.extra, again.extra)
@@ -145,10 +146,6 @@ def test_resumed_student_keeps_the_teacher_step_it_started_with(teacher, prepare
     shutil.rmtree(t_wd / "checkpoints" / "20")
     with pytest.raises(KslmError, match="started with the teacher's checkpoint step 20"):
         _student(tmp_path / "student", t_wd)
-
-
-def checkpoint_steps(wd):
-    return sorted(int(p.name) for p in (Path(wd) / "checkpoints").iterdir() if p.name.isdigit())
 
 
 @pytest.fixture(scope="module")

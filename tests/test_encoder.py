@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, random_params
+from conftest import TINY, logged_losses, random_params
 from cli_inproc import kslm
 from extras import needs, optional
 from one_line import one_line_error
@@ -200,11 +200,6 @@ def enc_workdir(tmp_path_factory, prepared):
 RUN = ["train.steps=12", "checkpoint.every_steps=4", "optim.warmup_steps=2", "optim.lr=1e-2"]
 
 
-def _losses(wd):
-    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
 def _params(wd):
     t = mlm.trainer(workdir_lib.config_for(wd, None, [], force=True), wd)
     with jax.set_mesh(t.mesh):
@@ -214,7 +209,7 @@ def _params(wd):
 
 def test_encoder_trains_evaluates_and_resumes_bit_exact_from_the_cli(enc_workdir, tmp_path, monkeypatch):
     straight = enc_workdir.trained
-    losses = _losses(straight)
+    losses = logged_losses(straight)
     assert np.mean([losses[s] for s in (1, 2)]) - np.mean([losses[s] for s in (11, 12)]) > 0.3
     step, _, params = _params(straight)
     assert step == 12 and json.loads((straight / "eval" / "mlm.json").read_text())["step"] == 12
@@ -226,7 +221,7 @@ def test_encoder_trains_evaluates_and_resumes_bit_exact_from_the_cli(enc_workdir
     assert mlm.trainer(cfg, wd).fit()["stopped_by"] == "SIGTERM"
     monkeypatch.delenv("KSLM_FAULT_SIGTERM_AT_STEP")
     _cli("train", "--workdir", wd)
-    assert {s: v for s, v in _losses(wd).items() if s > 6} == {s: v for s, v in losses.items() if s > 6}
+    assert {s: v for s, v in logged_losses(wd).items() if s > 6} == {s: v for s, v in losses.items() if s > 6}
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(wd)[2])):
         np.testing.assert_array_equal(a, b)
 

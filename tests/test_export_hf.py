@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params
+from conftest import random_params, right_padded
 from extras import needs, optional
 
 from kslm_jax.core import workdir as workdir_lib
@@ -53,9 +53,7 @@ def test_export_matches_transformers_and_round_trips(source, tmp_path):
     for ids, text in zip(rows, SENTENCES):
         assert tok(text)["input_ids"] == ids, text
     # One right-padded batch (pad id 0) through both: causal models, same ids, padding included.
-    ids = np.zeros((len(rows), max(map(len, rows))), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
+    ids = right_padded(rows)
     model = llama.Transformer(llama.ModelConfig.from_config(cfg))
     ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids)))
     with torch.no_grad():

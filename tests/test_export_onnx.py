@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params
+from conftest import random_params, right_padded
 from extras import needs, optional
 from test_export_errors import failed_export_keeps
 
@@ -64,9 +64,7 @@ def test_cli_export_runs_in_onnxruntime(trained_tiny, cli_export):
     for ids, text in zip(rows, SENTENCES):
         assert ids[1:] == t.sp.EncodeAsIds(text)
     # One right-padded batch (pad id 0), one JAX compile: both sides see the same ids, padding included.
-    ids = np.zeros((len(rows), max(map(len, rows))), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
+    ids = right_padded(rows)
     ours = np.asarray(jax.jit(t.model.apply)({"params": t.params}, jnp.asarray(ids)))
     theirs, _ = _run(_session(out), ids)
     assert theirs.shape == ours.shape

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import committed_steps
 
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
@@ -45,8 +46,7 @@ def test_skipped_steps_in_a_row_stop_with_the_last_good_state_saved(workdir, mon
     with pytest.raises(KslmError, match=r"steps in a row had a non-finite loss, gradient or update "
                                         r"\(train.max_skipped_steps=3\); the run stopped at step 8"):
         _fit(workdir, monkeypatch, "5-8", "train.max_skipped_steps=3")
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [4, 8]
+    assert committed_steps(workdir) == [4, 8]
     t = lm.trainer(workdir_lib.config_for(workdir, None, []), workdir)
     with jax.set_mesh(t.mesh):
         last = checkpoint.restore_params(t.paths["checkpoints"], t.abstract)[1].params

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import portpicker
 import pytest
+from conftest import committed_steps, copy_without_clean, logged_losses
 
 import cli_inproc
 import cpu_env
@@ -85,21 +86,6 @@ def run_one(wd, steps):
     return proc.stderr
 
 
-def losses(wd):
-    rows = [json.loads(line) for line in (Path(wd) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def copy_prepared(prepared, dest):
-    """`prepared` without its clean text: a run then writes no end-of-train samples, which these tests do not
-    read and which cost every process three more compiles (one_device runs in tests/conftest.py do the same)."""
-    return shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("clean"))
-
-
-def _steps(d):
-    return sorted(int(p.name) for p in (Path(d) / "checkpoints").iterdir() if p.name.isdigit())
-
-
 @pytest.fixture(scope="module")
 def runs(prepared, tmp_path_factory):
     """The one-process runs go on in this process while the two-process ones they do not depend on train beside
@@ -108,17 +94,17 @@ def runs(prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
     two, one, moved = root / "two", root / "one", root / "moved"
     for wd in (two, one):
-        copy_prepared(prepared, wd)
+        copy_without_clean(prepared, wd)
     out = {"dirs": (two, one, moved)}
     started = start_two(two, 6)
     try:
         out["one_6"] = run_one(one, 6)
-        out["one_6_losses"] = losses(one)
+        out["one_6_losses"] = logged_losses(one)
         out["one_9"] = run_one(one, 9)
         out["two_6"] = finish_two(started)
-        out["two_6_losses"] = losses(two)
+        out["two_6_losses"] = logged_losses(two)
         out["two_6_events"] = len(list((two / "tensorboard").glob("events.*")))
-        out["two_6_steps"] = _steps(two)
+        out["two_6_steps"] = committed_steps(two)
         out["two_6_data"] = [json.loads((two / "checkpoints" / "6" / "data" / f"process_{i}-of-2.json").read_text())
                              for i in (0, 1)]
         out["two_6_eval"] = json.loads((two / "eval" / "lm.json").read_text())
@@ -153,17 +139,17 @@ def test_two_process_resume_matches(runs):
     for i, (_, err) in enumerate(runs["two_9"]):
         assert "restored checkpoint step 6" in err, f"process {i}:\n{err[-3000:]}"
     assert "restored checkpoint step 6" in runs["one_9"]
-    a, b = losses(two), losses(one)
+    a, b = logged_losses(two), logged_losses(one)
     assert sorted(a) == sorted(b) == list(range(1, 10))
     assert [a[s] for s in (7, 8, 9)] == pytest.approx([b[s] for s in (7, 8, 9)], abs=1e-5)
-    assert _steps(two)[-1] == 9
+    assert committed_steps(two)[-1] == 9
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs):
     _, one, moved = runs["dirs"]
     err = runs["moved_9"]
     assert "restored checkpoint step 6" in err, err[-3000:]
-    a, b = losses(moved), losses(one)
+    a, b = logged_losses(moved), logged_losses(one)
     assert [a[s] for s in (7, 8, 9)] == pytest.approx([b[s] for s in (7, 8, 9)], abs=1e-5)
 
 

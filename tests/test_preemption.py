@@ -7,7 +7,8 @@ import re
 import subprocess
 
 import portpicker
-from test_multiprocess import REPO, _cmd, _env, _steps, copy_prepared
+from conftest import committed_steps, copy_without_clean
+from test_multiprocess import REPO, _cmd, _env
 
 SIGNALLED = 1   # only this process receives SIGTERM, after its step 3
 STEPS = 20      # far beyond the stop: a process that misses the notice would go on training
@@ -15,7 +16,7 @@ STEPS = 20      # far beyond the stop: a process that misses the notice would go
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(prepared, tmp_path):
     wd = tmp_path / "run"
-    copy_prepared(prepared, wd)
+    copy_without_clean(prepared, wd)
     port = portpicker.pick_unused_port()
     procs = []
     for i in range(2):
@@ -40,7 +41,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(prepared, tmp_path):
         saved.append(int(m.group(1)))
     assert saved[0] == saved[1]
     assert 3 <= saved[0] < STEPS
-    assert _steps(wd) == [saved[0]]
+    assert committed_steps(wd) == [saved[0]]
     # each process wrote its own data-stream state into that one checkpoint
     written = {p.name for p in (wd / "checkpoints" / str(saved[0]) / "data").iterdir()}
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= written, saved

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import logged_losses
 from cli_inproc import kslm
 
 from kslm_jax.core import checkpoint
@@ -100,16 +101,11 @@ def _params(wd):
     return step, jax.tree.map(np.asarray, state.params)
 
 
-def _losses(wd):
-    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
 def test_gru_trains_resumes_bit_exact_evaluates_and_generates_from_the_cli(workdir, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     __import__("shutil").copytree(workdir, straight)
     _cli("train", "--workdir", straight, *[f"--config.{o}" for o in GRU])
-    losses = _losses(straight)
+    losses = logged_losses(straight)
     assert np.mean([losses[s] for s in (1, 2)]) - np.mean([losses[s] for s in (11, 12)]) > 0.5
     step, params = _params(straight)
     assert step == 12 and "layers_1" in params and "gru" in params["layers_0"]
@@ -119,7 +115,7 @@ def test_gru_trains_resumes_bit_exact_evaluates_and_generates_from_the_cli(workd
     assert lm.trainer(cfg, workdir).fit()["stopped_by"] == "SIGTERM"
     monkeypatch.delenv("KSLM_FAULT_SIGTERM_AT_STEP")
     assert lm.trainer(workdir_lib.config_for(workdir, None, GRU, force=True), workdir).fit()["step"] == 12
-    assert {s: v for s, v in _losses(workdir).items() if s > 6} == {s: v for s, v in losses.items() if s > 6}
+    assert {s: v for s, v in logged_losses(workdir).items() if s > 6} == {s: v for s, v in losses.items() if s > 6}
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(workdir)[1])):
         np.testing.assert_array_equal(a, b)
 

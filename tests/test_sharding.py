@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-from kslm_jax.core import sharding
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.objectives import lm
 
@@ -15,7 +14,7 @@ STEPS = 3  # losses 2 and 3 come after one and two updates
 
 
 def _losses(wd, mesh):
-    """The trainer's first STEPS losses on `mesh`, fed as its loop feeds them. The loop itself is left out: its
+    """The trainer's first STEPS losses on `mesh`, each batch laid out by the loop's own `device_batch`. The rest of the loop is left out: its
     final checkpoint and eval pass cost a third of this test on 2 cores (2.4 s to save the (2, 2, 2) state), and
     saving under a mesh is tests/test_reshard.py's."""
     d, f, t = mesh
@@ -26,8 +25,7 @@ def _losses(wd, mesh):
     data, losses = trainer.objective.batches(), []
     with jax.set_mesh(trainer.mesh):
         for _ in range(STEPS):
-            batch = sharding.global_batch(trainer.objective.attach(next(data)), trainer.mesh, cfg.train.grad_accum)
-            trainer.state, out = trainer.train_step(trainer.state, batch, trainer.extra)
+            trainer.state, out = trainer.train_step(trainer.state, trainer.device_batch(next(data)), trainer.extra)
             assert int(out["nonfinite"]) == 0
             losses.append(float(out["ce_sum"]) / int(out["tokens"]))
     return losses, trainer

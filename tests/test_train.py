@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import committed_steps
 
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.objectives import lm
@@ -43,7 +44,7 @@ def _stop_by(run, wd, sig, at, resumed_from=None):
     if resumed_from is not None:
         assert f"restored checkpoint step {resumed_from}" in err, err[-3000:]
     assert f"SIG{sig} received: saved checkpoint at step {at}" in err, err[-3000:]
-    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == at
+    assert committed_steps(wd)[-1] == at
 
 
 def test_signals_save_and_resume_is_bit_exact(uninterrupted, tmp_path):

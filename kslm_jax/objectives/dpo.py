@@ -103,8 +103,8 @@ class Preference(finetune.Finetune):
         cfg = self.cfg
         key = np.asarray(idx, np.int64).tobytes()
         ref = self._ref_cache.get(key)
-        out = {k: np.zeros(len(idx)) for k in ("pi_c", "pi_r", "n_c", "n_r") + (("ref_c", "ref_r") if ref is None
-                                                                                  else ())}
+        keys = ("pi_c", "pi_r", "n_c", "n_r") + (("ref_c", "ref_r") if ref is None else ())
+        out = {k: np.zeros(len(idx)) for k in keys}
         pos = {int(e): i for i, e in enumerate(idx)}
         with jax.set_mesh(self.setup.mesh):
             for batch, plan in examples.one_pass(self.data.val.pairs, cfg.train.batch_size, cfg.data.seq_len,

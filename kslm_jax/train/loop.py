@@ -62,6 +62,11 @@ class Trainer:
     def evaluate(self) -> dict:
         return self.objective.evaluate(self.state)
 
+    def device_batch(self, batch: dict) -> dict:
+        """A host batch from the objective's stream as the train step takes it: the objective's extra fields
+        attached, then laid out over the mesh (micro-batches first when train.grad_accum > 1)."""
+        return sharding.global_batch(self.objective.attach(batch), self.mesh, self.cfg.train.grad_accum)
+
     def lm_params(self):
         return self.objective.lm_params(self.state)
 
@@ -117,8 +122,7 @@ class Trainer:
             watchdog = guards.Watchdog(tcfg.step_timeout_s)
             with jax.set_mesh(self.mesh):
                 while step < tcfg.steps and not stop.check(step):
-                    batch = self.objective.attach(next(data_iter))
-                    batch = sharding.global_batch(batch, self.mesh, tcfg.grad_accum)
+                    batch = self.device_batch(next(data_iter))
                     step_fn = faults.step_fn(step + 1, self.train_step, self._poisoned_step)
                     self.oom_context = (step + 1, batch)
                     with profiler.step(step + 1):

@@ -44,9 +44,10 @@ def _init_params(model, key):
     # scan_unroll=1 too: an unrolled scan body copies its draws as well (124M at scan_unroll=12 on an H100:
     # setup 31.6 s before, 3.1 s after), and unrolling does not change which weights are drawn.
     twin = llama.Transformer(dataclasses.replace(model.c, scan_layers=True, scan_unroll=1))
+    params = twin.init(key, _dummy())["params"]
     if model.c.scan_layers:
-        return twin.init(key, _dummy())["params"]
-    params = dict(twin.init(key, _dummy())["params"])
+        return params
+    params = dict(params)
     stacked = params.pop("layers")
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
     for i in range(model.c.n_layers):

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import committed_steps
 
 from kslm_jax.core import checkpoint
 from kslm_jax.core import workdir as workdir_lib
@@ -79,7 +80,7 @@ def test_foreign_step_folder_does_not_block_saves(trained, tmp_path, caplog):
     (junk / "notes.txt").write_text("not a checkpoint")
     _fit(wd, 10)
     assert _restored(wd)[0] == 10
-    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == 10
+    assert committed_steps(wd)[-1] == 10
     moved = list((wd / "checkpoints-set-aside").glob("10-*"))
     assert len(moved) == 1 and (moved[0] / "notes.txt").read_text() == "not a checkpoint"
 
@@ -148,6 +149,6 @@ def test_cadence_and_retention_come_from_orbax_policies(prepared, tmp_path):
     shutil.copytree(prepared, wd)
     over = ["train.steps=11", "checkpoint.every_steps=2", "checkpoint.keep=2", "checkpoint.keep_every=4"]
     lm.trainer(workdir_lib.config_for(wd, None, over, force=True), wd).fit()
-    kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    kept = committed_steps(wd)
     assert kept == [4, 8, 10, 11], kept  # newest 2, every 4th kept for good, the final step always saved
     assert os.path.isfile(wd / "checkpoints" / "11" / checkpoint.CHECKSUMS)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_without_clean
 from cli_inproc import kslm
 from extras import needs
 from one_line import one_line_error
@@ -166,8 +167,7 @@ def test_flipped_shard_without_verification_is_one_line(prepared, tmp_path):
 
 def test_zeroed_unsealed_step_falls_back_without_tracebacks(trained_tiny, tmp_path):
     wd = tmp_path / "run"
-    # Without the clean text the two runs write no end-of-train samples (a generate compile each), not read here.
-    shutil.copytree(trained_tiny.workdir, wd, ignore=shutil.ignore_patterns("clean"))
+    copy_without_clean(trained_tiny.workdir, wd)  # no end-of-train samples, which this test does not read
     # Writing step 22 needs no process of its own; reading it back does (orbax's and tensorstore's threads).
     proc = kslm("train", "--workdir", wd, "--config.train.steps=22", "--config.checkpoint.every_steps=2", *QUIET)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,16 +9,12 @@ import random
 import re
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import committed_steps
 
 REPEATS = int(os.environ.get("KSLM_FAULT_REPEATS", "1"))
-
-
-def _committed(wd):
-    return sorted(int(p.name) for p in (Path(wd) / "checkpoints").glob("*") if p.name.isdigit())
 
 
 @pytest.mark.parametrize("trial", range(REPEATS))
@@ -40,7 +36,7 @@ def test_kill_9_then_resume(uninterrupted, tmp_path, trial):
     proc.communicate()
     killed = proc.returncode == -signal.SIGKILL
     assert killed, "the run finished before it could be killed"
-    newest = max(_committed(wd), default=None)
+    newest = max(committed_steps(wd), default=None)
     resumed = run.start(wd)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err

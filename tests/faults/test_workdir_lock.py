@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import copy_without_clean
 from cli_inproc import kslm
 from one_line import one_line_error
 
@@ -24,8 +25,7 @@ def _env():
 
 def test_second_writer_is_refused_while_the_first_holds_the_workdir(prepared, tmp_path):
     wd = tmp_path / "run"
-    # Without the clean text a finished run writes no end-of-train samples (a generate compile), not read here.
-    shutil.copytree(prepared, wd, ignore=shutil.ignore_patterns("clean"))
+    copy_without_clean(prepared, wd)  # no end-of-train samples, which this test does not read
     env = dict(_env(), KSLM_FAULT_STALL_AT_STEP="1")  # the first run holds the lock, stalled after step 1
     first = subprocess.Popen([sys.executable, "-m", "kslm_jax", "train", "--workdir", str(wd),
                               "--config.train.steps=4", *QUIET], cwd=REPO, env=env, stdout=subprocess.PIPE,
