@@ -10,6 +10,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import train_throughput as tt  # noqa: E402
+
+
+# Kernel families by name (first match wins): cuBLAS/cuBLASLt and Triton GEMMs, cuDNN/tokamax attention,
+# collectives, copies and transposes, then XLA's own fusions, which hold the elementwise and reduction passes.
+CATEGORIES = [
+    ("attention", r"flash|fmha|cudnn|mosaic|attention|splash|sdpa"),
+    ("gemm", r"gemm|xmma|nvjet|cutlass|sm90_|ampere_|matmul|dot"),
+    ("collective", r"nccl|all_reduce|all-reduce|reduce_scatter|all_gather"),
+    ("copy/transpose", r"copy|transpose|memcpy|memset"),
+    ("reduction fusion", r"reduce|reduction"),
+    ("elementwise fusion", r"fusion|loop_|elementwise|convert|multiply|add"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, pattern in CATEGORIES if re.search(pattern, low)), "other")
 
 
 def main():
@@ -63,6 +81,13 @@ def main():
     print(f"{'ms/step':>9s}{'share':>7s}{'calls':>7s}  kernel")
     for name, us in totals.most_common(args.top):
         print(f"{us / args.steps / 1e3:>9.3f}{us / total:>7.1%}{counts[name] // args.steps:>7d}  {name[:110]}")
+    by_cat, n_cat = collections.Counter(), collections.Counter()
+    for name, us in totals.items():
+        by_cat[category(name)] += us
+        n_cat[category(name)] += counts[name]
+    print(f"\n{'ms/step':>9s}{'share':>7s}{'calls':>7s}  family")
+    for cat, us in by_cat.most_common():
+        print(f"{us / args.steps / 1e3:>9.3f}{us / total:>7.1%}{n_cat[cat] // args.steps:>7d}  {cat}")
 
 
 if __name__ == "__main__":
