@@ -12,6 +12,8 @@ import numpy as np
 import optax
 from conftest import copy_without_clean, init_params
 
+from kslm_jax.core import config as config_lib
+from kslm_jax.core import sharding
 from kslm_jax.core import workdir as workdir_lib
 from kslm_jax.model import fp8, llama
 from kslm_jax.objectives import lm
@@ -146,6 +148,17 @@ def test_unrolled_state_splits_the_meta_per_layer():
             lambda a: (a.shape, a.dtype), shapes[f"layers_{i}"])
     _, plain = init_params(dataclasses.replace(CFG, matmul_precision="default"))
     assert "fp8" not in str(jax.tree_util.tree_structure(plain))
+
+
+def test_imported_or_pruned_weights_start_with_fresh_meta():
+    """kslm import and kslm prune write a step 0 of weights from elsewhere: its meta is a new run's."""
+    mesh = sharding.make_mesh(config_lib.load(None, ["mesh.data=1"]).mesh)
+    model, _, states, _ = _setup()
+    _, shardings = state_lib.abstract_and_shardings(model, optax.adam(1e-2), 0, mesh)
+    fresh = state_lib.fresh_fp8_meta(model, mesh, shardings)
+    jax.tree.map(np.testing.assert_array_equal, fresh, states[0].fp8_meta)
+    plain = llama.Transformer(dataclasses.replace(CFG, matmul_precision="fp8"))
+    assert state_lib.fresh_fp8_meta(plain, mesh, shardings) == {}
 
 
 def test_resume_continues_with_the_same_meta_and_losses(prepared, tmp_path):
