@@ -30,7 +30,6 @@ from flax.linen import fp8_ops
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 META = fp8_ops.OVERWRITE_WITH_GRADIENT
-PRECISIONS = ("default", "fp8", "fp8_delayed")
 
 
 def quantize(x, fp8_dtype):
