@@ -42,6 +42,7 @@ step levers "each lever alone, 124M, batch 16, unrolled, after its own base row"
   --variant "tk_glu=model.kernels=tokamax_glu" \
   --variant "tk_norm=model.kernels=tokamax_norm" \
   --variant "fp8=model.matmul_precision=fp8" \
+  --variant "fp8_delayed=model.matmul_precision=fp8_delayed" \
   --variant "tk_triton_attn=model.attention=tokamax_triton"
 step tests "kernels vs reference on the GPU (outputs and gradients, packed rows with padding)" 60 \
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py "tests/test_model.py::test_cudnn_matches_reference"
@@ -51,7 +52,8 @@ step ko1b "ko_1b, remat none, batch 8" 40 "${tp[@]}" "${k1b[@]}" --label ko_1b
 # cuBLAS for every GEMM, then tokamax's attention on top (its compile alone took 104 s on an H100)
 step ko1b "ko_1b, Triton GEMM off" 250 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${tp[@]}" "${k1b[@]}" \
   --label ko_1b_cublas --variant "ko_1b_cublas_tk=model.attention=tokamax_mosaic" \
-  --variant "ko_1b_cublas_tk_fp8=model.attention=tokamax_mosaic,model.matmul_precision=fp8"
+  --variant "ko_1b_cublas_tk_fp8=model.attention=tokamax_mosaic,model.matmul_precision=fp8" \
+  --variant "ko_1b_cublas_tk_fp8_delayed=model.attention=tokamax_mosaic,model.matmul_precision=fp8_delayed"
 step depth "depth: scanned stacks, 124M width" 90 "${tp[@]}" --preset gpt2-124m --batch 16 --steps 5 --warmup 1 --skip-base \
   --variant "L12_unroll12=model.scan_unroll=12" \
   --variant "L24_unroll24=model.n_layers=24,model.scan_unroll=24" \

@@ -183,6 +183,8 @@ def test_cce_loss_matches_dense():
 @pytest.mark.parametrize("overrides,words", [
     (["train.loss_impl=cce"], ["train.z_loss", "train.loss_impl=cce"]),
     (["lora.rank=4", "finetune.kind=sft", "model.kernels=tokamax"], ["model.kernels", "LoRA"]),
+    (["finetune.kind=sft", "model.matmul_precision=fp8_delayed"], ["model.matmul_precision=fp8_delayed", "=fp8"]),
+    (["model.fp8_amax_history=0"], ["model.fp8_amax_history=0", "at least 1"]),
 ])
 def test_config_refuses_levers_that_change_the_math(overrides, words):
     cfg = config_lib.load(None)

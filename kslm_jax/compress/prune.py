@@ -129,11 +129,10 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def _save_step0(cfg, out: Path, params) -> None:
-    c = llama.ModelConfig.from_config(cfg)
+    model = llama.Transformer(llama.ModelConfig.from_config(cfg))
     tx, _ = optim.make(cfg.optim, cfg.train.steps)
-    mesh = sharding.make_mesh(cfg.mesh)
-    abstract, shardings = state_lib.abstract_and_shardings(llama.Transformer(c), tx, cfg.train.seed, mesh,
-                                                           sharding.rules(cfg.mesh.rules))
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules)
+    abstract, shardings = state_lib.abstract_and_shardings(model, tx, cfg.train.seed, mesh, rules)
     if jax.tree.structure(abstract.params) != jax.tree.structure(params) or \
             [a.shape for a in jax.tree.leaves(abstract.params)] != [np.shape(a) for a in jax.tree.leaves(params)]:
         raise KslmError("the pruned weights do not fit the output config; do not override model.* shape keys "
@@ -142,7 +141,8 @@ def _save_step0(cfg, out: Path, params) -> None:
         params = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float32), params), shardings.params)
         state = state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                                      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
-                                     rng=jax.random.PRNGKey(cfg.train.seed))
+                                     rng=jax.random.PRNGKey(cfg.train.seed),
+                                     fp8_meta=state_lib.fresh_fp8_meta(model, mesh, shardings, rules))
         with checkpoint.manager(workdir_lib.paths(out)["checkpoints"], cfg.checkpoint) as mngr:
             checkpoint.save(mngr, 0, state, None, force=True)
             mngr.wait_until_finished()

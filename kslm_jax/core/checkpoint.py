@@ -225,30 +225,35 @@ def leaf_name(path) -> str:
     return "/".join(map(str, _names(path)))
 
 
-def check_shapes(step_dir: Path, abstract_state) -> None:
-    """Compare the global shapes orbax recorded for the step's parameters with the config's, before any read.
+def check_shapes(step_dir: Path, abstract_state) -> set | None:
+    """Compare the global shapes orbax recorded for the step's parameters and FP8 meta with the config's,
+    before any read; the names of the state's fields the step holds (None: unreadable metadata).
 
-    orbax's own metadata reader, not _METADATA's write_shape: that is one shard's shape under FSDP.
+    orbax's own metadata reader, not _METADATA's write_shape: that is one shard's shape under FSDP. A run
+    without model.matmul_precision=fp8_delayed has an empty fp8_meta, which a step may hold or, written
+    before the field existed, lack.
     """
+    def leaves(tree) -> dict:  # {(field, *path): leaf}, parameters named without their "params/"
+        return {(*([f] if f != "params" else []), *_names(p)): leaf for f in ("params", "fp8_meta") if f in tree
+                for p, leaf in jax.tree_util.tree_flatten_with_path(tree[f], is_leaf=lambda x: hasattr(x, "shape"))[0]}
+
     try:
         meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir / "state"))
         tree = meta.tree if hasattr(meta, "tree") else meta
-        stored = {_names(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(
-            tree["params"], is_leaf=lambda x: hasattr(x, "shape"))[0]}
+        stored = {key: tuple(m.shape) for key, m in leaves(tree).items()}
     except Exception:  # noqa: BLE001 - unreadable metadata is damage; the restore that follows reports it
-        return
-    wrong = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]:
-        have = stored.get(_names(path))
-        if have is None:
-            wrong.append(f"{leaf_name(path)} is missing")
-        elif have != tuple(leaf.shape):
-            wrong.append(f"{leaf_name(path)} is {have}, the config gives {tuple(leaf.shape)}")
+        return None
+    ours = {key: tuple(leaf.shape) for key, leaf in leaves(vars(abstract_state)).items()}
+    name = lambda key: "/".join(map(str, key))  # noqa: E731
+    wrong = [f"{name(k)} is missing" if k not in stored else f"{name(k)} is {stored[k]}, the config gives {shape}"
+             for k, shape in ours.items() if stored.get(k) != shape]
+    wrong += [f"it holds {name(k)}, which this config lacks" for k in stored if k[0] == "fp8_meta" and k not in ours]
     if wrong:
         shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
         raise ShapeMismatch(f"checkpoint step {step_dir.name} in {step_dir.parent} is intact but was written for "
                             f"another model shape ({shown}); the workdir's config.json no longer matches its "
                             "checkpoints: restore the model.* keys it was trained with, or use a new --workdir")
+    return set(tree)
 
 
 def _finite(state) -> bool:
@@ -260,13 +265,20 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state, data_i
     """One step, checked against its seal (or, if unsealed, read back in full), into the shardings of
     `abstract_state`."""
     step_dir = Path(mngr.directory) / str(step)
-    check_shapes(step_dir, abstract_state)
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    saved = check_shapes(step_dir, abstract_state)
+    fields = {f.name for f in dataclasses.fields(abstract_state)} if dataclasses.is_dataclass(abstract_state) else set()
+    absent = fields - saved if saved is not None else set()
+    # orbax restores only into the tree structure it saved: fields the step predates (empty here, or
+    # check_shapes would have refused) are left out of the target and keep their empty values.
+    target = {f: getattr(abstract_state, f) for f in fields - absent} if absent else abstract_state
+    args = {"state": ocp.args.StandardRestore(target)}
     # Imported weights (kslm import) carry no iterator state: the data then starts at its beginning.
     if data_iter is not None and (step_dir / "data").is_dir():
         args["data"] = DataRestore(data_iter)
     verify(step_dir)
     state = mngr.restore(step, args=ocp.args.Composite(**args))["state"]
+    if absent:
+        state = dataclasses.replace(abstract_state, **state)
     if not (step_dir / CHECKSUMS).exists():
         if not _finite(state):
             raise ValueError("it is unsealed and holds non-finite parameters")

@@ -20,6 +20,7 @@ INF = math.inf
 RANGES = {
     "model.head_dim": (0, INF, True, False),
     "model.scan_unroll": (1, INF, True, False),
+    "model.fp8_amax_history": (1, INF, True, False),
     "model.d_ff": (0, INF, True, False),
     "model.vocab_multiple": (1, INF, True, False),
     "model.rope_theta": (0, INF, False, False),
@@ -120,6 +121,11 @@ def check_kernels(cfg) -> None:
         if cfg.finetune.kind != "none" or cfg.distill.teacher or cfg.distill.cache:
             raise KslmError("config key train.loss_impl=cce applies to pretraining only (fine-tuning and "
                             "distillation need the whole logits); set train.loss_impl=dense")
+    if m.matmul_precision == "fp8_delayed" and (cfg.finetune.kind != "none" or cfg.lora.rank or cfg.distill.teacher
+                                                or cfg.distill.cache or m.arch != "decoder"):
+        raise KslmError("config key model.matmul_precision=fp8_delayed: its scales and amax histories are carried "
+                        "by the pretraining loss of the decoder only; for fine-tuning, LoRA, distillation or "
+                        "another model.arch set model.matmul_precision=fp8 (current scaling) or default")
     if cfg.lora.rank and m.kernels in ("tokamax", "tokamax_glu"):
         raise KslmError(f"config key model.kernels={m.kernels} fuses the gate and up projections, which "
                         "bypasses LoRA adapters and int8 bases; set model.kernels=xla or tokamax_norm")

@@ -36,7 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
                                 # | tokamax_mosaic, tokamax_triton (tokamax's Pallas flash kernels; kernels extra)
         kernels="xla",          # xla | tokamax (fused SwiGLU and RMSNorm from tokamax) | tokamax_glu | tokamax_norm
         matmul_precision="default",  # default (compute dtype) | fp8 (e4m3 operands, e5m2 gradients; Hopper;
-                                # the blocks' projections only: lm_head keeps the compute dtype)
+                                # the blocks' projections only: lm_head keeps the compute dtype; each scale
+                                # from this step's tensor) | fp8_delayed (the same, each scale from the amax
+                                # history of earlier steps, Flax's fp8_ops; pretraining of the decoder only)
+        fp8_amax_history=1024,  # fp8_delayed: steps of amax each scale is taken from (Flax/TransformerEngine's)
         scan_layers=True,       # one compiled layer body scanned over depth: fast compiles at any depth
         scan_unroll=1,          # layers per iteration of that scan: unrolled speed, compile time bounded by this
         remat="none",           # none | dots | full: what the backward pass recomputes instead of storing
@@ -237,7 +240,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "xla", "cudnn", "cudnn_packed", "splash", "tokamax_mosaic", "tokamax_triton"),
     "model.kernels": ("xla", "tokamax", "tokamax_glu", "tokamax_norm"),
-    "model.matmul_precision": ("default", "fp8"),
+    "model.matmul_precision": ("default", "fp8", "fp8_delayed"),
     "train.loss_impl": ("dense", "cce"),
     "model.remat": ("none", "dots", "full"),
     "tokenizer.model_type": ("bpe", "unigram"),

@@ -10,16 +10,26 @@ The float8 arrays go into dot_general as they are, not as a quantize-dequantize 
 dot: measured on an H100 (jax 0.11.2), XLA dropped such a pair inside a jitted model (logits equal to the
 default path's within 2e-7), so the model never saw FP8. A float8 dot_general is what XLA's GPU backend hands
 to cuBLASLt's FP8 GEMM; other backends compute the same rounded product in float32, which the CPU tests check.
+
+Delayed scaling (`model.matmul_precision=fp8_delayed`) is Flax's Fp8DirectDotGeneralOp (flax.linen.fp8_ops):
+each operand's scale comes from the largest amax in a history of the last `model.fp8_amax_history` steps, so
+no reduction over this step's tensor has to finish before it is cast. The scales and histories are variables
+of the collection META; the backward pass returns their updated values as their "gradients", which the train
+step writes back over them (train/step.py). A model applied without that collection (eval, sampling, export
+pass only the params) falls back to the current scaling above: it needs no history and sees the same formats.
 """
 from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import fp8_ops
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
+META = fp8_ops.OVERWRITE_WITH_GRADIENT
 
 
 def quantize(x, fp8_dtype):
@@ -69,3 +79,13 @@ def dot_general(x, kernel, dimension_numbers):
     lead, k_in, out = x.shape[:x.ndim - n], math.prod(x.shape[x.ndim - n:]), kernel.shape[n:]
     y = matmul(x.reshape(-1, k_in), kernel.reshape(k_in, -1))
     return y.reshape(*lead, *out)
+
+
+def linear_dot(module: nn.Module, precision: str, history: int):
+    """The dot_general of a Linear `module` (called inside its compact __call__) under `precision`.
+
+    Flax's op as a child named "fp8" keeps its six variables (scale and amax history of the input, the kernel
+    and the output gradient) under the Linear, so the scanned stack stacks them per layer like the kernel."""
+    if precision == "fp8_delayed" and (module.is_initializing() or module.has_variable(META, "fp8")):
+        return fp8_ops.Fp8DirectDotGeneralOp(amax_history_length=history, name="fp8")
+    return dot_general if precision in ("fp8", "fp8_delayed") else jax.lax.dot_general

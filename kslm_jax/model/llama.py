@@ -41,7 +41,8 @@ class ModelConfig:
     remat: str = "none"
     max_segments: int = 64
     kernels: str = "xla"              # xla | tokamax | tokamax_glu | tokamax_norm (see KERNELS)
-    matmul_precision: str = "default"  # default | fp8 (model/fp8.py)
+    matmul_precision: str = "default"  # default | fp8 | fp8_delayed (model/fp8.py)
+    fp8_amax_history: int = 1024      # steps of amax each scale of fp8_delayed is taken from
     scan_unroll: int = 1              # layers per iteration of the scanned stack
     causal: bool = True               # False: the masked-LM encoder (model.arch=encoder), whole documents
 
@@ -54,7 +55,8 @@ class ModelConfig:
                    tie_embeddings=m.tie_embeddings, init_std=m.init_std, dtype=m.dtype,
                    param_dtype=m.param_dtype, attention=m.attention, scan_layers=m.scan_layers, remat=m.remat,
                    max_segments=cfg.data.max_segments_per_row, kernels=m.kernels,
-                   matmul_precision=m.matmul_precision, scan_unroll=m.scan_unroll, causal=m.arch != "encoder")
+                   matmul_precision=m.matmul_precision, fp8_amax_history=m.fp8_amax_history,
+                   scan_unroll=m.scan_unroll, causal=m.arch != "encoder")
 
 
 # Which tokamax kernels `kernels` turns on: the fused SwiGLU (gate and up projections in one kernel) and RMSNorm.
@@ -88,7 +90,7 @@ class Linear(nn.Module):
     names: tuple
     c: ModelConfig
     n_in: int = 1
-    fp8_allowed: bool = True  # False keeps this projection in the compute dtype under matmul_precision=fp8
+    fp8_allowed: bool = True  # False keeps this projection in the compute dtype under matmul_precision=fp8*
 
     @nn.compact
     def __call__(self, x):
@@ -96,7 +98,8 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _init(self.c, self.names), shape, DTYPES[self.c.param_dtype])
         dtype = DTYPES[self.c.dtype]
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        dot = fp8.dot_general if self.c.matmul_precision == "fp8" and self.fp8_allowed else jax.lax.dot_general
+        precision = self.c.matmul_precision if self.fp8_allowed else "default"
+        dot = fp8.linear_dot(self, precision, self.c.fp8_amax_history)
         return dot(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
 
 
@@ -232,7 +235,9 @@ class Transformer(nn.Module):
         if c.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            # The FP8 scales and histories (fp8_delayed) are per layer, like the weights.
+            stack = nn.scan(block, variable_axes={"params": 0, fp8.META: 0},
+                            split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                             unroll=c.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
             x, new_layers = stack(c, name="layers")(x, positions, attn_inputs, layers, cache_index)

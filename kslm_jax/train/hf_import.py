@@ -183,7 +183,8 @@ def import_hf(hf_dir: Path, workdir: Path, force: bool = False, overrides=()) ->
                           shardings.params)
     state = state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                                  opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
-                                 rng=jax.random.PRNGKey(cfg.train.seed))
+                                 rng=jax.random.PRNGKey(cfg.train.seed),
+                                 fp8_meta=state_lib.fresh_fp8_meta(model, mesh, shardings))
     _write(workdir, cfg, force, hf_dir, state)
     return workdir
 

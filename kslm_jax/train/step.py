@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from kslm_jax.core import sharding
-from kslm_jax.model import llama
+from kslm_jax.model import fp8, llama
 from kslm_jax.train import optim
 
 # optax.global_norm is deprecated in recent optax in favour of optax.tree.norm; older releases lack the latter.
@@ -76,13 +76,15 @@ def loss_mask(batch):
     return mask
 
 
-def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0, loss_impl: str = "dense"):
-    """The pretraining loss: (summed CE + z-loss over the batch's counted tokens, sums for the log)."""
+def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0, loss_impl: str = "dense", fp8_meta=None):
+    """The pretraining loss: (summed CE + z-loss over the batch's counted tokens, sums for the log).
+    `fp8_meta`: the scales and amax histories of model.matmul_precision=fp8_delayed (TrainState.fp8_meta)."""
     mask = loss_mask(batch)
     t = batch["inputs"].shape[-1]
     chunked = bool(loss_chunk and loss_chunk < t and t % loss_chunk == 0)
+    variables = {"params": params, **({fp8.META: fp8_meta} if fp8_meta else {})}
     # Both fused paths take the final hidden states and the output matrix, never the (B, T, V) logits.
-    out = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+    out = model.apply(variables, batch["inputs"], batch["positions"], batch["segment_ids"],
                       return_hidden=loss_impl == "cce" or chunked)
     if loss_impl == "cce":
         ce_sum = cce_loss_sum(out, llama.output_kernel(params, model.c), batch["targets"], mask)
@@ -97,47 +99,67 @@ def loss_fn(params, model, batch, z_loss, loss_chunk: int = 0, loss_impl: str = 
 
 
 def lm_loss(model, z_loss: float, loss_chunk: int = 0, loss_impl: str = "dense"):
-    """The pretraining loss as an Objective's `loss(params, extra, batch, rng) -> (sum, aux)`."""
-    def loss(params, extra, batch, rng):
+    """The pretraining loss as an Objective's `loss(params, extra, batch, rng) -> (sum, aux)`; the one loss that
+    also takes `fp8_meta` (config_checks keeps fp8_delayed to pretraining)."""
+    def loss(params, extra, batch, rng, fp8_meta=None):
         del extra, rng  # the decoder has no dropout
-        return loss_fn(params, model, batch, z_loss, loss_chunk, loss_impl)
+        return loss_fn(params, model, batch, z_loss, loss_chunk, loss_impl, fp8_meta)
     return loss
 
 
 def accumulate(loss, params, extra, batch, rng, accum: int):
-    """(gradients, aux) of the whole global batch: summed over micro-batches, divided by its total count.
+    """(gradients, aux) of the whole global batch: see accumulate_with_meta, of a state without FP8 meta."""
+    grads, aux, _ = accumulate_with_meta(loss, params, {}, extra, batch, rng, accum)
+    return grads, aux
+
+
+def accumulate_with_meta(loss, params, meta, extra, batch, rng, accum: int):
+    """(gradients, aux, new FP8 meta) of the whole global batch: gradients summed over micro-batches, divided
+    by its total count.
 
     Each loss returns a sum over its micro-batch and the count it summed over (real tokens, or examples for
     a classifier), so with k micro-batches of any padding this is exactly the gradient of one big batch. The
     jitted step sees the global batch of every process, so the count is global too: no process normalizes by
     its own share. Micro-batch i draws its random numbers from fold_in(rng, i).
+
+    `meta` (fp8_delayed's scales and amax histories; {} otherwise) goes into the loss as `fp8_meta`, and its
+    "gradient" is its new value (Flax's overwrite-with-gradient), never divided or summed. Every micro-batch
+    reads the step's meta, so all cast with the same scales and compute the same new scales and rolled
+    history; the newest amax entries differ, and their elementwise maximum is what one big batch would have
+    recorded (the amax of a union is the largest of the parts' amaxes).
     """
-    grad_fn = jax.grad(loss, has_aux=True)
+    def lossm(p, m, e, b, r):
+        return loss(p, e, b, r, fp8_meta=m) if m else loss(p, e, b, r)
+
+    grad_fn = jax.grad(lossm, argnums=(0, 1), has_aux=True)
     if accum == 1:
-        grads, aux = grad_fn(params, extra, batch, jax.random.fold_in(rng, 0))
+        (grads, new_meta), aux = grad_fn(params, meta, extra, batch, jax.random.fold_in(rng, 0))
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     else:
         # Micro-batches run in a scan: one compiled body, gradients summed in float32, one update.
         def micro(carry, xs):
             i, mb = xs
-            g, a = grad_fn(params, extra, mb, jax.random.fold_in(rng, i))
+            (g, m), a = grad_fn(params, meta, extra, mb, jax.random.fold_in(rng, i))
             g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
-            return jax.tree.map(jnp.add, carry, (g, a)), None
+            grads, new_meta, aux = carry
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.maximum, new_meta, m),
+                    jax.tree.map(jnp.add, aux, a)), None
         first = jax.tree.map(lambda x: x[0], batch)
-        aux_shape = jax.eval_shape(lambda: loss(params, extra, first, rng)[1])
-        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-                 jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
-        (grads, aux), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
+        aux_shape = jax.eval_shape(lambda: lossm(params, meta, extra, first, rng)[1])
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        lowest = jax.tree.map(lambda m: jnp.full(m.shape, -jnp.inf, m.dtype), meta)
+        no_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+        (grads, new_meta, aux), _ = jax.lax.scan(micro, (zeros, lowest, no_aux), (jnp.arange(accum), batch))
     n = jnp.maximum(aux["tokens"], 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
-    return grads, aux
+    return grads, aux, new_meta
 
 
 def train_step(state, batch, extra=None, *, loss, tx, lr_fn, accum: int, rules=sharding.RULES):
     # Every random draw of this step comes from (seed, step, micro-batch): a resumed run draws the same ones.
     rng = jax.random.fold_in(state.rng, state.step)
     with nn.logical_axis_rules(rules):
-        grads, aux = accumulate(loss, state.params, extra, batch, rng, accum)
+        grads, aux, meta = accumulate_with_meta(loss, state.params, state.fp8_meta, extra, batch, rng, accum)
         count = optim.schedule_count(state.opt_state, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -148,11 +170,11 @@ def train_step(state, batch, extra=None, *, loss, tx, lr_fn, accum: int, rules=s
     # learning-rate schedule: the schedule counts applied updates, and `lr` is the rate this step's update
     # was (or would have been) computed with.
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(aux["ce_sum"]) & jnp.isfinite(_norm(updates))
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state.params, state.opt_state))
+    params, opt_state, meta = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state, meta),
+                                           (state.params, state.opt_state, state.fp8_meta))
     metrics = dict(aux, grad_norm=grad_norm, lr=lr_fn(count), param_norm=_norm(params),
                    nonfinite=(~finite).astype(jnp.int32))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, fp8_meta=meta)
     return new_state, metrics
 
 

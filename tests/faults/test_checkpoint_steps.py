@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import committed_steps
 
@@ -105,6 +106,27 @@ def test_changed_model_shape_is_named_not_called_damage(trained, tmp_path):
     msg = str(info.value)
     assert "intact" in msg and "another model shape" in msg and "(1024, 64)" in msg and "(1024, 96)" in msg, msg
     assert "\n" not in msg
+
+
+def test_step_without_fp8_meta_restores_and_fp8_delayed_names_it(trained, tmp_path):
+    """A step saved before TrainState had fp8_meta (orbax's tree lacks the field) restores as before; switched
+    to model.matmul_precision=fp8_delayed, the run is told the step lacks its meta, and the step stays put."""
+    wd = _copy(trained, tmp_path)
+    step, state = _restored(wd)
+    shutil.rmtree(wd / "checkpoints")
+    with ocp.CheckpointManager((wd / "checkpoints").absolute()) as mngr:
+        older = {k: v for k, v in vars(state).items() if k != "fp8_meta"}
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(older)))
+    again_step, again = _restored(wd)
+    assert again_step == step and again.fp8_meta == {}
+    jax.tree.map(np.testing.assert_array_equal, again.params, state.params)
+    cfg = json.loads((wd / "config.json").read_text())
+    cfg["model"]["matmul_precision"] = "fp8_delayed"
+    (wd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KslmError) as info:
+        _restored(wd)
+    assert "another model shape" in str(info.value) and "fp8_meta/layers/" in str(info.value), str(info.value)
+    assert committed_steps(wd) == [step]
 
 
 def test_interrupted_seal_does_not_poison_the_step(trained, tmp_path):
