@@ -39,12 +39,12 @@ def curve(wd: Path) -> dict:
 def table(title: str, curves: dict, log: list, seconds: float) -> str:
     out = [f"{title}; {seconds:.0f}s{' so far' if len(curves) < 2 else ''}", ""]
     if len(curves) == 2:
-        a, b = curves["bf16"], curves["fp8"]
+        (_, a), (low, b) = curves.items()  # bf16 first, then the FP8 run
         for kind in ("train", "eval"):
             steps = sorted(set(a[kind]) & set(b[kind]))
             if kind == "train" and len(steps) > 12:  # every window is in the .json; the table shows a dozen
                 steps = [steps[round(i * (len(steps) - 1) / 11)] for i in range(12)]
-            out += [f"{kind} loss:", "", "| step | bf16 | fp8 | fp8 - bf16 | relative |", "|---|---|---|---|---|"]
+            out += [f"{kind} loss:", "", f"| step | bf16 | {low} | {low} - bf16 | relative |", "|---|---|---|---|---|"]
             out += [f"| {s} | {a[kind][s]:.4f} | {b[kind][s]:.4f} | {b[kind][s] - a[kind][s]:+.4f} "
                     f"| {100 * (b[kind][s] - a[kind][s]) / a[kind][s]:+.2f}% |" for s in steps]
             out.append("")
@@ -62,6 +62,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="default 2000 (smoke: 60)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--smoke-rows", type=int, default=20_000)
+    p.add_argument("--precision", choices=("fp8", "fp8_delayed"), default="fp8",
+                   help="the model.matmul_precision set against bf16 (fp8: current scaling; fp8_delayed: amax history)")
     args = p.parse_args()
 
     data = find_data("nsmc_reviews.jsonl.gz", args.data)
@@ -77,7 +79,9 @@ def main() -> int:
               f"checkpoint.every_steps={steps}", "logging.progress_bar=false"] + (SMOKE if args.smoke else [])
     title = (f"fp8_quality{' --smoke' if args.smoke else ''} on {device_name()}: {RECIPE}, batch {args.batch}, "
              f"{steps} steps, NSMC held out by movie_id")
-    wd = {"bf16": runs / "bf16", "fp8": runs / "fp8"}
+    fp8 = args.precision
+    title += f", bf16 against {fp8}"
+    wd = {"bf16": runs / "bf16", fp8: runs / fp8}
     log, curves, t0 = [], {}, time.perf_counter()
 
     def report():
@@ -87,13 +91,13 @@ def main() -> int:
 
     for stage in ("prepare", "tokenizer", "tokenize"):
         run([stage, "--config", RECIPE, "--workdir", str(wd["bf16"]), *flags(common)], log)
-    wd["fp8"].mkdir()
+    wd[fp8].mkdir()
     for sub in ("tokenizer", "data/tokens"):
-        link_tree(wd["bf16"] / sub, wd["fp8"] / sub)
+        link_tree(wd["bf16"] / sub, wd[fp8] / sub)
     # bf16 trains with the config its workdir's stages saved; fp8 with the same keys plus its one change
     for name, cmd in (("bf16", ["train", "--workdir", str(wd["bf16"])]),
-                      ("fp8", ["train", "--config", RECIPE, "--workdir", str(wd["fp8"]),
-                               *flags(common + ["model.matmul_precision=fp8"])])):
+                      (fp8, ["train", "--config", RECIPE, "--workdir", str(wd[fp8]),
+                             *flags(common + [f"model.matmul_precision={fp8}"])])):
         run(cmd, log)
         curves[name] = curve(wd[name])
         report()

@@ -162,6 +162,19 @@ def test_the_oom_lever_names_an_exact_override(mesh, remat, batch, accum, state_
     assert oom.lever(cfg, mesh, state_gib * oom.GiB, 80 * oom.GiB).endswith(want)
 
 
+@pytest.mark.parametrize("platform, env, named", [
+    ("gpu", {}, True),
+    ("gpu", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}, False),
+    ("gpu", {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, False),
+    ("cpu", {}, False),
+    ("tpu", {}, False),
+])
+def test_the_oom_paragraph_names_the_gpu_allocators_share_only_when_it_applies(platform, env, named):
+    note = oom.allocator_note(SimpleNamespace(platform=platform), env)
+    assert (note is not None) == named
+    assert note is None or "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95" in note
+
+
 @pytest.mark.parametrize("mesh, rules", [((2, 4, 1), "fsdp"), ((2, 2, 2), "fsdp_tp")])
 def test_inspect_reports_shardings_bytes_and_the_compiled_step_on_8_devices(prepared, mesh, rules, capsys,
                                                                             monkeypatch):

@@ -111,8 +111,13 @@ def test_accumulation_records_the_one_big_batch_meta():
     loss = step_lib.lm_loss(model, 0.0)
     g1, _, meta1 = run(loss, state.params, state.fp8_meta, None, batch, jax.random.PRNGKey(0), accum=1)
     g2, _, meta2 = run(loss, state.params, state.fp8_meta, None, halves, jax.random.PRNGKey(0), accum=2)
+    # On a CPU the float8 products are computed exactly in float32, so the two differ by summation order only.
+    # A Hopper GPU runs real FP8 GEMMs whose rounding follows the tiling of each shape: measured on an H100,
+    # the halves' sum was up to 4.3% of the largest gradient entry away from one batch's. Summing the
+    # micro-batches' means instead of dividing their sum once would be 100% off.
+    tol = 1e-5 if jax.default_backend() == "cpu" else 0.1
     for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
-        assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())
+        assert float(jnp.abs(a - b).max()) <= tol * float(jnp.abs(b).max())
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), meta2, meta1)
     part = [_q_input_amax(state.params, h) for h in halves["inputs"]]
     newest = meta2["layers"]["self_attn"]["q_proj"]["fp8"]["input_amax_history"][0, 0]

@@ -9,6 +9,7 @@ the device memory profile saved at run time (pprof format) and the one config ch
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -107,7 +108,19 @@ def _explain(trainer, e: BaseException) -> str:
                      "the device memory profile could not be saved")
     parts.append("to fit, " + lever(trainer.cfg, dict(trainer.mesh.shape), state, limit)
                  + ", then run the same command to resume from the last checkpoint")
-    return "; ".join(parts)
+    note = allocator_note(devices[0], os.environ)
+    return "; ".join(parts + ([note] if note else []))
+
+
+def allocator_note(device, env) -> str | None:
+    """On a GPU, jax's allocator takes 75% of the card unless told otherwise, so a step that would fit the card
+    fails. GPT-2 XL at batch 8 with remat none failed so on an H100 and ran with 0.95 (benchmarks/README.md)."""
+    if getattr(device, "platform", "") != "gpu" or "XLA_PYTHON_CLIENT_MEM_FRACTION" in env:
+        return None
+    if env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0"):
+        return None
+    return ("jax's GPU allocator holds 75% of the card by default: before trying the change above, run with "
+            "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 if nothing else uses this GPU")
 
 
 def size(n: float) -> str:
