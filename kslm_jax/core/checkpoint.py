@@ -102,6 +102,10 @@ def manager(directory: Path, ccfg) -> ocp.CheckpointManager:
         preservation_policy=cm.AnyPreservationPolicy(keeping),
         enable_async_checkpointing=ccfg.async_save,
         create=True,
+        # A run killed mid-save leaves STEP.orbax-checkpoint-tmp behind. Only writers get here, each holding
+        # the workdir's exclusive lock (a sweep trial's folder is run by one process at a time), so no save in
+        # progress is removed; readers open the folder read-only and leave such folders alone.
+        cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
