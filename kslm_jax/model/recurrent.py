@@ -33,6 +33,7 @@ class RecurrentConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     matmul_precision: str = "default"  # read by llama.Linear (the untied lm_head); config_checks keeps it default
+    fp8_amax_history: int = 1024  # read by llama.Linear too; unused while matmul_precision is default
 
     @classmethod
     def from_config(cls, cfg) -> "RecurrentConfig":
