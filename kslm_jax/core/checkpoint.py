@@ -104,7 +104,8 @@ def manager(directory: Path, ccfg) -> ocp.CheckpointManager:
         create=True,
         # A run killed mid-save leaves STEP.orbax-checkpoint-tmp behind. Only writers get here, each holding
         # the workdir's exclusive lock (a sweep trial's folder is run by one process at a time), so no save in
-        # progress is removed; readers open the folder read-only and leave such folders alone.
+        # progress is removed; readers open the folder read-only and leave such folders alone. orbax removes
+        # them in a background thread that its next save waits for.
         cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
