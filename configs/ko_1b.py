@@ -6,7 +6,7 @@ On Hopper GPUs (Python >= 3.12, the kernels extra) the fastest settings measured
 H100 (benchmarks/README.md, fifth and sixth pushes), all with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false and
 --config.model.attention=tokamax_mosaic: 55.1% MFU with --config.model.matmul_precision=fp8 (its loss curve
 matched bf16's) and 56.7% with --config.model.matmul_precision=fp8_delayed (its curve not measured yet), against
-49.1% for the default.
+48.3% with XLA's defaults (fourth push).
 """
 from kslm_jax.core.config import base_config
 

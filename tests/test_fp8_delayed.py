@@ -114,7 +114,7 @@ def test_accumulation_records_the_one_big_batch_meta():
     # On a CPU the float8 products are computed exactly in float32, so the two differ by summation order only.
     # A Hopper GPU runs real FP8 GEMMs whose rounding follows the tiling of each shape: measured on an H100,
     # the halves' sum was up to 4.3% of the largest gradient entry away from one batch's. Summing the
-    # micro-batches' means instead of dividing their sum once would be 100% off.
+    # micro-batches' means instead of dividing their sum once would give twice one batch's gradient.
     tol = 1e-5 if jax.default_backend() == "cpu" else 0.1
     for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
         assert float(jnp.abs(a - b).max()) <= tol * float(jnp.abs(b).max())

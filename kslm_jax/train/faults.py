@@ -66,8 +66,8 @@ class Faults:
 
 def poison(loss):
     """`loss` with a NaN value and NaN gradients, as a diverged step would give."""
-    def poisoned(params, extra, batch, rng, **fp8_meta):
-        value, aux = loss(params, extra, batch, rng, **fp8_meta)
+    def poisoned(params, extra, batch, rng, **kwargs):  # kwargs: the LM loss's fp8_meta
+        value, aux = loss(params, extra, batch, rng, **kwargs)
         return value * jnp.nan, dict(aux, ce_sum=aux["ce_sum"] * jnp.nan)
     return poisoned
 

@@ -80,7 +80,7 @@ def fresh_fp8_meta(model, mesh, shardings, rules=sharding.RULES) -> dict:
     """The FP8 meta a run starts from, for a state whose weights come from elsewhere (kslm import, kslm prune):
     Flax's constants, unit scales and empty histories; {} unless model.matmul_precision=fp8_delayed. The
     parameters drawn beside it are never used, so XLA drops them from the program."""
-    if getattr(getattr(model, "c", None), "matmul_precision", "default") != "fp8_delayed":
+    if model.c.matmul_precision != "fp8_delayed":
         return {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.jit(lambda: _init_variables(model, jax.random.PRNGKey(0))[1], out_shardings=shardings.fp8_meta)()
